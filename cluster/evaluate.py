@@ -1,0 +1,126 @@
+"""`dtrag eval`: run a BEIR dataset's test queries through the live HTTP API and score them."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from learners.ranking_metrics import ndcg_at_k, precision_at_k, recall_at_k
+
+DEPTH = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyResult:
+    strategy: str
+    queries: int
+    ndcg_at_10: float
+    p_at_5: float
+    r_at_100: float
+    per_query: dict[str, dict[str, float]]
+
+
+def load_queries(dataset: Path) -> dict[str, str]:
+    with (dataset / "queries.jsonl").open(encoding="utf-8") as stream:
+        records = [json.loads(line) for line in stream if line.strip()]
+    return {str(r["_id"]): r["text"] for r in records}
+
+
+def load_qrels(path: Path) -> dict[str, dict[str, float]]:
+    """`query-id<TAB>corpus-id<TAB>score` with a header line -> {query: {doc: grade}}."""
+    qrels: dict[str, dict[str, float]] = {}
+    with path.open(encoding="utf-8") as stream:
+        reader = csv.reader(stream, delimiter="\t")
+        header = next(reader)
+        if header[:2] != ["query-id", "corpus-id"]:
+            raise ValueError(f"{path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
+        for row in reader:
+            if row:
+                qrels.setdefault(row[0], {})[row[1]] = float(row[2])
+    return qrels
+
+
+async def _rank_all(
+    client: httpx.AsyncClient, queries: dict[str, str], strategy: str, concurrency: int
+) -> dict[str, list[str]]:
+    semaphore = asyncio.Semaphore(concurrency)
+    rankings: dict[str, list[str]] = {}
+
+    async def rank(query_id: str, text: str, progress: tqdm) -> None:
+        async with semaphore:
+            response = await client.post(
+                "/api/v1/rank", json={"q": text, "strategy": strategy, "depth": DEPTH}
+            )
+        if response.status_code != 200:
+            raise RuntimeError(f"query {query_id} ({strategy}): HTTP {response.status_code} {response.text}")
+        rankings[query_id] = [entry["doc_id"] for entry in response.json()["ranking"]]
+        progress.update(1)
+
+    with tqdm(total=len(queries), desc=f"eval {strategy}", unit="q") as progress:
+        await asyncio.gather(*(rank(qid, text, progress) for qid, text in queries.items()))
+    return rankings
+
+
+def score(strategy: str, rankings: dict[str, list[str]], qrels: dict[str, dict[str, float]]) -> StrategyResult:
+    per_query = {
+        qid: {
+            "ndcg@10": ndcg_at_k(rankings[qid], qrels[qid], 10),
+            "p@5": precision_at_k(rankings[qid], qrels[qid], 5),
+            "r@100": recall_at_k(rankings[qid], qrels[qid], 100),
+        }
+        for qid in rankings
+    }
+
+    def mean(metric: str) -> float:
+        return statistics.fmean(q[metric] for q in per_query.values()) if per_query else 0.0
+
+    return StrategyResult(strategy, len(per_query), mean("ndcg@10"), mean("p@5"), mean("r@100"), per_query)
+
+
+def evaluate_dataset(
+    dataset: Path,
+    url: str,
+    api_key: str,
+    strategies: Sequence[str],
+    *,
+    concurrency: int = 4,
+    json_path: Path | None = None,
+) -> list[StrategyResult]:
+    """Score each strategy on the dataset's judged test queries."""
+    qrels = load_qrels(dataset / "qrels" / "test.tsv")
+    queries = {qid: text for qid, text in load_queries(dataset).items() if qid in qrels}
+    if not queries:
+        raise ValueError(f"{dataset}: no query in queries.jsonl has judgements in qrels/test.tsv")
+
+    async def run() -> list[StrategyResult]:
+        async with httpx.AsyncClient(
+            base_url=url, headers={"X-API-Key": api_key}, timeout=60
+        ) as client:
+            return [
+                score(s, await _rank_all(client, queries, s, concurrency), qrels) for s in strategies
+            ]
+
+    results = asyncio.run(run())
+    if json_path:
+        json_path.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    return results
+
+
+def format_table(results: Sequence[StrategyResult]) -> str:
+    lines = [
+        "| strategy | queries | nDCG@10 | P@5 | R@100 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.strategy} | {r.queries} | {r.ndcg_at_10:.4f} | {r.p_at_5:.4f} | {r.r_at_100:.4f} |"
+        for r in results
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The Ray runtime: a local, loopback-only instance by default, or an existing cluster's address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.settings import HttpSettings, RaySettings
+
+log = logging.getLogger(__name__)
+
+SERVE_LOGGING = {"encoding": "JSON", "log_level": "WARNING", "enable_access_log": False}
+
+
+def loopback_only_environment() -> None:
+    """Keep a single-machine Ray on 127.0.0.1 and off the usage-stats endpoint.
+
+    Must run before Ray starts its processes: they inherit this environment.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_ray(settings: RaySettings, address: str | None = None) -> None:
+    """Connect to `address` (or `settings.address`), else start a local instance."""
+    loopback_only_environment()
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    target = address or settings.address
+    if target:
+        ray.init(address=target, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    log.info("ray ready", extra={"address": target or "local"})
+
+
+def start_serve(http: HttpSettings) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING)
+
+
+def deploy(application, name: str) -> None:
+    """Run the application under `name` at `/`, with the same quiet logging as Serve itself."""
+    from ray import serve
+
+    serve.run(application, name=name, route_prefix="/", logging_config=SERVE_LOGGING)

@@ -1,0 +1,272 @@
+"""Settings: `configs/settings.yaml` defaults, overridden by an env file, overridden by the environment.
+
+One frozen value object is built at start and handed to every deployment, so a replica never
+reads the environment of the machine it happens to land on. Invalid values fail at start with
+the name of the variable that holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FEATURE_FLAGS = (
+    "soft_q_bandit",
+    "debate_mode",
+    "experience_replay",
+    "meta_planner",
+    "mcp_tools",
+    "neural_case_selector",
+    "tools_policy",
+)
+STRATEGIES = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseSettings:
+    url: str | None
+    pool_size: int
+    max_overflow: int
+    command_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpSettings:
+    host: str
+    port: int
+    api_key_cache_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySettings:
+    address: str | None
+    num_cpus: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+    default_strategy: str
+    candidates: int
+    ef_search: int
+    rrf_k: int
+    fusion_weight: float
+    bm25_k1: float
+    bm25_b: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingSettings:
+    batch_size: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    pipeline_replicas: int
+    ingress_replicas: int
+    embedder_replicas: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    environment: str
+    log_level: str
+    state_dir: Path
+    database: DatabaseSettings
+    http: HttpSettings
+    ray: RaySettings
+    retrieval: RetrievalSettings
+    embedding: EmbeddingSettings
+    serve: ServeSettings
+    features: Mapping[str, bool]
+    gemini_api_key: str | None
+
+    def with_database_url(self, url: str) -> Settings:
+        """The same settings pointing at a concrete database (used once the embedded one is up)."""
+        return dataclasses.replace(self, database=dataclasses.replace(self.database, url=url))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "on", "yes"):
+        return True
+    if lowered in ("0", "false", "off", "no"):
+        return False
+    raise ValueError("expected one of on/off, true/false, 1/0, yes/no")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a number between 0 and 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_optional(text: str) -> Any:
+        return None if text.strip() in ("", "null", "none") else parse(text)
+
+    return parse_optional
+
+
+# (path in settings.yaml, environment variable, parser)
+_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("environment", "ENVIRONMENT", _text),
+    ("log_level", "LOG_LEVEL", _choice(LOG_LEVELS, upper=True)),
+    ("state_dir", "DTRAG_STATE_DIR", _text),
+    ("database.url", "DATABASE_URL", _optional(_text)),
+    ("database.pool_size", "DB_POOL_SIZE", _positive_int),
+    ("database.max_overflow", "DB_MAX_OVERFLOW", _non_negative_int),
+    ("database.command_timeout_s", "DTRAG_DB_COMMAND_TIMEOUT_S", _positive_float),
+    ("http.host", "DTRAG_HTTP_HOST", _text),
+    ("http.port", "DTRAG_HTTP_PORT", _port),
+    ("http.api_key_cache_s", "DTRAG_API_KEY_CACHE_S", _non_negative_float),
+    ("ray.address", "RAY_ADDRESS", _optional(_text)),
+    ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
+    ("retrieval.default_strategy", "DTRAG_DEFAULT_STRATEGY", _choice(STRATEGIES)),
+    ("retrieval.candidates", "DTRAG_CANDIDATES", _positive_int),
+    ("retrieval.ef_search", "DTRAG_EF_SEARCH", _positive_int),
+    ("retrieval.rrf_k", "DTRAG_RRF_K", _positive_int),
+    ("retrieval.fusion_weight", "DTRAG_FUSION_WEIGHT", _unit_float),
+    ("retrieval.bm25_k1", "DTRAG_BM25_K1", _non_negative_float),
+    ("retrieval.bm25_b", "DTRAG_BM25_B", _unit_float),
+    ("embedding.batch_size", "DTRAG_EMBED_BATCH_SIZE", _positive_int),
+    ("embedding.max_batch_size", "DTRAG_EMBED_MAX_BATCH", _positive_int),
+    ("embedding.batch_wait_timeout_s", "DTRAG_EMBED_BATCH_WAIT_S", _non_negative_float),
+    ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _positive_int),
+    ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _positive_int),
+    ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _positive_int),
+    ("gemini.api_key", "GEMINI_API_KEY", _optional(_text)),
+    *((f"features.{flag}", f"FEATURE_{flag.upper()}", _parse_bool) for flag in FEATURE_FLAGS),
+)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse `KEY=value` lines (blank lines and `#` comments skipped, optional quotes stripped)."""
+    if not path.is_file():
+        raise SettingsError(f"--env-file {path}: no such file")
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--env-file {path}, line {number}: expected KEY=value")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _defaults() -> dict[str, Any]:
+    text = resources.files("configs").joinpath("settings.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _lookup(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def load_settings(
+    env_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings; raises `SettingsError` naming the first bad variable."""
+    environment = dict(read_env_file(env_file)) if env_file else {}
+    environment.update(os.environ if environ is None else environ)
+    defaults = _defaults()
+
+    values: dict[str, Any] = {}
+    for path, variable, parse in _FIELDS:
+        raw = environment.get(variable)
+        source = variable
+        if raw is None:
+            default = _lookup(defaults, path)
+            raw = "null" if default is None else str(default)
+            source = f"{path} in configs/settings.yaml"
+        try:
+            values[path] = parse(raw)
+        except ValueError as error:
+            raise SettingsError(f"{source}={raw!r}: {error}") from None
+
+    def section(name: str) -> dict[str, Any]:
+        prefix = f"{name}."
+        return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+
+    return Settings(
+        environment=values["environment"],
+        log_level=values["log_level"],
+        state_dir=Path(values["state_dir"]).resolve(),
+        database=DatabaseSettings(**section("database")),
+        http=HttpSettings(**section("http")),
+        ray=RaySettings(**section("ray")),
+        retrieval=RetrievalSettings(**section("retrieval")),
+        embedding=EmbeddingSettings(**section("embedding")),
+        serve=ServeSettings(**section("serve")),
+        features=section("features"),
+        gemini_api_key=values["gemini.api_key"],
+    )

@@ -1,0 +1,1 @@
+"""Declarative configuration shipped with the project (read through `cluster.settings`)."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application: HTTP ingress, the search pipeline (an arm), the embedder."""

@@ -1,0 +1,149 @@
+"""The HTTP API: routes, key checks and error bodies, over any `SearchBackend`.
+
+The Serve ingress and the single-process baseline both serve this same app; only the backend
+differs (Serve handles to arms, or a pipeline in-process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cluster import __version__
+from cluster.api_keys import ApiKeyVerifier, Principal
+from cluster.errors import ServiceUnavailable
+from serve_app.schemas import ErrorBody, RankRequest, RankResponse, SearchRequest, SearchResponse
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    environment: str
+    database_ready: bool
+    database_error: str | None
+    cluster: dict[str, bool]
+
+    @property
+    def ready(self) -> bool:
+        return self.database_ready and all(self.cluster.values())
+
+
+class SearchBackend(Protocol):
+    async def search(self, request: SearchRequest, principal: Principal) -> SearchResponse: ...
+
+    async def rank(self, request: RankRequest, principal: Principal) -> RankResponse: ...
+
+    async def health(self) -> Health: ...
+
+
+def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
+
+
+def _field(error: dict[str, Any]) -> str:
+    """`("body", "final_topk")` -> `final_topk`; the body as a whole (e.g. bad JSON) is `body`."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    path = [str(part) for part in error.get("loc", ()) if part != "body"]
+    return ".".join(path) or "body"
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field(e), "message": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return _error(422, "invalid_request", summary, errors=errors)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+             413: "payload_too_large"}
+    response = _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return _error(503, "service_unavailable", str(exc))
+
+
+class BodySizeLimit:
+    """Reject bodies over `limit` bytes with 413 before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                response = _error(413, "payload_too_large",
+                                  f"request body must be at most {self.limit} bytes")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
+    app = FastAPI(
+        title="DT-RAG search",
+        version=__version__,
+        description="Retrieval-augmented search that learns which retrieval strategy suits each query.",
+        responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    )
+    app.add_middleware(BodySizeLimit)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ServiceUnavailable, _unavailable)
+
+    def require(scope: str):
+        async def check(request: Request) -> Principal:
+            token = request.headers.get("x-api-key")
+            if not token:
+                raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "ApiKey"})
+            principal = await verifier.verify(token)
+            if principal is None:
+                raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "ApiKey"})
+            if scope not in principal.scopes:
+                raise HTTPException(403, f"this API key lacks the '{scope}' scope")
+            return principal
+
+        return check
+
+    require_search = require("search")
+
+    @app.get("/health", summary="Liveness and readiness of the database and the arms")
+    async def health() -> JSONResponse:
+        report = await backend.health()
+        body = {
+            "status": "ok" if report.ready else "unavailable",
+            "version": __version__,
+            "environment": report.environment,
+            "database": {"ready": report.database_ready, "error": report.database_error},
+            "cluster": {"ready": all(report.cluster.values()), "arms": report.cluster},
+        }
+        return JSONResponse(body, status_code=200 if report.database_ready else 503)
+
+    @app.post("/api/v1/search/", response_model=SearchResponse, summary="Search and answer")
+    async def search(body: SearchRequest, principal: Principal = Depends(require_search)) -> SearchResponse:
+        return await backend.search(body, principal)
+
+    @app.post("/api/v1/rank", response_model=RankResponse,
+              summary="Ranked document ids only (deeper than search; for evaluation)")
+    async def rank(body: RankRequest, principal: Principal = Depends(require_search)) -> RankResponse:
+        return await backend.rank(body, principal)
+
+    return app

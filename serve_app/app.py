@@ -1,0 +1,44 @@
+"""The application graph: Ingress -> arms (PipelineArm) -> Embedder, composed with handles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from cluster.settings import Settings, SettingsError, load_settings
+from serve_app.arm import PipelineArm
+from serve_app.embedder import Embedder
+from serve_app.ingress import CONTROL_ARM, Ingress
+
+APP_NAME = "dtrag"
+
+
+def build_app(settings: Settings) -> Application:
+    """Bind the deployments; `settings.database.url` must already point at a live database."""
+    serve = settings.serve
+    embedder = Embedder.options(num_replicas=serve.embedder_replicas).bind(
+        settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
+    )
+    control = PipelineArm.options(name=f"arm_{CONTROL_ARM}", num_replicas=serve.pipeline_replicas).bind(
+        settings, embedder, CONTROL_ARM
+    )
+    return Ingress.options(num_replicas=serve.ingress_replicas).bind(settings, {CONTROL_ARM: control})
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve deploy configs/serve.yaml`: settings come from the environment.
+
+    `args` may name an `env_file`. The embedded database lives only as long as `dtrag up`, so
+    a standalone deployment needs `DATABASE_URL`.
+    """
+    from pathlib import Path
+
+    env_file = args.get("env_file")
+    settings = load_settings(Path(env_file) if env_file else None)
+    if not settings.database.url:
+        raise SettingsError(
+            "DATABASE_URL is not set: `serve deploy` needs an external PostgreSQL with pgvector "
+            "(run `dtrag db migrate` against it first), or use `dtrag up` for the embedded one"
+        )
+    return build_app(settings)

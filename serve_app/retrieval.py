@@ -1,0 +1,90 @@
+"""Candidate retrieval from PostgreSQL: BM25 over the postings table, and cosine kNN over HNSW.
+
+Lexical ranking uses PostgreSQL's own text analysis (the `english` configuration: stemming,
+stop words) for tokens, and Okapi BM25 with Lucene's idf for scores, because `ts_rank` has no
+inverse document frequency and ranks noticeably worse on real collections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import asyncpg
+import numpy as np
+
+from cluster.database import unavailable_on_connection_errors
+from serve_app.fusion import Ranking
+
+_BM25 = """
+WITH query_terms AS (
+    SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS qtf
+    FROM unnest(to_tsvector('english', $1)) u
+)
+SELECT p.doc_id,
+       sum(q.qtf
+           * ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))
+           * p.tf * ($3 + 1)
+           / (p.tf + $3 * (1 - $4 + $4 * p.doc_len / greatest(s.avg_doc_len, 1e-9)))) AS score
+FROM query_terms q
+JOIN lexeme_stats l ON l.lexeme = q.lexeme
+JOIN postings p ON p.lexeme = q.lexeme
+CROSS JOIN corpus_stats s
+GROUP BY p.doc_id
+ORDER BY score DESC, p.doc_id
+LIMIT $2"""
+
+_KNN = """
+SELECT id, 1 - (embedding <=> $1) AS score
+FROM documents
+ORDER BY embedding <=> $1
+LIMIT $2"""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    title: str
+    text: str
+
+
+class DocumentIndex:
+    """Read side of the documents table: the two retrievers and document fetch."""
+
+    def __init__(self, pool: asyncpg.Pool, *, bm25_k1: float, bm25_b: float, ef_search: int):
+        self._pool = pool
+        self._k1 = bm25_k1
+        self._b = bm25_b
+        self._ef_search = ef_search
+
+    async def lexical(self, query: str, k: int) -> Ranking:
+        """Top `k` documents by BM25; documents sharing no term with the query are absent."""
+        async with unavailable_on_connection_errors("lexical retrieval"):
+            rows = await self._pool.fetch(_BM25, query, k, self._k1, self._b)
+        return [(row["doc_id"], float(row["score"])) for row in rows]
+
+    async def dense(self, query_vector: np.ndarray, k: int) -> Ranking:
+        """Top `k` documents by cosine similarity to a unit-length query vector."""
+        async with (
+            unavailable_on_connection_errors("dense retrieval"),
+            self._pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            # HNSW returns at most ef_search rows, so the breadth must cover k.
+            await connection.execute(
+                "SELECT set_config('hnsw.ef_search', $1, true)", str(max(self._ef_search, k))
+            )
+            rows = await connection.fetch(_KNN, query_vector, k)
+        return [(row["id"], float(row["score"])) for row in rows]
+
+    async def fetch(self, ids: Sequence[str]) -> dict[str, StoredDocument]:
+        async with unavailable_on_connection_errors("document fetch"):
+            rows = await self._pool.fetch(
+                "SELECT id, title, text FROM documents WHERE id = ANY($1::text[])", list(ids)
+            )
+        return {row["id"]: StoredDocument(row["id"], row["title"], row["text"]) for row in rows}
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer."""
+        async with unavailable_on_connection_errors("health check"):
+            await self._pool.fetchval("SELECT 1", timeout=2)
