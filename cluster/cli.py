@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import asyncpg
 
 from cluster import __version__
 from cluster.api_keys import SCOPES, ApiKeyVerifier, create_key, list_keys, revoke_key
-from cluster.database import DatabaseUnavailable, create_pool, database_url, redact
+from cluster.database import DatabaseUnavailable, create_pool, redact, resolve_database_url
 from cluster.errors import ServiceUnavailable
 from cluster.log import configure_logging
 from cluster.runtime import loopback_only_environment
@@ -33,11 +31,9 @@ def sample_corpus_dir() -> Path:
     return Path(str(resources.files("cluster").joinpath("sample_corpus")))
 
 
-@contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[Settings]:
+def _database(settings: Settings) -> Settings:
     """Settings pointing at a live database (the embedded one is started if none is set)."""
-    with database_url(settings.database.url, settings.state_dir) as url:
-        yield settings.with_database_url(url)
+    return settings.with_database_url(resolve_database_url(settings.database.url, settings.state_dir))
 
 
 async def _connect(url: str) -> asyncpg.Connection:
@@ -67,14 +63,14 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await connection.close()
 
-    with _database(settings) as live:
-        url = live.database.url
-        assert url
-        if args.db_command == "migrate":
-            applied = asyncio.run(_migrate(url))
-            print(f"applied {', '.join(applied)}" if applied else "database is up to date")
-        else:
-            asyncio.run(status(url))
+    live = _database(settings)
+    url = live.database.url
+    assert url
+    if args.db_command == "migrate":
+        applied = asyncio.run(_migrate(url))
+        print(f"applied {', '.join(applied)}" if applied else "database is up to date")
+    else:
+        asyncio.run(status(url))
     return 0
 
 
@@ -114,8 +110,8 @@ def _print_ingest_report(report) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    with _database(settings) as live:
-        report = asyncio.run(_ingest(live, Path(args.path)))
+    live = _database(settings)
+    report = asyncio.run(_ingest(live, Path(args.path)))
     _print_ingest_report(report)
     return 0
 
@@ -139,13 +135,13 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await connection.close()
 
-    with _database(settings) as live:
-        assert live.database.url
-        try:
-            return asyncio.run(run(live.database.url))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    live = _database(settings)
+    assert live.database.url
+    try:
+        return asyncio.run(run(live.database.url))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 async def _demo_key(settings: Settings) -> str:
@@ -204,32 +200,32 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from serve_app.app import APP_NAME, build_app
 
     address = args.address or settings.ray.address
-    with _database(settings) as live:
-        key = asyncio.run(_prepare(live, load_sample=not args.no_sample))
-        print("starting Ray and the Serve application ...", flush=True)
-        start_ray(live.ray, address)
-        try:
-            start_serve(live.http)
-            deploy(build_app(live), APP_NAME)
-            url = f"http://{live.http.host}:{live.http.port}"
-            print(
-                f"\nDT-RAG is serving at {url}  (API docs: {url}/docs)\n"
-                f"demo API key (search, admin): {key}\n\n"
-                f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n"
-                f"       -d '{{\"q\":\"machine learning\",\"final_topk\":5}}' {url}/api/v1/search/\n\n"
-                "Ctrl-C stops the service.",
-                flush=True,
-            )
-            _wait_for_stop()
-            print("shutting down ...", flush=True)
-        finally:
-            import ray
+    live = _database(settings)
+    key = asyncio.run(_prepare(live, load_sample=not args.no_sample))
+    print("starting Ray and the Serve application ...", flush=True)
+    start_ray(live.ray, address)
+    try:
+        start_serve(live.http)
+        deploy(build_app(live), APP_NAME)
+        url = f"http://{live.http.host}:{live.http.port}"
+        print(
+            f"\nDT-RAG is serving at {url}  (API docs: {url}/docs)\n"
+            f"demo API key (search, admin): {key}\n\n"
+            f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n"
+            f"       -d '{{\"q\":\"machine learning\",\"final_topk\":5}}' {url}/api/v1/search/\n\n"
+            "Ctrl-C stops the service.",
+            flush=True,
+        )
+        _wait_for_stop()
+        print("shutting down ...", flush=True)
+    finally:
+        import ray
 
-            if address:
-                serve.delete(APP_NAME)  # leave a shared cluster as we found it
-            else:
-                serve.shutdown()
-            ray.shutdown()
+        if address:
+            serve.delete(APP_NAME)  # leave a shared cluster as we found it
+        else:
+            serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -26,10 +26,11 @@ class DatabaseUnavailable(ServiceUnavailable):
     """The database could not be reached or started; the message says what to check."""
 
 
-def start_embedded(state_dir: Path) -> tuple[str, object]:
-    """Start (or join) the embedded PostgreSQL in `state_dir/pgdata`; return its URI and handle.
+def start_embedded(state_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL in `state_dir/pgdata` and return its URI.
 
-    The server stops when the last process holding a handle exits, so keep the handle alive.
+    The server stops when the last process that started or joined it exits (the package
+    registers that at exit), so `dtrag up` owns it and tests share one per session.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -43,22 +44,13 @@ def start_embedded(state_dir: Path) -> tuple[str, object]:
             f"could not start the embedded PostgreSQL in {state_dir / 'pgdata'}: {error}; "
             f"see {state_dir / 'pgdata' / 'log'} or set DATABASE_URL"
         ) from error
-    uri = server.get_uri()
     log.info("embedded postgres ready", extra={"pgdata": str(state_dir / "pgdata")})
-    return uri, server
+    return server.get_uri()
 
 
-@contextlib.contextmanager
-def database_url(configured: str | None, state_dir: Path) -> Iterator[str]:
-    """Yield the URL to use: the configured one, or that of an embedded server kept up meanwhile."""
-    if configured:
-        yield configured
-        return
-    uri, server = start_embedded(state_dir)
-    try:
-        yield uri
-    finally:
-        server.cleanup()  # stops the server once no other process holds it
+def resolve_database_url(configured: str | None, state_dir: Path) -> str:
+    """The configured URL, else that of the embedded server (started if need be)."""
+    return configured or start_embedded(state_dir)
 
 
 _CONNECTION_ERRORS = (

@@ -1,0 +1,75 @@
+"""The same API and pipeline in one plain uvicorn process, with no Ray.
+
+A baseline for the load benchmark, and a way to debug the pipeline without a cluster:
+`python -m serve_app.standalone` (settings from the environment; `DATABASE_URL` required).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import uvicorn
+
+from cluster.api_keys import ApiKeyVerifier, Principal
+from cluster.database import create_pool
+from cluster.settings import Settings, SettingsError, load_settings
+from serve_app.api import Health, create_api
+from serve_app.embedding import TextEmbedder
+from serve_app.pipeline import SearchPipeline
+from serve_app.retrieval import DocumentIndex
+from serve_app.schemas import RankRequest, RankResponse, SearchRequest, SearchResponse
+
+ARM = "standalone"
+
+
+class LocalBackend:
+    """A `SearchBackend` that runs the pipeline in-process."""
+
+    def __init__(self, pipeline: SearchPipeline, environment: str):
+        self._pipeline = pipeline
+        self._environment = environment
+
+    async def search(self, request: SearchRequest, principal: Principal) -> SearchResponse:
+        return await self._pipeline.search(request.q, request.final_topk, request.strategy)
+
+    async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
+        return await self._pipeline.ranked(request.q, request.depth, request.strategy)
+
+    async def health(self) -> Health:
+        error = None
+        try:
+            await self._pipeline.ping_database()
+        except Exception as failure:  # /health reports every failure, never raises
+            error = f"{type(failure).__name__}: {failure}"
+        return Health(self._environment, error is None, error, {ARM: error is None})
+
+
+async def serve_standalone(settings: Settings) -> None:
+    """Serve the API on the configured host and port until interrupted."""
+    if not settings.database.url:
+        raise SettingsError("DATABASE_URL is not set: the standalone server needs a database")
+    model = TextEmbedder()
+
+    async def embed_query(query: str) -> np.ndarray:
+        return (await asyncio.to_thread(model.encode, [query]))[0]
+
+    pool = await create_pool(settings.database.url, settings.database)
+    retrieval = settings.retrieval
+    index = DocumentIndex(
+        pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
+    )
+    app = create_api(
+        LocalBackend(SearchPipeline(index, embed_query, retrieval, ARM), settings.environment),
+        ApiKeyVerifier(pool, settings.http.api_key_cache_s),
+    )
+    config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
+                            log_level="warning", access_log=False)
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_standalone(load_settings()))

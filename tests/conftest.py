@@ -1,0 +1,109 @@
+"""Shared fixtures: one embedded PostgreSQL, one embedding model and one Ray per test session."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from cluster.runtime import loopback_only_environment
+
+loopback_only_environment()  # before any test module imports ray
+
+from cluster.cli import sample_corpus_dir  # noqa: E402
+from cluster.database import create_pool, resolve_database_url  # noqa: E402
+from cluster.ingest import ingest  # noqa: E402
+from cluster.migrate import migrate  # noqa: E402
+from cluster.settings import Settings, load_settings  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server's URL with another database name."""
+    base, _, query = url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+def http_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Defaults with a private state folder; the host's own DATABASE_URL etc. are ignored."""
+    state_dir = tmp_path_factory.mktemp("state")
+    return load_settings(environ={"DTRAG_STATE_DIR": str(state_dir), "DTRAG_HTTP_PORT": str(free_port())})
+
+
+@pytest.fixture(scope="session")
+def live_settings(settings: Settings) -> Settings:
+    return settings.with_database_url(resolve_database_url(None, settings.state_dir))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from serve_app.embedding import TextEmbedder
+
+    return TextEmbedder()
+
+
+@pytest.fixture(scope="session")
+async def pool(live_settings: Settings, embedder) -> AsyncIterator[asyncpg.Pool]:
+    """The session database, migrated and holding the sample corpus."""
+    assert live_settings.database.url
+    connection = await asyncpg.connect(live_settings.database.url)
+    await migrate(connection)
+    await connection.close()
+    pool = await create_pool(live_settings.database.url, live_settings.database)
+    await ingest(pool, sample_corpus_dir(), embedder.encode, show_progress=False)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def fresh_database_url(live_settings: Settings) -> AsyncIterator[str]:
+    """An empty, unmigrated database on the session server, dropped afterwards."""
+    assert live_settings.database.url
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(live_settings.database.url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(live_settings.database.url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local, loopback-only Ray for every Serve test."""
+    import ray
+
+    from cluster.runtime import start_ray
+    from cluster.settings import RaySettings
+
+    start_ray(RaySettings(address=None, num_cpus=None))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def scifact() -> Path:
+    """The real SciFact collection, when this machine has it."""
+    path = SHARED_DATA / "scifact"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: the real evaluation collections are not on this machine")
+    return path
+

@@ -1,0 +1,46 @@
+"""With the database gone, the API answers 503 with a reason, never 500, and /health says so."""
+
+import httpx
+import pytest
+
+from cluster.api_keys import ApiKeyVerifier, create_key
+from cluster.database import create_pool
+from serve_app.api import create_api
+from serve_app.pipeline import SearchPipeline
+from serve_app.retrieval import DocumentIndex
+from serve_app.standalone import LocalBackend
+
+
+@pytest.fixture
+async def api_over_lost_database(pool, live_settings, embedder):
+    """A real app whose own pool is closed after a key was issued and checked once."""
+    own_pool = await create_pool(live_settings.database.url, live_settings.database)
+    async with pool.acquire() as connection:
+        key = await create_key(connection, "outage", ["search"])
+    index = DocumentIndex(own_pool, bm25_k1=0.9, bm25_b=0.4, ef_search=40)
+
+    async def embed_query(query):
+        return embedder.encode([query])[0]
+
+    verifier = ApiKeyVerifier(own_pool, cache_seconds=300)
+    assert await verifier.verify(key)
+    app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval, "x"), "test"),
+                     verifier)
+    await own_pool.close()
+    return app, key
+
+
+async def test_search_and_health_report_the_outage(api_over_lost_database):
+    app, key = api_over_lost_database
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/api/v1/search/", json={"q": "glaciers"}, headers={"X-API-Key": key})
+        assert response.status_code == 503
+        assert response.json()["error"] == "service_unavailable"
+        assert "database unavailable" in response.json()["message"]
+        unchecked = await client.post("/api/v1/search/", json={"q": "x"},
+                                      headers={"X-API-Key": "dtrag_abc_def"})
+        assert unchecked.status_code == 503
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["database"]["ready"] is False and health.json()["status"] == "unavailable"

@@ -1,0 +1,74 @@
+import statistics
+
+import pytest
+
+from cluster.cli import sample_corpus_dir
+from cluster.evaluate import load_qrels, load_queries
+from learners.ranking_metrics import ndcg_at_k
+from serve_app.pipeline import SearchPipeline
+from serve_app.retrieval import DocumentIndex
+
+STRATEGIES = ["lexical", "dense", "hybrid_rrf", "hybrid_weighted"]
+
+
+@pytest.fixture
+async def pipeline(pool, embedder, live_settings):
+    retrieval = live_settings.retrieval
+    index = DocumentIndex(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b,
+                          ef_search=retrieval.ef_search)
+
+    async def embed_query(query: str):
+        return embedder.encode([query])[0]
+
+    return SearchPipeline(index, embed_query, retrieval, "test")
+
+
+async def test_lexical_ranks_by_bm25_and_omits_non_matching(pipeline):
+    ranking = await pipeline.rank("photosynthesis chlorophyll", "lexical", 10)
+    assert ranking, "a query with corpus terms must match"
+    scores = [s for _, s in ranking]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    assert await pipeline.rank("zzzxqv qqqwv", "lexical", 10) == []
+
+
+async def test_dense_finds_a_paraphrase_with_no_shared_words(pipeline):
+    ranking = await pipeline.rank("powerhouse of the cell", "dense", 5)
+    assert len(ranking) == 5
+    assert all(-1.0 <= s <= 1.0 for _, s in ranking)
+
+
+@pytest.mark.parametrize("depth", [1, 7, 50, 160])
+async def test_every_strategy_honours_depth(pipeline, depth):
+    for strategy in STRATEGIES:
+        ranking = await pipeline.rank("how do vaccines protect people", strategy, depth)
+        assert len(ranking) == depth or (strategy == "lexical" and len(ranking) <= depth)
+        assert len({d for d, _ in ranking}) == len(ranking)
+
+
+async def test_search_returns_hits_answer_and_metadata(pipeline, pool):
+    response = await pipeline.search("machine learning", 5, None)
+    assert len(response.hits) == 5
+    assert [h.rank for h in response.hits] == [1, 2, 3, 4, 5]
+    assert response.strategy == "hybrid_rrf" and response.arm == "test"
+    assert response.answer.mode == "extractive"
+    assert set(response.answer.citations) <= {h.doc_id for h in response.hits}
+    assert all(f"[{c}]" in response.answer.text for c in response.answer.citations)
+    texts = dict(await pool.fetch("SELECT id, text FROM documents WHERE id = ANY($1::text[])",
+                                  [h.doc_id for h in response.hits]))
+    for hit in response.hits:
+        assert hit.snippet and hit.snippet.removesuffix("…") in texts[hit.doc_id]
+
+
+async def test_quality_on_the_sample_collection(pipeline):
+    dataset = sample_corpus_dir()
+    qrels = load_qrels(dataset / "qrels" / "test.tsv")
+    queries = load_queries(dataset)
+    means = {}
+    for strategy in STRATEGIES:
+        scores = []
+        for qid, judged in qrels.items():
+            ranking = await pipeline.rank(queries[qid], strategy, 10)
+            scores.append(ndcg_at_k([d for d, _ in ranking], judged, 10))
+        means[strategy] = statistics.fmean(scores)
+    assert min(means.values()) >= 0.6, means
+    assert means["hybrid_rrf"] >= min(means["lexical"], means["dense"]), means

@@ -1,0 +1,155 @@
+"""The Serve application end to end over real HTTP: search, validation, keys, health, eval."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from cluster.api_keys import create_key
+from cluster.cli import main as dtrag, sample_corpus_dir
+from cluster.runtime import deploy, start_serve
+from serve_app.app import APP_NAME, build_app
+
+
+@pytest.fixture(scope="module")
+async def service(ray_session, pool, live_settings):
+    """The app deployed once for this module; yields its base URL."""
+    from ray import serve
+
+    start_serve(live_settings.http)
+    deploy(build_app(live_settings), APP_NAME)
+    yield f"http://{live_settings.http.host}:{live_settings.http.port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def keys(pool) -> dict[str, str]:
+    async with pool.acquire() as connection:
+        return {
+            "search": await create_key(connection, "tests", ["search"]),
+            "admin_only": await create_key(connection, "ops", ["admin"]),
+        }
+
+
+@pytest.fixture
+async def client(service, keys):
+    async with httpx.AsyncClient(base_url=service, headers={"X-API-Key": keys["search"]},
+                                 timeout=30) as client:
+        yield client
+
+
+async def test_search_returns_the_requested_number_of_hits(client):
+    response = await client.post("/api/v1/search/", json={"q": "machine learning", "final_topk": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["hits"]) == 5
+    assert body["arm"] == "control" and body["strategy"] == "hybrid_rrf"
+    assert body["answer"]["mode"] == "extractive" and body["answer"]["citations"]
+    assert body["latency_ms"] > 0 and len(body["search_id"]) == 32
+    for topk in (1, 50):
+        response = await client.post("/api/v1/search/", json={"q": "ocean currents", "final_topk": topk})
+        assert len(response.json()["hits"]) == topk
+
+
+async def test_default_topk_and_explicit_strategy(client):
+    body = (await client.post("/api/v1/search/", json={"q": "black holes", "strategy": "lexical"})).json()
+    assert len(body["hits"]) == 5 and body["strategy"] == "lexical"
+
+
+async def test_rank_endpoint_goes_deeper_than_search(client):
+    response = await client.post("/api/v1/rank", json={"q": "vaccines", "strategy": "dense", "depth": 100})
+    assert response.status_code == 200
+    assert len(response.json()["ranking"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"q": ""}, "q"),
+        ({"q": "   "}, "q"),
+        ({"q": "x" * 1001}, "q"),
+        ({"q": "x", "final_topk": 0}, "final_topk"),
+        ({"q": "x", "final_topk": 51}, "final_topk"),
+        ({"q": "x", "final_topk": "5"}, "final_topk"),
+        ({"q": "x", "final_topk": 5.5}, "final_topk"),
+        ({"q": 42}, "q"),
+        ({}, "q"),
+        ({"q": "x", "strategy": "magic"}, "strategy"),
+        ({"q": "x", "finaltopk": 5}, "finaltopk"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_bad_search_bodies_are_422_naming_the_field(client, body, field):
+    response = await client.post("/api/v1/search/", json=body)
+    assert response.status_code == 422, response.text
+    payload = response.json()
+    assert payload["error"] == "invalid_request"
+    assert field in [e["field"] for e in payload["errors"]]
+    assert field in payload["message"]
+
+
+async def test_non_json_and_oversized_bodies(client):
+    response = await client.post("/api/v1/search/", content=b"q=machine",
+                                 headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "body"
+    response = await client.post("/api/v1/search/", content=b"{" + b" " * 70_000 + b"}",
+                                 headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
+
+
+async def test_keys_are_checked_and_scoped(service, keys, pool):
+    async with httpx.AsyncClient(base_url=service, timeout=30) as anonymous:
+        body = {"q": "rivers"}
+        missing = await anonymous.post("/api/v1/search/", json=body)
+        assert missing.status_code == 401 and "X-API-Key" in missing.json()["message"]
+        for wrong in ("nonsense", keys["search"] + "x", "dtrag_000000000000_secret"):
+            response = await anonymous.post("/api/v1/search/", json=body, headers={"X-API-Key": wrong})
+            assert response.status_code == 401, wrong
+        forbidden = await anonymous.post("/api/v1/search/", json=body,
+                                         headers={"X-API-Key": keys["admin_only"]})
+        assert forbidden.status_code == 403 and "search" in forbidden.json()["message"]
+
+
+async def test_stored_keys_are_hashed(pool, keys):
+    secret = keys["search"].rsplit("_", 1)[1]
+    rows = await pool.fetch("SELECT secret_hash::text AS h FROM api_keys")
+    assert rows and all(secret not in row["h"] for row in rows)
+
+
+async def test_health_and_docs(service):
+    async with httpx.AsyncClient(base_url=service, timeout=30) as anonymous:
+        health = await anonymous.get("/health")
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok"
+        assert health.json()["database"]["ready"] and health.json()["cluster"]["arms"] == {"control": True}
+        assert (await anonymous.get("/docs")).status_code == 200
+        paths = (await anonymous.get("/openapi.json")).json()["paths"]
+        assert {"/api/v1/search/", "/api/v1/rank", "/health"} <= set(paths)
+
+
+def test_dtrag_eval_prints_metrics_per_strategy(service, keys, capsys):
+    code = dtrag(["eval", str(sample_corpus_dir()), "--url", service, "--api-key", keys["search"],
+                  "--strategy", "lexical", "--strategy", "hybrid_rrf"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| lexical | 40 |" in table and "| hybrid_rrf | 40 |" in table
+    assert "nDCG@10" in table and "R@100" in table
+
+
+async def test_no_connection_leaves_loopback(service):
+    import psutil
+
+    ray_processes = [p for p in psutil.process_iter(["name", "cmdline"])
+                     if "ray" in " ".join(p.info["cmdline"] or []) or p.info["name"] in ("gcs_server", "raylet")]
+    assert ray_processes
+    for process in ray_processes:
+        try:
+            connections = process.net_connections(kind="inet")
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        for connection in connections:
+            for address in (connection.laddr, connection.raddr):
+                if address:
+                    assert address.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::"), (
+                        process.info["name"], connection)

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import FEATURE_FLAGS, SettingsError, load_settings, read_env_file
+
+
+def test_defaults_come_from_configs():
+    settings = load_settings(environ={})
+    assert settings.database.url is None
+    assert settings.http.host == "127.0.0.1"
+    assert settings.retrieval.default_strategy == "hybrid_rrf"
+    assert set(settings.features) == set(FEATURE_FLAGS)
+    assert not any(settings.features.values())
+
+
+def test_environment_overrides_with_operator_names():
+    settings = load_settings(environ={
+        "ENVIRONMENT": "production",
+        "DATABASE_URL": "postgresql://u:p@db:5432/search",
+        "DB_POOL_SIZE": "8",
+        "DB_MAX_OVERFLOW": "0",
+        "LOG_LEVEL": "debug",
+        "GEMINI_API_KEY": "k",
+        "FEATURE_SOFT_Q_BANDIT": "on",
+        "FEATURE_DEBATE_MODE": "false",
+    })
+    assert settings.environment == "production"
+    assert settings.database.url == "postgresql://u:p@db:5432/search"
+    assert (settings.database.pool_size, settings.database.max_overflow) == (8, 0)
+    assert settings.log_level == "DEBUG"
+    assert settings.gemini_api_key == "k"
+    assert settings.features["soft_q_bandit"] is True
+    assert settings.features["debate_mode"] is False
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DB_POOL_SIZE", "0"),
+        ("DB_POOL_SIZE", "many"),
+        ("DB_MAX_OVERFLOW", "-1"),
+        ("LOG_LEVEL", "LOUD"),
+        ("FEATURE_SOFT_Q_BANDIT", "maybe"),
+        ("DTRAG_HTTP_PORT", "70000"),
+        ("DTRAG_FUSION_WEIGHT", "1.5"),
+        ("DTRAG_DEFAULT_STRATEGY", "magic"),
+        ("ENVIRONMENT", "  "),
+    ],
+)
+def test_invalid_value_fails_naming_the_variable(variable, value):
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(environ={variable: value})
+
+
+def test_env_file_is_read_and_real_environment_wins(tmp_path: Path):
+    env_file = tmp_path / "prod.env"
+    env_file.write_text("# operators' file\nENVIRONMENT=staging\nexport DB_POOL_SIZE='3'\n\n")
+    assert read_env_file(env_file) == {"ENVIRONMENT": "staging", "DB_POOL_SIZE": "3"}
+    settings = load_settings(env_file, environ={"ENVIRONMENT": "production"})
+    assert settings.environment == "production"
+    assert settings.database.pool_size == 3
+
+
+def test_env_file_errors_name_file_and_line(tmp_path: Path):
+    with pytest.raises(SettingsError, match="no such file"):
+        load_settings(tmp_path / "missing.env", environ={})
+    bad = tmp_path / "bad.env"
+    bad.write_text("GOOD=1\nthis line has no equals\n")
+    with pytest.raises(SettingsError, match="line 2"):
+        load_settings(bad, environ={})
