@@ -1,6 +1,6 @@
 """Prioritized replay: learners.replay against RLlib's buffer and a per-sample pure-Python sum tree.
 
-    cd /work/main && .venv/bin/python bench/replay_bench.py
+    .venv/bin/python bench/replay_bench.py
 
 Each buffer is filled to capacity (1e4, 1e5, 1e6 by default), then we time, per call: add of one
 experience and of a batch of 256, stratified prioritized sample of 32 and 256 (indices, weights
