@@ -345,7 +345,7 @@ def main() -> int:
     memory = PrioritizedReplayBuffer(10_000)
     memory.add(columns(10_000))
     failures = check_targets(all_results)
-    command = f"cd {Path.cwd()} && {os.path.relpath(sys.executable)} {shlex.join(sys.argv)}"
+    command = f"{os.path.relpath(sys.executable)} {shlex.join(sys.argv)}"
     summary = [
         "Fill to capacity (s): "
         + "; ".join(
