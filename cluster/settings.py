@@ -80,6 +80,26 @@ class ServeSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LearningSettings:
+    capacity: int
+    alpha: float
+    beta0: float
+    beta_steps: int
+    tau: float
+    lr: float
+    gamma: float
+    samples_per_insert: float
+    min_replay_size: int
+    max_staleness: int
+    batch_size: int
+    learners: int
+    checkpoint_interval_s: float
+    policy_refresh_s: float
+    experience_queue: int
+    experience_flush_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     environment: str
     log_level: str
@@ -90,6 +110,7 @@ class Settings:
     retrieval: RetrievalSettings
     embedding: EmbeddingSettings
     serve: ServeSettings
+    learning: LearningSettings
     features: Mapping[str, bool]
     gemini_api_key: str | None
 
@@ -199,6 +220,22 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _positive_int),
     ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _positive_int),
     ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _positive_int),
+    ("learning.capacity", "DTRAG_REPLAY_CAPACITY", _positive_int),
+    ("learning.alpha", "DTRAG_REPLAY_ALPHA", _non_negative_float),
+    ("learning.beta0", "DTRAG_REPLAY_BETA0", _unit_float),
+    ("learning.beta_steps", "DTRAG_REPLAY_BETA_STEPS", _positive_int),
+    ("learning.tau", "DTRAG_SOFTQ_TAU", _positive_float),
+    ("learning.lr", "DTRAG_SOFTQ_LR", _unit_float),
+    ("learning.gamma", "DTRAG_SOFTQ_GAMMA", _unit_float),
+    ("learning.samples_per_insert", "DTRAG_SAMPLES_PER_INSERT", _positive_float),
+    ("learning.min_replay_size", "DTRAG_MIN_REPLAY_SIZE", _positive_int),
+    ("learning.max_staleness", "DTRAG_MAX_STALENESS", _non_negative_int),
+    ("learning.batch_size", "DTRAG_LEARNER_BATCH_SIZE", _positive_int),
+    ("learning.learners", "DTRAG_LEARNERS", _positive_int),
+    ("learning.checkpoint_interval_s", "DTRAG_CHECKPOINT_INTERVAL_S", _positive_float),
+    ("learning.policy_refresh_s", "DTRAG_POLICY_REFRESH_S", _positive_float),
+    ("learning.experience_queue", "DTRAG_EXPERIENCE_QUEUE", _positive_int),
+    ("learning.experience_flush_s", "DTRAG_EXPERIENCE_FLUSH_S", _positive_float),
     ("gemini.api_key", "GEMINI_API_KEY", _optional(_text)),
     *((f"features.{flag}", f"FEATURE_{flag.upper()}", _parse_bool) for flag in FEATURE_FLAGS),
 )
@@ -267,6 +304,7 @@ def load_settings(
         retrieval=RetrievalSettings(**section("retrieval")),
         embedding=EmbeddingSettings(**section("embedding")),
         serve=ServeSettings(**section("serve")),
+        learning=LearningSettings(**section("learning")),
         features=section("features"),
         gemini_api_key=values["gemini.api_key"],
     )

@@ -7,6 +7,7 @@ Energy-Based Policies", in its tabular form) with temperature tau:
     V(s)    = tau * log sum_a exp(Q(s,a) / tau)           soft value (-> max_a Q(s,a) as tau -> 0)
     delta   = r + gamma * V(s') - Q(s,a)                  gamma * V(s') = 0 when there is no s'
     Q(s,a) += lr * w * delta                              w: importance weight from the replay
+                                                          (averaged over repeats of (s,a) in a batch)
 
 gamma = 0 (the default) makes each query a one-step episode, i.e. a contextual bandit where
 Q(s,a) is an exponentially weighted average of the rewards of a in s. tau is on the scale of reward differences: with rewards
@@ -107,16 +108,23 @@ def compute_deltas(
     gamma: float,
     lr: float,
 ) -> tuple[QDelta, np.ndarray]:
-    """The change lr * w * delta to Q(s, a) for a batch, and the TD errors delta, shape (B,).
+    """The change to Q for a batch, and the TD errors delta, shape (B,).
 
-    Pure: every delta is computed against the snapshot, and repeats of one (s, a) add up.
+    Each (s, a) moves by lr times the mean of w * delta over its n occurrences in the batch:
+    the per-sample rule Q(s,a) += lr * w * delta, averaged rather than summed, so a pair drawn
+    many times (few states, high priority) still takes one bounded step instead of n of them,
+    which would overshoot and diverge once n * lr * w > 2. Pure: computed against the snapshot.
     """
     td = td_errors(q_snapshot, batch, tau, gamma)
-    step = lr * np.asarray(weights, np.float64) * td
+    weighted = np.asarray(weights, np.float64) * td
     states = tuple(dict.fromkeys(batch.states))  # unique, in first-seen order
     row = {s: i for i, s in enumerate(states)}
-    values = np.zeros((len(states), q_snapshot.n_actions))
-    np.add.at(values, ([row[s] for s in batch.states], np.asarray(batch.actions, np.int64)), step)
+    cells = ([row[s] for s in batch.states], np.asarray(batch.actions, np.int64))
+    sums = np.zeros((len(states), q_snapshot.n_actions))
+    counts = np.zeros_like(sums)
+    np.add.at(sums, cells, weighted)
+    np.add.at(counts, cells, 1.0)
+    values = lr * np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     return QDelta(states, values, q_snapshot.version), td
 
 

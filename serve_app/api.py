@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -18,7 +18,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cluster import __version__
 from cluster.api_keys import ApiKeyVerifier, Principal
 from cluster.errors import ServiceUnavailable
-from serve_app.schemas import ErrorBody, RankRequest, RankResponse, SearchRequest, SearchResponse
+from serve_app.feedback import UnknownSearch
+from serve_app.schemas import (
+    ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
+    RankRequest,
+    RankResponse,
+    SearchRequest,
+    SearchResponse,
+)
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -36,9 +45,15 @@ class Health:
 
 
 class SearchBackend(Protocol):
-    async def search(self, request: SearchRequest, principal: Principal) -> SearchResponse: ...
+    async def search(
+        self, request: SearchRequest, principal: Principal, session_id: str | None
+    ) -> SearchResponse: ...
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse: ...
+
+    async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse: ...
+
+    async def learning(self) -> dict[str, Any]: ...
 
     async def health(self) -> Health: ...
 
@@ -79,6 +94,10 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     return _error(503, "service_unavailable", str(exc))
 
 
+async def _unknown_search(_: Request, exc: Exception) -> JSONResponse:
+    return _error(404, "not_found", str(exc))
+
+
 class BodySizeLimit:
     """Reject bodies over `limit` bytes with 413 before anything parses them."""
 
@@ -108,6 +127,7 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
+    app.add_exception_handler(UnknownSearch, _unknown_search)
 
     def require(scope: str):
         async def check(request: Request) -> Principal:
@@ -124,6 +144,7 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
         return check
 
     require_search = require("search")
+    require_admin = require("admin")
 
     @app.get("/health", summary="Liveness and readiness of the database and the arms")
     async def health() -> JSONResponse:
@@ -138,8 +159,21 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
         return JSONResponse(body, status_code=200 if report.database_ready else 503)
 
     @app.post("/api/v1/search/", response_model=SearchResponse, summary="Search and answer")
-    async def search(body: SearchRequest, principal: Principal = Depends(require_search)) -> SearchResponse:
-        return await backend.search(body, principal)
+    async def search(
+        body: SearchRequest,
+        principal: Principal = Depends(require_search),
+        x_session_id: str | None = Header(None, max_length=128, description="Links a session's queries."),
+    ) -> SearchResponse:
+        return await backend.search(body, principal, x_session_id)
+
+    @app.post("/api/v1/feedback", response_model=FeedbackResponse,
+              summary="Judge a served result list; its nDCG becomes the reward")
+    async def feedback(body: FeedbackRequest, principal: Principal = Depends(require_search)) -> FeedbackResponse:
+        return await backend.feedback(body, principal)
+
+    @app.get("/api/v1/admin/learning", summary="Replay, Q-table and learner counters")
+    async def learning(principal: Principal = Depends(require_admin)) -> dict[str, Any]:
+        return await backend.learning()
 
     @app.post("/api/v1/rank", response_model=RankResponse,
               summary="Ranked document ids only (deeper than search; for evaluation)")

@@ -17,11 +17,14 @@ APP_NAME = "dtrag"
 def build_app(settings: Settings) -> Application:
     """Bind the deployments; `settings.database.url` must already point at a live database."""
     serve = settings.serve
-    embedder = Embedder.options(num_replicas=serve.embedder_replicas).bind(
+    embedder = Embedder.options(
+        num_replicas=serve.embedder_replicas,
+        max_ongoing_requests=2 * settings.embedding.max_batch_size,  # room to fill a batch
+    ).bind(
         settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
     )
     control = PipelineArm.options(name=f"arm_{CONTROL_ARM}", num_replicas=serve.pipeline_replicas).bind(
-        settings, embedder, CONTROL_ARM
+        settings, embedder, CONTROL_ARM, dict(settings.features)
     )
     return Ingress.options(num_replicas=serve.ingress_replicas).bind(settings, {CONTROL_ARM: control})
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
@@ -15,10 +17,23 @@ from cluster.database import create_pool
 from cluster.errors import ServiceUnavailable
 from cluster.settings import Settings
 from serve_app.api import Health, create_api
-from serve_app.schemas import RankRequest, RankResponse, SearchRequest, SearchResponse
+from learners.learner import get_or_create_driver
+from learners.learning_state import get_or_create_learning_state
+from serve_app.feedback import FeedbackStore
+from serve_app.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    RankRequest,
+    RankResponse,
+    SearchRequest,
+    SearchResponse,
+)
 
 CONTROL_ARM = "control"
 _ARM_PING_TIMEOUT_S = 2.0
+_ACTOR_TIMEOUT_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -29,7 +44,11 @@ class Ingress:
         self._settings = settings
         self._pool = await create_pool(settings.database.url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
+        self._feedback = FeedbackStore(self._pool)
         self._arms = arms
+        learning = settings.learning
+        self._learning = get_or_create_learning_state(settings.database.url, learning)
+        self._learners = get_or_create_driver(self._learning, learning.learners, learning.batch_size)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self, self._verifier)
@@ -44,9 +63,34 @@ class Ingress:
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as error:
             raise ServiceUnavailable(f"arm '{arm}' is unavailable: {error}") from error
 
-    async def search(self, request: SearchRequest, principal: Principal) -> SearchResponse:
+    async def search(
+        self, request: SearchRequest, principal: Principal, session_id: str | None
+    ) -> SearchResponse:
         arm = self._arm_for(principal)
-        return await self._call(arm, "search", request.q, request.final_topk, request.strategy)
+        return await self._call(arm, "search", request.q, request.final_topk, request.strategy, session_id)
+
+    async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
+        outcome = await self._feedback.record(
+            request.search_id, request.graded(), request.model_dump(exclude_none=True)
+        )
+        if outcome.experience is not None:
+            try:  # the row is stored; a restarting actor replays it from the database
+                await asyncio.wait_for(self._learning.add.remote([outcome.experience]), _ACTOR_TIMEOUT_S)
+            except Exception as error:
+                log.warning("experience not handed to the learning actor", extra={"error": repr(error)})
+        return FeedbackResponse(search_id=outcome.search_id, reward=outcome.reward,
+                                duplicate=outcome.duplicate)
+
+    async def learning(self) -> dict[str, Any]:
+        try:
+            state, q_table, learners = await asyncio.wait_for(asyncio.gather(
+                self._learning.stats.remote(), self._learning.q_table.remote(),
+                self._learners.stats.remote()), _ACTOR_TIMEOUT_S)
+        except Exception as error:
+            raise ServiceUnavailable(
+                f"the learning actor is unavailable ({type(error).__name__}); it restarts by itself, retry shortly"
+            ) from error
+        return {"state": state, "learners": learners, "q_table": q_table}
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
         arm = self._arm_for(principal)

@@ -1,87 +1,155 @@
-"""The search pipeline: embed, gather candidates, fuse by strategy, compose the answer.
+"""The search pipeline: embed, gather candidates, choose a strategy, fuse, compose the answer.
 
 Plain Python over a `DocumentIndex` and an async embedding function, so the same code runs as
-a Ray Serve arm, in a single uvicorn process, or in a test.
+a Ray Serve arm, in a single uvicorn process, or in a test. Learning reaches it through two
+callables: the current policy (read, never awaited) and a non-blocking experience sink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 
-from cluster.settings import RetrievalSettings
+from cluster.settings import STRATEGIES, RetrievalSettings
+from learners.learning_core import PolicySnapshot
+from learners.soft_q import policy_from_q
+from learners.state_encoder import encode_state
 from serve_app.answer import extractive_answer, snippet
+from serve_app.experience_log import ServedSearch
 from serve_app.fusion import Ranking, reciprocal_rank_fusion, weighted_score_fusion
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import AnswerBody, Hit, RankedId, RankResponse, SearchResponse, Strategy
 
 EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
+CurrentPolicy = Callable[[], PolicySnapshot | None]
+RecordExperience = Callable[[ServedSearch], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The strategy used, as the logged action with its propensity under the acting policy."""
+
+    strategy: Strategy
+    action: int
+    propensity: float
+    policy_version: int
+
+
+def choose_strategy(
+    state_key: str,
+    requested: Strategy | None,
+    default: Strategy,
+    policy: PolicySnapshot | None,
+    use_policy: bool,
+    rng: np.random.Generator,
+) -> Decision:
+    """A requested strategy wins; else a ~ softmax(Q(s,.)/tau) when the bandit is on; else the default.
+
+    With the bandit on and no policy yet, Q = 0 everywhere: the uniform policy.
+    """
+    version = policy.version if policy else 0
+    if requested or not use_policy:
+        chosen: Strategy = requested or default
+        return Decision(chosen, STRATEGIES.index(chosen), 1.0, version)
+    q = policy.q.values([state_key])[0] if policy else np.zeros(len(STRATEGIES))
+    probs = policy_from_q(q, policy.tau if policy else 1.0)
+    action = int(rng.choice(len(probs), p=probs))
+    return Decision(STRATEGIES[action], action, float(probs[action]), version)  # type: ignore[arg-type]
 
 
 class SearchPipeline:
     def __init__(
-        self, index: DocumentIndex, embed_query: EmbedQuery, settings: RetrievalSettings, arm: str
+        self,
+        index: DocumentIndex,
+        embed_query: EmbedQuery,
+        settings: RetrievalSettings,
+        arm: str,
+        *,
+        flags: Mapping[str, bool] | None = None,
+        current_policy: CurrentPolicy = lambda: None,
+        record_experience: RecordExperience | None = None,
+        seed: int | None = None,
     ):
         self._index = index
         self._embed_query = embed_query
         self._settings = settings
         self.arm = arm
+        self.flags = dict(flags or {})
+        self._current_policy = current_policy
+        self._record_experience = record_experience
+        self._rng = np.random.default_rng(seed)
 
-    def _strategy(self, requested: Strategy | None) -> Strategy:
-        return requested or self._settings.default_strategy  # type: ignore[return-value]
-
-    async def _dense(self, query: str, k: int) -> Ranking:
-        return await self._index.dense(await self._embed_query(query), k)
-
-    async def rank(self, query: str, strategy: Strategy, depth: int) -> Ranking:
-        """The top `depth` documents for `query` under `strategy`."""
-        if strategy == "lexical":
-            return await self._index.lexical(query, depth)
-        if strategy == "dense":
-            return await self._dense(query, depth)
-        # Fusion looks deeper than it returns so documents ranked well by one retriever survive.
+    async def _candidates(self, query: str, depth: int) -> tuple[Ranking, Ranking, str]:
+        """Lexical and dense lists deep enough for fusion, and the query's state key."""
         k = max(depth, self._settings.candidates)
-        lexical, dense = await asyncio.gather(self._index.lexical(query, k), self._dense(query, k))
-        if strategy == "hybrid_rrf":
-            fused = reciprocal_rank_fusion([lexical, dense], self._settings.rrf_k)
-        else:
-            fused = weighted_score_fusion(lexical, dense, self._settings.fusion_weight)
-        return fused[:depth]
 
-    async def search(self, query: str, final_topk: int, strategy: Strategy | None) -> SearchResponse:
+        async def dense() -> Ranking:
+            return await self._index.dense(await self._embed_query(query), k)
+
+        lexical, dense_list = await asyncio.gather(self._index.lexical(query, k), dense())
+        state_key = encode_state(query, [d for d, _ in lexical], [d for d, _ in dense_list])
+        return lexical, dense_list, state_key
+
+    def _fuse(self, strategy: Strategy, lexical: Ranking, dense: Ranking, depth: int) -> Ranking:
+        if strategy == "lexical":
+            return lexical[:depth]
+        if strategy == "dense":
+            return dense[:depth]
+        if strategy == "hybrid_rrf":
+            return reciprocal_rank_fusion([lexical, dense], self._settings.rrf_k)[:depth]
+        return weighted_score_fusion(lexical, dense, self._settings.fusion_weight)[:depth]
+
+    def _decide(self, state_key: str, requested: Strategy | None) -> Decision:
+        return choose_strategy(
+            state_key, requested, self._settings.default_strategy,  # type: ignore[arg-type]
+            self._current_policy(), self.flags.get("soft_q_bandit", False), self._rng,
+        )
+
+    async def search(
+        self, query: str, final_topk: int, strategy: Strategy | None, session_id: str | None = None
+    ) -> SearchResponse:
         started = time.perf_counter()
-        chosen = self._strategy(strategy)
-        ranking = await self.rank(query, chosen, final_topk)
+        lexical, dense, state_key = await self._candidates(query, final_topk)
+        decision = self._decide(state_key, strategy)
+        ranking = self._fuse(decision.strategy, lexical, dense, final_topk)
         documents = await self._index.fetch([doc_id for doc_id, _ in ranking])
-        ranked_docs = [documents[doc_id] for doc_id, _ in ranking if doc_id in documents]
-        answer = extractive_answer(query, ranked_docs)
-        hits = [
-            Hit(doc_id=doc_id, title=documents[doc_id].title,
-                snippet=snippet(query, documents[doc_id].text), score=score, rank=rank)
-            for rank, (doc_id, score) in enumerate(ranking, start=1)
-            if doc_id in documents
-        ]
+        ranking = [(doc_id, score) for doc_id, score in ranking if doc_id in documents]
+        answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
+        search_id = uuid.uuid4().hex
+        if self._record_experience and self.flags.get("experience_replay", False):
+            self._record_experience(ServedSearch(
+                search_id, self.arm, session_id, state_key, decision.action, decision.strategy,
+                decision.propensity, decision.policy_version, [doc_id for doc_id, _ in ranking],
+            ))
         return SearchResponse(
-            search_id=uuid.uuid4().hex,
+            search_id=search_id,
             query=query,
-            hits=hits,
+            hits=[
+                Hit(doc_id=doc_id, title=documents[doc_id].title,
+                    snippet=snippet(query, documents[doc_id].text), score=score, rank=rank)
+                for rank, (doc_id, score) in enumerate(ranking, start=1)
+            ],
             answer=AnswerBody(text=answer.text, citations=answer.citations, mode=answer.mode),
-            strategy=chosen,
+            strategy=decision.strategy,
             arm=self.arm,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
     async def ranked(self, query: str, depth: int, strategy: Strategy | None) -> RankResponse:
+        """Ranked ids only; never logged as an experience (evaluation traffic is not feedback)."""
         started = time.perf_counter()
-        chosen = self._strategy(strategy)
-        ranking = await self.rank(query, chosen, depth)
+        lexical, dense, state_key = await self._candidates(query, depth)
+        decision = self._decide(state_key, strategy)
+        ranking = self._fuse(decision.strategy, lexical, dense, depth)
         return RankResponse(
             query=query,
-            strategy=chosen,
+            strategy=decision.strategy,
+            state_key=state_key,
             ranking=[RankedId(doc_id=d, score=s) for d, s in ranking],
             arm=self.arm,
             latency_ms=(time.perf_counter() - started) * 1000,

@@ -6,9 +6,11 @@ is a 422 that names it rather than a silent default.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from learners.reward import judgements_from_clicks
 
 Strategy = Literal["lexical", "dense", "hybrid_rrf", "hybrid_weighted"]
 MAX_QUERY_CHARS = 1000
@@ -70,9 +72,47 @@ class RankedId(BaseModel):
 class RankResponse(BaseModel):
     query: str
     strategy: Strategy
+    state_key: str
     ranking: list[RankedId]
     arm: str
     latency_ms: float
+
+
+Grade = Annotated[int, Field(ge=0, le=4)]
+DocId = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class FeedbackRequest(BaseModel):
+    """Exactly one of graded `judgements` or `clicks` (which count as grade 1 each)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    search_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="From the search response.")
+    judgements: dict[DocId, Grade] | None = Field(
+        None, min_length=1, max_length=1000,
+        description="Graded relevance per doc id, 0 (not relevant) to 4.",
+    )
+    clicks: list[DocId] | None = Field(
+        None, max_length=50, description="Doc ids the user clicked; [] for none."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FeedbackRequest:
+        if (self.judgements is None) == (self.clicks is None):
+            raise ValueError("give exactly one of 'judgements' or 'clicks'")
+        return self
+
+    def graded(self) -> dict[str, float]:
+        """Grades per doc id; clicks count as grade 1."""
+        if self.judgements is not None:
+            return {doc_id: float(grade) for doc_id, grade in self.judgements.items()}
+        return judgements_from_clicks(self.clicks or [])
+
+
+class FeedbackResponse(BaseModel):
+    search_id: str
+    reward: float = Field(description="nDCG of the served list under this feedback, in [0, 1].")
+    duplicate: bool = Field(description="True when feedback for this search was already recorded.")
 
 
 class ErrorBody(BaseModel):

@@ -7,18 +7,27 @@ A baseline for the load benchmark, and a way to debug the pipeline without a clu
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import uvicorn
 
 from cluster.api_keys import ApiKeyVerifier, Principal
 from cluster.database import create_pool
+from cluster.errors import ServiceUnavailable
 from cluster.settings import Settings, SettingsError, load_settings
 from serve_app.api import Health, create_api
 from serve_app.embedding import TextEmbedder
 from serve_app.pipeline import SearchPipeline
 from serve_app.retrieval import DocumentIndex
-from serve_app.schemas import RankRequest, RankResponse, SearchRequest, SearchResponse
+from serve_app.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    RankRequest,
+    RankResponse,
+    SearchRequest,
+    SearchResponse,
+)
 
 ARM = "standalone"
 
@@ -30,8 +39,16 @@ class LocalBackend:
         self._pipeline = pipeline
         self._environment = environment
 
-    async def search(self, request: SearchRequest, principal: Principal) -> SearchResponse:
-        return await self._pipeline.search(request.q, request.final_topk, request.strategy)
+    async def search(
+        self, request: SearchRequest, principal: Principal, session_id: str | None
+    ) -> SearchResponse:
+        return await self._pipeline.search(request.q, request.final_topk, request.strategy, session_id)
+
+    async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
+        raise ServiceUnavailable("feedback needs the cluster's learning actor; use `dtrag up`")
+
+    async def learning(self) -> dict[str, Any]:
+        raise ServiceUnavailable("the standalone server has no learning actor; use `dtrag up`")
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
         return await self._pipeline.ranked(request.q, request.depth, request.strategy)

@@ -71,17 +71,25 @@ def test_propensity_is_the_policy_probability_of_the_action_and_acting_is_seeded
     assert a.act("s", rng)[0] == b.act("s", np.random.default_rng(1))[0]
 
 
-def test_repeated_state_action_pairs_in_a_batch_accumulate():
+def test_repeated_state_action_pairs_in_a_batch_take_one_averaged_step():
     table = SoftQTable(n_actions=2, tau=1.0, lr=0.1, gamma=0.0)
     batch = Transitions(["s", "s", "s", "t"], [1, 1, 0, 1], [1.0, 1.0, 0.2, 0.4], [None] * 4)
     delta, td = compute_deltas(
         table.snapshot(), batch, [1.0, 0.5, 1.0, 2.0], tau=1.0, gamma=0.0, lr=0.1
     )
     # All against Q = 0, so delta = r:
-    # Q(s,1) += 0.1 * (1 * 1.0 + 0.5 * 1.0), Q(s,0) += 0.1 * 0.2, Q(t,1) += 0.1 * 2 * 0.4
+    # Q(s,1) += 0.1 * (1 * 1.0 + 0.5 * 1.0) / 2, Q(s,0) += 0.1 * 0.2, Q(t,1) += 0.1 * 2 * 0.4
     np.testing.assert_allclose(td, [1.0, 1.0, 0.2, 0.4])
     assert delta.states == ("s", "t")
-    np.testing.assert_allclose(delta.values, [[0.02, 0.15], [0.0, 0.08]])
+    np.testing.assert_allclose(delta.values, [[0.02, 0.075], [0.0, 0.08]])
+
+
+def test_many_repeats_of_one_pair_converge_instead_of_diverging():
+    table = SoftQTable(n_actions=2, lr=0.5, gamma=0.0)
+    batch = Transitions(["s"] * 32, [0] * 32, [1.0] * 32, [None] * 32)
+    for _ in range(30):
+        table.update(batch)
+    assert table.q_values("s")[0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_compute_deltas_is_pure_and_snapshots_stay_unchanged():

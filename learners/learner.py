@@ -1,0 +1,80 @@
+"""Remote learners: Ray tasks that turn a prioritized sample into a Q delta and new priorities.
+
+`LearnerDriver` keeps `learners` such tasks in flight against the `LearningState` actor and
+counts how each ended; the math is `learners.soft_q.compute_deltas`, so a task is a thin shell.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import ray
+
+from learners.learning_core import LearnerBatch
+from learners.soft_q import compute_deltas
+
+log = logging.getLogger(__name__)
+
+DRIVER_NAME = "learner_driver"
+_IDLE_WAIT_S = 0.2
+
+
+def learn(state: ray.actor.ActorHandle, batch: LearnerBatch) -> bool:
+    """Compute the update for `batch` and send it back; False when the actor rejected it as stale."""
+    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights,
+                               batch.tau, batch.gamma, batch.lr)
+    return ray.get(state.apply_update.remote(delta, batch.indices, batch.insertion_ids, td))
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def learner_step(state: ray.actor.ActorHandle, batch_size: int) -> str:
+    """One learning step: 'applied', 'stale', or 'idle' (rate limit or too little data)."""
+    batch = ray.get(state.sample.remote(batch_size))
+    if batch is None:
+        return "idle"
+    return "applied" if learn(state, batch) else "stale"
+
+
+@ray.remote(max_restarts=-1, num_cpus=0)
+class LearnerDriver:
+    """Keeps `learners` learner tasks in flight, backing off while there is nothing to learn."""
+
+    def __init__(self, state: ray.actor.ActorHandle, learners: int, batch_size: int):
+        self._state = state
+        self._learners = learners
+        self._batch_size = batch_size
+        self._outcomes: collections.Counter[str] = collections.Counter()
+        self._last_outcome = ""
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        in_flight: list[ray.ObjectRef] = []
+        while True:
+            while len(in_flight) < self._learners:
+                in_flight.append(learner_step.remote(self._state, self._batch_size))
+            done, in_flight = ray.wait(in_flight, num_returns=1)
+            try:
+                outcome = ray.get(done[0])
+            except Exception as error:  # the actor restarting, a lost task: count, go on
+                if self._outcomes["failed"] == 0 or self._last_outcome != "failed":
+                    log.warning("learner steps failing (counted as failed until one succeeds): %r", error)
+                outcome = "failed"
+            self._outcomes[outcome] += 1
+            self._last_outcome = outcome
+            if outcome in ("idle", "failed"):
+                time.sleep(_IDLE_WAIT_S)
+
+    def stats(self) -> dict[str, int]:
+        """Counts of learner steps by outcome: applied, stale, idle, failed."""
+        return {key: self._outcomes[key] for key in ("applied", "stale", "idle", "failed")}
+
+
+def get_or_create_driver(state: ray.actor.ActorHandle, learners: int, batch_size: int):
+    from learners.learning_state import NAMESPACE
+
+    return LearnerDriver.options(
+        name=DRIVER_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote(state, learners, batch_size)

@@ -1,0 +1,198 @@
+"""`LearningState`: the named, restartable Ray actor that owns the replay buffer and the Q-table.
+
+It wraps `LearningCore` with persistence: a checkpoint (Q-table as JSON, the whole state as a
+blob) goes to PostgreSQL on a schedule and on request; on (re)start the latest checkpoint is
+loaded and rewarded experiences that arrived after it are replayed in, so a killed actor comes
+back with what it had, less only the Q updates since its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import pickle
+import threading
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import ray
+
+from cluster.settings import STRATEGIES, LearningSettings
+from learners.learning_core import Experience, LearnerBatch, LearningConfig, LearningCore, PolicySnapshot
+from learners.soft_q import QDelta
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "dtrag"
+ACTOR_NAME = "learning_state"
+_KEEP_CHECKPOINTS = 5
+T = TypeVar("T")
+
+
+def learning_config(settings: LearningSettings) -> LearningConfig:
+    return LearningConfig(
+        capacity=settings.capacity, alpha=settings.alpha, beta0=settings.beta0,
+        beta_steps=settings.beta_steps, tau=settings.tau, lr=settings.lr, gamma=settings.gamma,
+        samples_per_insert=settings.samples_per_insert, min_replay_size=settings.min_replay_size,
+        max_staleness=settings.max_staleness,
+    )
+
+
+_REWARDED_SINCE = """
+SELECT state_key, action, reward, propensity, policy_version, next_state_key
+FROM experiences
+WHERE reward IS NOT NULL AND ($1::timestamptz IS NULL OR feedback_at > $1)
+ORDER BY feedback_at DESC
+LIMIT $2"""
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous actor code.
+
+    A fresh thread gets a fresh event loop: Ray may already run one in the calling thread.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _experience(row: asyncpg.Record) -> Experience:
+    return Experience(row["state_key"], row["action"], row["reward"], row["propensity"],
+                      row["policy_version"], row["next_state_key"])
+
+
+@ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
+class LearningState:
+    """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
+
+    def __init__(self, database_url: str, settings: LearningSettings):
+        self._url = database_url
+        self._core = LearningCore(STRATEGIES, learning_config(settings))
+        self._lock = threading.Lock()  # the checkpoint thread reads the core too
+        self._restored_from = _run(self._restore())
+        self._stop = threading.Event()
+        threading.Thread(
+            target=self._checkpoint_every, args=(settings.checkpoint_interval_s,), daemon=True
+        ).start()
+
+    async def _restore(self) -> int | None:
+        """Load the latest checkpoint and the rewards recorded after it; returns its version."""
+        connection = await asyncpg.connect(self._url)
+        try:
+            checkpoint = await connection.fetchrow(
+                "SELECT policy_version, replay_state, created_at FROM q_table_snapshots "
+                "ORDER BY id DESC LIMIT 1"
+            )
+            since = None
+            if checkpoint is not None:
+                self._core.load_state_dict(pickle.loads(checkpoint["replay_state"]))
+                since = checkpoint["created_at"]
+            rows = await connection.fetch(_REWARDED_SINCE, since, self._core.config.capacity)
+        finally:
+            await connection.close()
+        self._core.add([_experience(row) for row in reversed(rows)])
+        return None if checkpoint is None else checkpoint["policy_version"]
+
+    def add(self, experiences: Sequence[Experience]) -> int:
+        with self._lock:
+            return self._core.add(experiences)
+
+    def sample(self, batch_size: int) -> LearnerBatch | None:
+        with self._lock:
+            return self._core.sample(batch_size)
+
+    def apply_update(self, delta: QDelta, indices, insertion_ids, td_errors) -> bool:
+        with self._lock:
+            return self._core.apply_update(delta, indices, insertion_ids, td_errors)
+
+    def policy_if_newer(self, version: int) -> PolicySnapshot | None:
+        """The policy when its version differs from `version` (cheap to poll), else None."""
+        with self._lock:
+            return None if self._core.table.version == version else self._core.policy()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._core.stats(), "restored_from_version": self._restored_from}
+
+    def q_table(self) -> dict[str, Any]:
+        with self._lock:
+            return {"policy_version": self._core.table.version, "actions": list(self._core.actions),
+                    "tau": self._core.table.tau, "q": self._core.q_table()}
+
+    def checkpoint(self) -> int:
+        """Write a checkpoint now; returns the policy version saved."""
+        with self._lock:
+            version = self._core.table.version
+            blob = pickle.dumps(self._core.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
+            q_table = self._core.q_table()
+            stats = self._core.stats()
+        _run(self._write_checkpoint(version, blob, q_table, stats))
+        return version
+
+    async def _write_checkpoint(self, version: int, blob: bytes, q_table: dict, stats: dict) -> None:
+        connection = await asyncpg.connect(self._url)
+        try:
+            async with connection.transaction():
+                await connection.execute(
+                    "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
+                    "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
+                    version, list(self._core.actions), json.dumps(q_table), blob, json.dumps(stats),
+                )
+                await connection.execute(
+                    "DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
+                    _KEEP_CHECKPOINTS,
+                )
+        finally:
+            await connection.close()
+
+    def _checkpoint_every(self, interval_s: float) -> None:
+        last_saved = self._core.table.version, self._core.inserted
+        while not self._stop.wait(interval_s):
+            current = self._core.table.version, self._core.inserted
+            if current == last_saved:
+                continue
+            try:
+                self.checkpoint()
+                last_saved = current
+            except Exception:  # keep serving; the next tick retries
+                log.exception("checkpoint failed")
+
+    def export_parquet(self, path: str) -> int:
+        """Write the buffer's experiences to a Parquet file; returns the row count."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from learners.state_encoder import state_key
+
+        with self._lock:
+            state = self._core.buffer.state_dict()
+            filled = state["insertion_id"] >= 0
+        table = pa.table({
+            "insertion_id": state["insertion_id"][filled],
+            "state_key": [state_key(s) for s in state["state"][filled]],
+            "action": state["action"][filled],
+            "strategy": [self._core.actions[a] for a in state["action"][filled]],
+            "reward": state["reward"][filled],
+            "propensity": state["propensity"][filled],
+            "policy_version": state["policy_version"][filled],
+            "next_state_key": [None if s < 0 else state_key(s) for s in state["next_state"][filled]],
+            "priority": state["priorities"][: len(filled)][filled],
+        }).sort_by("insertion_id")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return table.num_rows
+
+
+def get_or_create_learning_state(database_url: str, settings: LearningSettings) -> ray.actor.ActorHandle:
+    """The cluster's one LearningState, created on first use (detached: it outlives its creator)."""
+    return LearningState.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote(database_url, settings)
+
+
+def learning_state_handle() -> ray.actor.ActorHandle:
+    """The existing actor; raises ValueError when it was not created yet."""
+    return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)

@@ -1,0 +1,87 @@
+"""Feedback: join a user's judgements to the served search and turn them into a reward.
+
+The served search reaches the `experiences` table a few milliseconds after its response (the
+experience log writes in batches), so a lookup that misses waits briefly before answering 404.
+Recording is idempotent: the first feedback fixes the reward, a repeat returns it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+
+import asyncpg
+
+from cluster.database import unavailable_on_connection_errors
+from learners.learning_core import Experience
+from learners.reward import reward
+
+_ARRIVAL_WAIT_S = 2.0
+_POLL_S = 0.05
+
+_SERVED = """
+SELECT created_at, session_id, state_key, action, propensity, policy_version, served_doc_ids, reward
+FROM experiences WHERE search_id = $1"""
+
+_NEXT_IN_SESSION = """
+SELECT state_key FROM experiences
+WHERE session_id = $1 AND created_at > $2 ORDER BY created_at LIMIT 1"""
+
+_RECORD = """
+UPDATE experiences
+SET reward = $2, next_state_key = $3, feedback = $4::jsonb, feedback_at = now()
+WHERE search_id = $1 AND reward IS NULL
+RETURNING search_id"""
+
+
+class UnknownSearch(LookupError):
+    """No served search has this id (or it was served with experience_replay off)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackOutcome:
+    search_id: str
+    reward: float
+    duplicate: bool
+    experience: Experience | None  # what to add to the replay; None for a duplicate
+
+
+class FeedbackStore:
+    def __init__(self, pool: asyncpg.Pool, arrival_wait_s: float = _ARRIVAL_WAIT_S):
+        self._pool = pool
+        self._arrival_wait_s = arrival_wait_s
+
+    async def _served(self, search_id: str) -> asyncpg.Record:
+        deadline = time.monotonic() + self._arrival_wait_s
+        while True:
+            row = await self._pool.fetchrow(_SERVED, search_id)
+            if row is not None:
+                return row
+            if time.monotonic() >= deadline:
+                raise UnknownSearch(
+                    f"no served search has id {search_id} (feedback is accepted for searches "
+                    "served while the experience_replay flag was on)"
+                )
+            await asyncio.sleep(_POLL_S)
+
+    async def record(self, search_id: str, judgements: Mapping[str, float], raw: object) -> FeedbackOutcome:
+        async with unavailable_on_connection_errors("feedback"):
+            served = await self._served(search_id)
+            if served["reward"] is not None:
+                return FeedbackOutcome(search_id, served["reward"], True, None)
+            value = reward(served["served_doc_ids"], judgements)
+            next_state = None
+            if served["session_id"]:
+                next_state = await self._pool.fetchval(
+                    _NEXT_IN_SESSION, served["session_id"], served["created_at"]
+                )
+            updated = await self._pool.fetchval(_RECORD, search_id, value, next_state, json.dumps(raw))
+            if updated is None:  # a concurrent repeat won the race
+                stored = await self._pool.fetchval("SELECT reward FROM experiences WHERE search_id = $1", search_id)
+                return FeedbackOutcome(search_id, stored, True, None)
+        experience = Experience(served["state_key"], served["action"], value, served["propensity"],
+                                served["policy_version"], next_state)
+        return FeedbackOutcome(search_id, value, False, experience)

@@ -1,0 +1,141 @@
+"""Learning while serving, over real HTTP: experiences, feedback, learners, restart of the actor."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from cluster.api_keys import create_key
+from cluster.runtime import deploy, start_serve
+from learners.learner import DRIVER_NAME
+from learners.learning_state import ACTOR_NAME, NAMESPACE, learning_state_handle
+from serve_app.app import APP_NAME, build_app
+
+
+def _kill_learning_actors() -> None:
+    for name in (DRIVER_NAME, ACTOR_NAME):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+
+
+@pytest.fixture(scope="module")
+async def service(ray_session, pool, live_settings):
+    from ray import serve
+
+    _kill_learning_actors()  # fresh ones with this module's settings
+    settings = dataclasses.replace(
+        live_settings,
+        features={**live_settings.features, "experience_replay": True, "soft_q_bandit": True},
+        learning=dataclasses.replace(live_settings.learning, min_replay_size=4, policy_refresh_s=0.2),
+    )
+    start_serve(settings.http)
+    deploy(build_app(settings), APP_NAME)
+    async with pool.acquire() as connection:
+        key = await create_key(connection, "learning-tests", ["search", "admin"])
+    async with httpx.AsyncClient(base_url=f"http://{settings.http.host}:{settings.http.port}",
+                                 headers={"X-API-Key": key}, timeout=30) as client:
+        yield client
+    serve.shutdown()
+    _kill_learning_actors()
+
+
+async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **extra) -> dict:
+    response = await client.post("/api/v1/search/", json={"q": q, "final_topk": 5}, **extra)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_feedback_becomes_a_reward_once(service):
+    served = await search(service)
+    top = served["hits"][0]["doc_id"]
+    first = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
+                                                          "judgements": {top: 2, "unseen": 1}})
+    assert first.status_code == 200, first.text
+    # served list [top, ...]: DCG = 2; ideal = 2 + 1/log2(3)
+    assert first.json() == {"search_id": served["search_id"], "duplicate": False,
+                            "reward": pytest.approx(2 / (2 + 1 / 1.5849625007), abs=1e-6)}
+    again = await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
+    assert again.json() == {**first.json(), "duplicate": True}
+
+
+async def test_feedback_errors(service):
+    unknown = await service.post("/api/v1/feedback", json={"search_id": "0" * 32, "clicks": []})
+    assert unknown.status_code == 404 and "0" * 32 in unknown.json()["message"]
+    served = await search(service)
+    for body, field in [
+        ({"search_id": served["search_id"], "judgements": {"d1": 7}}, "judgements.d1"),
+        ({"search_id": served["search_id"], "judgements": {"d1": "2"}}, "judgements.d1"),
+        ({"search_id": served["search_id"], "judgements": {}}, "judgements"),
+        ({"search_id": served["search_id"]}, "body"),
+        ({"search_id": served["search_id"], "clicks": [], "judgements": {"d1": 1}}, "body"),
+        ({"search_id": "not-an-id", "clicks": []}, "search_id"),
+        ({"search_id": served["search_id"], "clicks": "d1"}, "clicks"),
+    ]:
+        response = await service.post("/api/v1/feedback", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert field in [e["field"] for e in response.json()["errors"]], (body, response.json())
+
+
+async def test_learners_update_the_policy_and_replicas_follow(service):
+    for _ in range(12):
+        served = await search(service, "black holes")
+        await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
+                                                      "clicks": [served["hits"][0]["doc_id"]]})
+    learning = {}
+    for _ in range(100):
+        learning = (await service.get("/api/v1/admin/learning")).json()
+        if learning["state"]["updates_applied"] > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert learning["state"]["updates_applied"] > 0, learning
+    assert learning["learners"]["applied"] > 0 and learning["learners"]["failed"] == 0
+    assert learning["q_table"]["q"], "some state has Q values"
+    assert learning["state"]["replay_size"] >= 12
+
+
+async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp_path):
+    actor = learning_state_handle()
+    for _ in range(6):  # make sure there is something to learn from and to restore
+        served = await search(service, "glaciers and climate")
+        await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
+    await asyncio.sleep(0.5)
+    saved_version = await actor.checkpoint.remote()
+    saved = await actor.q_table.remote()
+    saved_stats = await actor.stats.remote()
+
+    async def searches_during_restart() -> list[int]:
+        return [(await service.post("/api/v1/search/", json={"q": f"rivers {i}"})).status_code
+                for i in range(30)]
+
+    running = asyncio.create_task(searches_during_restart())
+    ray.kill(actor, no_restart=False)
+    statuses = await running
+    assert statuses == [200] * 30
+
+    restored = None
+    for _ in range(200):
+        try:
+            restored = await learning_state_handle().stats.remote()
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    assert restored is not None, "LearningState did not come back"
+    assert restored["restored_from_version"] == saved_version
+    assert restored["replay_size"] >= saved_stats["replay_size"]
+    q_after = await learning_state_handle().q_table.remote()
+    for state, values in saved["q"].items():
+        assert state in q_after["q"]
+    assert q_after["policy_version"] >= saved_version
+
+    exported = tmp_path / "replay.parquet"
+    rows = await learning_state_handle().export_parquet.remote(str(exported))
+    table = pq.read_table(exported)
+    assert table.num_rows == rows == restored["replay_size"]
+    assert {"state_key", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)

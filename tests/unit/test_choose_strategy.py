@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from learners.learning_core import PolicySnapshot
+from learners.soft_q import QSnapshot
+from serve_app.pipeline import choose_strategy
+
+ACTIONS = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
+STATE = "len=short|form=keyword|agree=low|digits=no"
+
+
+def policy(q_row, version=7, tau=0.5) -> PolicySnapshot:
+    return PolicySnapshot(version, ACTIONS, tau, QSnapshot(version, np.array([q_row], float), {STATE: 0}))
+
+
+def test_requested_strategy_wins_and_is_certain():
+    decision = choose_strategy(STATE, "dense", "hybrid_rrf", policy([9, 0, 0, 0]), True,
+                               np.random.default_rng(0))
+    assert (decision.strategy, decision.action, decision.propensity, decision.policy_version) == (
+        "dense", 1, 1.0, 7)
+
+
+def test_without_the_bandit_the_default_is_used():
+    decision = choose_strategy(STATE, None, "hybrid_rrf", policy([9, 0, 0, 0]), False,
+                               np.random.default_rng(0))
+    assert (decision.strategy, decision.action, decision.propensity) == ("hybrid_rrf", 2, 1.0)
+
+
+def test_bandit_samples_from_softmax_and_logs_the_propensity():
+    q = [1.0, 0.0, 0.5, 0.0]
+    probs = np.exp(np.array(q) / 0.5) / np.exp(np.array(q) / 0.5).sum()
+    rng = np.random.default_rng(1)
+    decisions = [choose_strategy(STATE, None, "hybrid_rrf", policy(q), True, rng) for _ in range(4000)]
+    for decision in decisions[:20]:
+        assert decision.propensity == pytest.approx(probs[decision.action])
+        assert decision.strategy == ACTIONS[decision.action]
+    frequencies = np.bincount([d.action for d in decisions], minlength=4) / len(decisions)
+    np.testing.assert_allclose(frequencies, probs, atol=0.03)
+
+
+def test_bandit_without_a_policy_is_uniform_and_unseen_states_too():
+    rng = np.random.default_rng(2)
+    no_policy = choose_strategy(STATE, None, "hybrid_rrf", None, True, rng)
+    unseen = choose_strategy("len=long|form=question|agree=high|digits=yes", None, "hybrid_rrf",
+                             policy([5, 0, 0, 0]), True, rng)
+    assert no_policy.propensity == pytest.approx(0.25) and no_policy.policy_version == 0
+    assert unseen.propensity == pytest.approx(0.25)

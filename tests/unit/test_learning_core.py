@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from learners.learning_core import Experience, LearningConfig, LearningCore
+from learners.reward import judgements_from_clicks, reward
+from learners.soft_q import compute_deltas
+
+ACTIONS = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
+STATE = "len=short|form=keyword|agree=low|digits=no"
+OTHER = "len=long|form=question|agree=high|digits=yes"
+
+
+def experiences(n: int, state: str = STATE, action: int = 2, r: float = 1.0) -> list[Experience]:
+    return [Experience(state, action, r, 0.25, 0) for _ in range(n)]
+
+
+def learn_once(core: LearningCore, batch_size: int = 8) -> bool:
+    batch = core.sample(batch_size)
+    assert batch is not None
+    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights,
+                               batch.tau, batch.gamma, batch.lr)
+    return core.apply_update(delta, batch.indices, batch.insertion_ids, td)
+
+
+def test_rate_limit_and_minimum_size_gate_sampling():
+    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=4, samples_per_insert=2.0))
+    core.add(experiences(3))
+    assert core.sample(2) is None  # below the minimum size
+    core.add(experiences(1))
+    assert core.sample(8) is not None  # 8 <= 2 * 4
+    assert core.sample(1) is None  # 9 > 8
+    core.add(experiences(1))
+    assert core.sample(2) is not None  # 10 <= 2 * 5
+
+
+def test_learning_moves_q_towards_rewards_and_bumps_version():
+    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=1, samples_per_insert=100, lr=0.5))
+    core.add(experiences(20, action=2, r=1.0) + experiences(20, action=0, r=0.0))
+    for _ in range(20):
+        assert learn_once(core)
+    policy = core.policy()
+    assert policy.version == 20
+    q = policy.q.values([STATE])[0]
+    assert q[2] > 0.9 and abs(q[0]) < 1e-9
+    assert core.stats()["updates_applied"] == 20
+
+
+def test_stale_updates_are_rejected_and_change_nothing():
+    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=1, samples_per_insert=100, max_staleness=1))
+    core.add(experiences(10))
+    old = core.sample(4)
+    for _ in range(2):
+        learn_once(core)
+    delta, td = compute_deltas(old.snapshot, old.transitions, old.weights, old.tau, old.gamma, old.lr)
+    before = core.policy()
+    assert not core.apply_update(delta, old.indices, old.insertion_ids, td)
+    assert core.policy().version == before.version
+    assert core.stats()["updates_rejected"] == 1
+
+
+def test_bad_action_is_refused():
+    core = LearningCore(ACTIONS)
+    with pytest.raises(ValueError, match="action 4"):
+        core.add([Experience(STATE, 4, 1.0, 0.5, 0)])
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    config = LearningConfig(min_replay_size=1, samples_per_insert=100)
+    core = LearningCore(ACTIONS, config)
+    core.add(experiences(10) + [Experience(OTHER, 1, 0.3, 0.5, 0, next_state_key=STATE)])
+    learn_once(core)
+    restored = LearningCore(ACTIONS, config)
+    restored.load_state_dict(core.state_dict())
+    assert restored.stats() == core.stats()
+    assert restored.q_table() == core.q_table()
+    a, b = core.sample(4), restored.sample(4)
+    assert np.array_equal(a.indices, b.indices) and np.allclose(a.weights, b.weights)
+
+
+def test_reward_is_ndcg_of_the_served_list():
+    assert reward(["a", "b"], {"a": 1}) == pytest.approx(1.0)
+    assert reward(["b", "a"], {"a": 1}) == pytest.approx(1 / np.log2(3))
+    assert reward(["x"], {"a": 2}) == 0.0
+    assert reward([], {"a": 1}) == 0.0
+    assert reward(["a", "b"], judgements_from_clicks(["b"])) == pytest.approx(1 / np.log2(3))
