@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
-from cluster import __version__
+from cluster import __version__, operate
 from cluster.api_keys import SCOPES, ApiKeyVerifier, create_key, list_keys, revoke_key
 from cluster.database import DatabaseUnavailable, create_pool, redact, resolve_database_url
 from cluster.errors import ServiceUnavailable
@@ -229,14 +229,24 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.evaluate import evaluate_dataset, format_table
-
+def _service(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
+    """The running service's URL and an API key: flags, else DTRAG_API_KEY, else the demo key."""
     url = args.url or f"http://{settings.http.host}:{settings.http.port}"
     key = args.api_key or os.environ.get("DTRAG_API_KEY") or _stored_demo_key(settings)
     if not key:
-        print("error: no API key: pass --api-key or set DTRAG_API_KEY", file=sys.stderr)
-        return 2
+        raise ValueError("no API key: pass --api-key or set DTRAG_API_KEY")
+    return url, key
+
+
+def add_service_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="service URL (default: the configured host and port)")
+    parser.add_argument("--api-key", default=None, help="default: DTRAG_API_KEY or the demo key")
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.evaluate import evaluate_dataset, format_table
+
+    url, key = _service(args, settings)
     strategies = args.strategy or list(STRATEGIES)
     results = evaluate_dataset(
         Path(args.dataset), url, key, strategies, concurrency=args.concurrency, json_path=args.json
@@ -245,9 +255,36 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.train import TrainingError, format_report, plot_learning_curve, train_dataset
+
+    url, key = _service(args, settings)
+    dataset = Path(args.dataset)
+    plot = args.plot or Path("bench/results") / f"learning_curve_{dataset.resolve().name}.png"
+    try:
+        report = train_dataset(
+            dataset, url, key, epochs=args.epochs, concurrency=args.concurrency, seed=args.seed,
+            default_strategy=settings.retrieval.default_strategy, json_path=args.json,
+        )
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    plot_learning_curve(report, plot)
+    print(f"\nlearning curve: {plot}")
+    return 0
+
+
 def _stored_demo_key(settings: Settings) -> str | None:
     path = settings.state_dir / DEMO_KEY_FILE
     return path.read_text().strip() if path.is_file() else None
+
+
+def cmd_operate(args: argparse.Namespace, settings: Settings) -> int:
+    """`flags` and `rollout`: one admin API call each, answered as a short report."""
+    url, key = _service(args, settings)
+    print(args.operation(args, url, key))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,11 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="nDCG@10, P@5, R@100 of a BEIR dataset's test queries")
     evaluate.add_argument("dataset", help="BEIR folder with queries.jsonl and qrels/test.tsv")
     evaluate.add_argument("--strategy", action="append", choices=STRATEGIES, help="default: all")
-    evaluate.add_argument("--url", help="service URL (default: the configured host and port)")
-    evaluate.add_argument("--api-key", default=None, help="default: DTRAG_API_KEY or the demo key")
+    add_service_options(evaluate)
     evaluate.add_argument("--concurrency", type=int, default=4)
     evaluate.add_argument("--json", type=Path, help="also write per-query results here")
     evaluate.set_defaults(handler=cmd_eval)
+
+    train = commands.add_parser(
+        "train", help="teach the bandit with a simulated user on training queries, score it on test queries"
+    )
+    train.add_argument("dataset", help="BEIR folder; extra/queries_all.jsonl + extra/qrels_train.tsv "
+                       "train when present, else half of the judged test queries")
+    train.add_argument("--epochs", type=int, default=3, help="passes over the training queries")
+    add_service_options(train)  # the key needs the search and admin scopes
+    train.add_argument("--concurrency", type=int, default=4)
+    train.add_argument("--plot", type=Path, help="learning curve PNG "
+                       "(default: bench/results/learning_curve_<dataset>.png)")
+    train.add_argument("--json", type=Path, help="also write scores, curve, Q-table, per-query results")
+    train.add_argument("--seed", type=int, default=0, help="query order; without training qrels, the split")
+    train.set_defaults(handler=cmd_train)
+
+    operate.add_commands(commands, add_service_options, cmd_operate)
     return parser
 
 
@@ -301,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     try:
         return args.handler(args, settings)
-    except (ServiceUnavailable, MigrationError, SettingsError, FileNotFoundError, ValueError) as error:
+    except (ServiceUnavailable, MigrationError, SettingsError, FileNotFoundError, ValueError,
+            operate.OperationFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

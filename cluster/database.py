@@ -7,11 +7,14 @@ behind `start_embedded` alone, so another package with the same shape can replac
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 from pgvector.asyncpg import register_vector
@@ -20,6 +23,7 @@ from cluster.errors import ServiceUnavailable
 from cluster.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -101,3 +105,12 @@ def redact(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}"
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code (e.g. a synchronous Ray actor).
+
+    A fresh thread gets a fresh event loop: Ray may already run one in the calling thread.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

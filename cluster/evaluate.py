@@ -28,8 +28,9 @@ class StrategyResult:
     per_query: dict[str, dict[str, float]]
 
 
-def load_queries(dataset: Path) -> dict[str, str]:
-    with (dataset / "queries.jsonl").open(encoding="utf-8") as stream:
+def load_queries(dataset: Path, name: str = "queries.jsonl") -> dict[str, str]:
+    """{query id: text} from a JSONL file of `{"_id", "text"}` in the folder `dataset`."""
+    with (dataset / name).open(encoding="utf-8") as stream:
         records = [json.loads(line) for line in stream if line.strip()]
     return {str(r["_id"]): r["text"] for r in records}
 

@@ -25,13 +25,20 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
     """Connect to `address` (or `settings.address`), else start a local instance."""
     loopback_only_environment()
     import ray
+    from ray._private import ray_constants
 
+    if ray_constants.ENABLE_RAY_CLUSTER and not (address or settings.address):
+        raise RuntimeError(
+            "ray was imported before loopback_only_environment() ran, so a local Ray would talk over "
+            "the machine's network address; call it before anything imports ray"
+        )
     logging.getLogger("ray").setLevel(logging.WARNING)
     target = address or settings.address
     if target:
         ray.init(address=target, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 _metrics_export_port=settings.metrics_port)
     log.info("ray ready", extra={"address": target or "local"})
 
 

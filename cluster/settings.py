@@ -25,6 +25,16 @@ FEATURE_FLAGS = (
     "neural_case_selector",
     "tools_policy",
 )
+# What each flag does today; None: accepted and rolled out, but no behaviour behind it yet.
+FLAG_BEHAVIOUR: dict[str, str | None] = {
+    "soft_q_bandit": "choose the retrieval strategy from the learned soft-Q policy",
+    "debate_mode": None,
+    "experience_replay": "log every served search as an experience for learning",
+    "meta_planner": None,
+    "mcp_tools": None,
+    "neural_case_selector": None,
+    "tools_policy": None,
+}
 STRATEGIES = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -52,6 +62,14 @@ class HttpSettings:
 class RaySettings:
     address: str | None
     num_cpus: int | None
+    metrics_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    live_refresh_s: float
+    treatment_replicas: int
+    plan: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +129,7 @@ class Settings:
     embedding: EmbeddingSettings
     serve: ServeSettings
     learning: LearningSettings
+    rollout: RolloutSettings
     features: Mapping[str, bool]
     gemini_api_key: str | None
 
@@ -207,6 +226,10 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("http.api_key_cache_s", "DTRAG_API_KEY_CACHE_S", _non_negative_float),
     ("ray.address", "RAY_ADDRESS", _optional(_text)),
     ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
+    ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
+    ("rollout.live_refresh_s", "DTRAG_LIVE_REFRESH_S", _positive_float),
+    ("rollout.treatment_replicas", "DTRAG_TREATMENT_REPLICAS", _positive_int),
+    ("rollout.plan", "DTRAG_ROLLOUT_PLAN", _optional(_text)),
     ("retrieval.default_strategy", "DTRAG_DEFAULT_STRATEGY", _choice(STRATEGIES)),
     ("retrieval.candidates", "DTRAG_CANDIDATES", _positive_int),
     ("retrieval.ef_search", "DTRAG_EF_SEARCH", _positive_int),
@@ -305,6 +328,7 @@ def load_settings(
         embedding=EmbeddingSettings(**section("embedding")),
         serve=ServeSettings(**section("serve")),
         learning=LearningSettings(**section("learning")),
+        rollout=RolloutSettings(**section("rollout")),
         features=section("features"),
         gemini_api_key=values["gemini.api_key"],
     )

@@ -13,6 +13,7 @@ import time
 
 import ray
 
+from cluster.metrics import LearnerMetrics
 from learners.learning_core import LearnerBatch
 from learners.soft_q import compute_deltas
 
@@ -48,6 +49,7 @@ class LearnerDriver:
         self._batch_size = batch_size
         self._outcomes: collections.Counter[str] = collections.Counter()
         self._last_outcome = ""
+        self._metrics = LearnerMetrics()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -64,6 +66,10 @@ class LearnerDriver:
                 outcome = "failed"
             self._outcomes[outcome] += 1
             self._last_outcome = outcome
+            if outcome == "applied":
+                self._metrics.batch_success.inc()
+            elif outcome in ("stale", "failed"):
+                self._metrics.batch_failure.inc()
             if outcome in ("idle", "failed"):
                 time.sleep(_IDLE_WAIT_S)
 

@@ -8,19 +8,19 @@ back with what it had, less only the Q updates since its last checkpoint.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import pickle
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import ray
 
+from cluster.database import run_blocking
+from cluster.metrics import LearningMetrics
 from cluster.settings import STRATEGIES, LearningSettings
 from learners.learning_core import Experience, LearnerBatch, LearningConfig, LearningCore, PolicySnapshot
 from learners.soft_q import QDelta
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "dtrag"
 ACTOR_NAME = "learning_state"
 _KEEP_CHECKPOINTS = 5
-T = TypeVar("T")
 
 
 def learning_config(settings: LearningSettings) -> LearningConfig:
@@ -50,15 +49,6 @@ ORDER BY feedback_at DESC
 LIMIT $2"""
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from synchronous actor code.
-
-    A fresh thread gets a fresh event loop: Ray may already run one in the calling thread.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
 def _experience(row: asyncpg.Record) -> Experience:
     return Experience(row["state_key"], row["action"], row["reward"], row["propensity"],
                       row["policy_version"], row["next_state_key"])
@@ -72,7 +62,9 @@ class LearningState:
         self._url = database_url
         self._core = LearningCore(STRATEGIES, learning_config(settings))
         self._lock = threading.Lock()  # the checkpoint thread reads the core too
-        self._restored_from = _run(self._restore())
+        self._restored_from = run_blocking(self._restore())
+        self._metrics = LearningMetrics()
+        self._publish()
         self._stop = threading.Event()
         threading.Thread(
             target=self._checkpoint_every, args=(settings.checkpoint_interval_s,), daemon=True
@@ -96,9 +88,15 @@ class LearningState:
         self._core.add([_experience(row) for row in reversed(rows)])
         return None if checkpoint is None else checkpoint["policy_version"]
 
+    def _publish(self) -> None:
+        self._metrics.replay_buffer_size.set(len(self._core.buffer))
+        self._metrics.q_table_size.set(len(self._core.table.snapshot().rows))
+
     def add(self, experiences: Sequence[Experience]) -> int:
         with self._lock:
-            return self._core.add(experiences)
+            size = self._core.add(experiences)
+            self._publish()
+            return size
 
     def sample(self, batch_size: int) -> LearnerBatch | None:
         with self._lock:
@@ -106,7 +104,9 @@ class LearningState:
 
     def apply_update(self, delta: QDelta, indices, insertion_ids, td_errors) -> bool:
         with self._lock:
-            return self._core.apply_update(delta, indices, insertion_ids, td_errors)
+            applied = self._core.apply_update(delta, indices, insertion_ids, td_errors)
+            self._publish()
+            return applied
 
     def policy_if_newer(self, version: int) -> PolicySnapshot | None:
         """The policy when its version differs from `version` (cheap to poll), else None."""
@@ -129,7 +129,7 @@ class LearningState:
             blob = pickle.dumps(self._core.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
             q_table = self._core.q_table()
             stats = self._core.stats()
-        _run(self._write_checkpoint(version, blob, q_table, stats))
+        run_blocking(self._write_checkpoint(version, blob, q_table, stats))
         return version
 
     async def _write_checkpoint(self, version: int, blob: bytes, q_table: dict, stats: dict) -> None:

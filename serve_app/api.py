@@ -18,9 +18,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cluster import __version__
 from cluster.api_keys import ApiKeyVerifier, Principal
 from cluster.errors import ServiceUnavailable
+from cluster.control_plane import RolloutError
 from serve_app.feedback import UnknownSearch
 from serve_app.schemas import (
     ErrorBody,
+    FaultUpdate,
+    FlagsUpdate,
+    RollbackRequest,
+    WeightUpdate,
     FeedbackRequest,
     FeedbackResponse,
     RankRequest,
@@ -44,10 +49,16 @@ class Health:
         return self.database_ready and all(self.cluster.values())
 
 
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Optional headers that describe the caller: who (for sticky arms) and which session."""
+
+    user_id: str | None = None
+    session_id: str | None = None
+
+
 class SearchBackend(Protocol):
-    async def search(
-        self, request: SearchRequest, principal: Principal, session_id: str | None
-    ) -> SearchResponse: ...
+    async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse: ...
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse: ...
 
@@ -56,6 +67,16 @@ class SearchBackend(Protocol):
     async def learning(self) -> dict[str, Any]: ...
 
     async def health(self) -> Health: ...
+
+
+class Operations(Protocol):
+    """Flags and rollout, for operators (admin scope)."""
+
+    async def flags(self) -> dict[str, Any]: ...
+
+    async def set_flags(self, arm: str, flags: dict[str, bool]) -> dict[str, Any]: ...
+
+    async def rollout(self, action: str, **arguments: Any) -> dict[str, Any]: ...
 
 
 def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
@@ -98,6 +119,10 @@ async def _unknown_search(_: Request, exc: Exception) -> JSONResponse:
     return _error(404, "not_found", str(exc))
 
 
+async def _conflict(_: Request, exc: Exception) -> JSONResponse:
+    return _error(409, "conflict", str(exc.args[0]) if exc.args else str(exc))
+
+
 class BodySizeLimit:
     """Reject bodies over `limit` bytes with 413 before anything parses them."""
 
@@ -116,7 +141,10 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
-def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
+def create_api(
+    backend: SearchBackend, verifier: ApiKeyVerifier, operations: Operations | None = None
+) -> FastAPI:
+    """The API; the admin flag and rollout routes exist only when `operations` is given."""
     app = FastAPI(
         title="DT-RAG search",
         version=__version__,
@@ -128,6 +156,7 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
     app.add_exception_handler(UnknownSearch, _unknown_search)
+    app.add_exception_handler(RolloutError, _conflict)
 
     def require(scope: str):
         async def check(request: Request) -> Principal:
@@ -162,9 +191,10 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
     async def search(
         body: SearchRequest,
         principal: Principal = Depends(require_search),
+        x_user_id: str | None = Header(None, max_length=128, description="Keeps a user on one arm."),
         x_session_id: str | None = Header(None, max_length=128, description="Links a session's queries."),
     ) -> SearchResponse:
-        return await backend.search(body, principal, x_session_id)
+        return await backend.search(body, principal, Caller(x_user_id, x_session_id))
 
     @app.post("/api/v1/feedback", response_model=FeedbackResponse,
               summary="Judge a served result list; its nDCG becomes the reward")
@@ -180,4 +210,39 @@ def create_api(backend: SearchBackend, verifier: ApiKeyVerifier) -> FastAPI:
     async def rank(body: RankRequest, principal: Principal = Depends(require_search)) -> RankResponse:
         return await backend.rank(body, principal)
 
+    if operations is not None:
+        _add_operations(app, operations, require_admin)
     return app
+
+
+def _add_operations(app: FastAPI, operations: Operations, require_admin) -> None:
+    admin = [Depends(require_admin)]
+
+    @app.get("/api/v1/admin/flags", dependencies=admin, summary="Flags of each arm, and what each does")
+    async def get_flags() -> dict[str, Any]:
+        return await operations.flags()
+
+    @app.put("/api/v1/admin/flags", dependencies=admin, summary="Turn flags on or off for one arm")
+    async def put_flags(body: FlagsUpdate) -> dict[str, Any]:
+        return await operations.set_flags(body.arm, dict(body.flags))
+
+    @app.get("/api/v1/admin/rollout", dependencies=admin, summary="Stage, weights, per-arm gates and events")
+    async def rollout_status() -> dict[str, Any]:
+        return await operations.rollout("status")
+
+    @app.post("/api/v1/admin/rollout/advance", dependencies=admin, summary="Move to the next stage")
+    async def rollout_advance() -> dict[str, Any]:
+        return await operations.rollout("advance")
+
+    @app.post("/api/v1/admin/rollout/rollback", dependencies=admin, summary="Treatment to 0% now")
+    async def rollout_rollback(body: RollbackRequest) -> dict[str, Any]:
+        return await operations.rollout("rollback", reason=body.reason)
+
+    @app.put("/api/v1/admin/rollout/weight", dependencies=admin, summary="Set the treatment's share")
+    async def rollout_weight(body: WeightUpdate) -> dict[str, Any]:
+        return await operations.rollout("set_weight", weight=body.treatment_weight)
+
+    @app.put("/api/v1/admin/faults", dependencies=admin,
+             summary="Make an arm fail on purpose (only with ENVIRONMENT=test)")
+    async def faults(body: FaultUpdate) -> dict[str, Any]:
+        return await operations.rollout("set_fault", arm=body.arm, failing=body.failing)

@@ -1,4 +1,4 @@
-"""The application graph: Ingress -> arms (PipelineArm) -> Embedder, composed with handles."""
+"""The application graph: Ingress -> arms (control, treatment: PipelineArm) -> Embedder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from ray.serve import Application
 from cluster.settings import Settings, SettingsError, load_settings
 from serve_app.arm import PipelineArm
 from serve_app.embedder import Embedder
-from serve_app.ingress import CONTROL_ARM, Ingress
+from cluster.control_plane import ARMS, CONTROL, TREATMENT
+from serve_app.ingress import Ingress
 
 APP_NAME = "dtrag"
 
@@ -23,10 +24,14 @@ def build_app(settings: Settings) -> Application:
     ).bind(
         settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
     )
-    control = PipelineArm.options(name=f"arm_{CONTROL_ARM}", num_replicas=serve.pipeline_replicas).bind(
-        settings, embedder, CONTROL_ARM, dict(settings.features)
-    )
-    return Ingress.options(num_replicas=serve.ingress_replicas).bind(settings, {CONTROL_ARM: control})
+    replicas = {CONTROL: serve.pipeline_replicas, TREATMENT: settings.rollout.treatment_replicas}
+    arms = {
+        arm: PipelineArm.options(name=f"arm_{arm}", num_replicas=replicas[arm]).bind(
+            settings, embedder, arm, dict(settings.features)
+        )
+        for arm in ARMS
+    }
+    return Ingress.options(num_replicas=serve.ingress_replicas).bind(settings, arms)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

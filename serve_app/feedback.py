@@ -23,7 +23,7 @@ _ARRIVAL_WAIT_S = 2.0
 _POLL_S = 0.05
 
 _SERVED = """
-SELECT created_at, session_id, state_key, action, propensity, policy_version, served_doc_ids, reward
+SELECT created_at, arm, session_id, state_key, action, propensity, policy_version, served_doc_ids, reward
 FROM experiences WHERE search_id = $1"""
 
 _NEXT_IN_SESSION = """
@@ -44,6 +44,7 @@ class UnknownSearch(LookupError):
 @dataclasses.dataclass(frozen=True)
 class FeedbackOutcome:
     search_id: str
+    arm: str
     reward: float
     duplicate: bool
     experience: Experience | None  # what to add to the replay; None for a duplicate
@@ -71,7 +72,7 @@ class FeedbackStore:
         async with unavailable_on_connection_errors("feedback"):
             served = await self._served(search_id)
             if served["reward"] is not None:
-                return FeedbackOutcome(search_id, served["reward"], True, None)
+                return FeedbackOutcome(search_id, served["arm"], served["reward"], True, None)
             value = reward(served["served_doc_ids"], judgements)
             next_state = None
             if served["session_id"]:
@@ -81,7 +82,7 @@ class FeedbackStore:
             updated = await self._pool.fetchval(_RECORD, search_id, value, next_state, json.dumps(raw))
             if updated is None:  # a concurrent repeat won the race
                 stored = await self._pool.fetchval("SELECT reward FROM experiences WHERE search_id = $1", search_id)
-                return FeedbackOutcome(search_id, stored, True, None)
+                return FeedbackOutcome(search_id, served["arm"], stored, True, None)
         experience = Experience(served["state_key"], served["action"], value, served["propensity"],
                                 served["policy_version"], next_state)
-        return FeedbackOutcome(search_id, value, False, experience)
+        return FeedbackOutcome(search_id, served["arm"], value, False, experience)

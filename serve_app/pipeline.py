@@ -27,6 +27,7 @@ from serve_app.schemas import AnswerBody, Hit, RankedId, RankResponse, SearchRes
 
 EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
 CurrentPolicy = Callable[[], PolicySnapshot | None]
+CurrentFlags = Callable[[], Mapping[str, bool]]
 RecordExperience = Callable[[ServedSearch], None]
 
 
@@ -70,7 +71,7 @@ class SearchPipeline:
         settings: RetrievalSettings,
         arm: str,
         *,
-        flags: Mapping[str, bool] | None = None,
+        current_flags: CurrentFlags = dict,
         current_policy: CurrentPolicy = lambda: None,
         record_experience: RecordExperience | None = None,
         seed: int | None = None,
@@ -79,7 +80,7 @@ class SearchPipeline:
         self._embed_query = embed_query
         self._settings = settings
         self.arm = arm
-        self.flags = dict(flags or {})
+        self._current_flags = current_flags
         self._current_policy = current_policy
         self._record_experience = record_experience
         self._rng = np.random.default_rng(seed)
@@ -97,31 +98,36 @@ class SearchPipeline:
 
     def _fuse(self, strategy: Strategy, lexical: Ranking, dense: Ranking, depth: int) -> Ranking:
         if strategy == "lexical":
-            return lexical[:depth]
+            # BM25 omits documents sharing no term with the query; fill a short list from the
+            # dense ranking (score 0, after every lexical match) so `depth` is honoured.
+            seen = {doc_id for doc_id, _ in lexical}
+            backfill = [(doc_id, 0.0) for doc_id, _ in dense if doc_id not in seen]
+            return (lexical + backfill)[:depth]
         if strategy == "dense":
             return dense[:depth]
         if strategy == "hybrid_rrf":
             return reciprocal_rank_fusion([lexical, dense], self._settings.rrf_k)[:depth]
         return weighted_score_fusion(lexical, dense, self._settings.fusion_weight)[:depth]
 
-    def _decide(self, state_key: str, requested: Strategy | None) -> Decision:
+    def _decide(self, state_key: str, requested: Strategy | None, use_policy: bool) -> Decision:
         return choose_strategy(
             state_key, requested, self._settings.default_strategy,  # type: ignore[arg-type]
-            self._current_policy(), self.flags.get("soft_q_bandit", False), self._rng,
+            self._current_policy(), use_policy, self._rng,
         )
 
     async def search(
         self, query: str, final_topk: int, strategy: Strategy | None, session_id: str | None = None
     ) -> SearchResponse:
         started = time.perf_counter()
+        flags = self._current_flags()  # one reading per request, so a flip never splits one
         lexical, dense, state_key = await self._candidates(query, final_topk)
-        decision = self._decide(state_key, strategy)
+        decision = self._decide(state_key, strategy, flags.get("soft_q_bandit", False))
         ranking = self._fuse(decision.strategy, lexical, dense, final_topk)
         documents = await self._index.fetch([doc_id for doc_id, _ in ranking])
         ranking = [(doc_id, score) for doc_id, score in ranking if doc_id in documents]
         answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
         search_id = uuid.uuid4().hex
-        if self._record_experience and self.flags.get("experience_replay", False):
+        if self._record_experience and flags.get("experience_replay", False):
             self._record_experience(ServedSearch(
                 search_id, self.arm, session_id, state_key, decision.action, decision.strategy,
                 decision.propensity, decision.policy_version, [doc_id for doc_id, _ in ranking],
@@ -144,7 +150,7 @@ class SearchPipeline:
         """Ranked ids only; never logged as an experience (evaluation traffic is not feedback)."""
         started = time.perf_counter()
         lexical, dense, state_key = await self._candidates(query, depth)
-        decision = self._decide(state_key, strategy)
+        decision = self._decide(state_key, strategy, self._current_flags().get("soft_q_bandit", False))
         ranking = self._fuse(decision.strategy, lexical, dense, depth)
         return RankResponse(
             query=query,

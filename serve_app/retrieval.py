@@ -24,8 +24,8 @@ WITH query_terms AS (
 SELECT p.doc_id,
        sum(q.qtf
            * ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))
-           * p.tf * ($3 + 1)
-           / (p.tf + $3 * (1 - $4 + $4 * p.doc_len / greatest(s.avg_doc_len, 1e-9)))) AS score
+           * p.tf * ($3::float8 + 1)
+           / (p.tf + $3::float8 * (1 - $4::float8 + $4::float8 * p.doc_len / greatest(s.avg_doc_len, 1e-9)))) AS score
 FROM query_terms q
 JOIN lexeme_stats l ON l.lexeme = q.lexeme
 JOIN postings p ON p.lexeme = q.lexeme

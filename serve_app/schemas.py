@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.settings import FEATURE_FLAGS
 from learners.reward import judgements_from_clicks
 
 Strategy = Literal["lexical", "dense", "hybrid_rrf", "hybrid_weighted"]
@@ -61,6 +62,7 @@ class SearchResponse(BaseModel):
     answer: AnswerBody
     strategy: Strategy
     arm: str
+    config_version: int = Field(0, description="Version of the live flags and weights the arm used.")
     latency_ms: float
 
 
@@ -118,3 +120,29 @@ class FeedbackResponse(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     message: str
+
+
+Arm = Literal["control", "treatment"]
+FlagName = Literal[FEATURE_FLAGS]  # type: ignore[valid-type]
+
+
+class _Operation(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class FlagsUpdate(_Operation):
+    arm: Arm = "treatment"
+    flags: dict[FlagName, bool] = Field(min_length=1)
+
+
+class WeightUpdate(_Operation):
+    treatment_weight: float = Field(ge=0.0, le=1.0, description="Share of callers on the treatment.")
+
+
+class RollbackRequest(_Operation):
+    reason: str = Field("rolled back by operator", min_length=1, max_length=500)
+
+
+class FaultUpdate(_Operation):
+    arm: Arm = "treatment"
+    failing: bool

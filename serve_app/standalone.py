@@ -16,7 +16,7 @@ from cluster.api_keys import ApiKeyVerifier, Principal
 from cluster.database import create_pool
 from cluster.errors import ServiceUnavailable
 from cluster.settings import Settings, SettingsError, load_settings
-from serve_app.api import Health, create_api
+from serve_app.api import Caller, Health, create_api
 from serve_app.embedding import TextEmbedder
 from serve_app.pipeline import SearchPipeline
 from serve_app.retrieval import DocumentIndex
@@ -39,10 +39,8 @@ class LocalBackend:
         self._pipeline = pipeline
         self._environment = environment
 
-    async def search(
-        self, request: SearchRequest, principal: Principal, session_id: str | None
-    ) -> SearchResponse:
-        return await self._pipeline.search(request.q, request.final_topk, request.strategy, session_id)
+    async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
+        return await self._pipeline.search(request.q, request.final_topk, request.strategy, caller.session_id)
 
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
         raise ServiceUnavailable("feedback needs the cluster's learning actor; use `dtrag up`")

@@ -44,7 +44,12 @@ def http_port() -> int:
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Defaults with a private state folder; the host's own DATABASE_URL etc. are ignored."""
     state_dir = tmp_path_factory.mktemp("state")
-    return load_settings(environ={"DTRAG_STATE_DIR": str(state_dir), "DTRAG_HTTP_PORT": str(free_port())})
+    return load_settings(environ={
+        "DTRAG_STATE_DIR": str(state_dir),
+        "DTRAG_HTTP_PORT": str(free_port()),
+        "DTRAG_METRICS_PORT": str(free_port()),
+        "ENVIRONMENT": "test",  # allows the rollout tests' fault injection
+    })
 
 
 @pytest.fixture(scope="session")
@@ -87,14 +92,13 @@ async def fresh_database_url(live_settings: Settings) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session(settings: Settings) -> Iterator[None]:
     """One local, loopback-only Ray for every Serve test."""
     import ray
 
     from cluster.runtime import start_ray
-    from cluster.settings import RaySettings
 
-    start_ray(RaySettings(address=None, num_cpus=None))
+    start_ray(settings.ray)
     yield
     ray.shutdown()
 
@@ -107,3 +111,23 @@ def scifact() -> Path:
         pytest.skip(f"{path} is absent: the real evaluation collections are not on this machine")
     return path
 
+
+
+@pytest.fixture(scope="session")
+def reset_control_actors(pool):
+    """Forget learning and rollout state between Serve test modules (actors and stored state)."""
+    import ray
+
+    from cluster.control_plane import ACTOR_NAME as CONTROL_ACTOR
+    from learners.learner import DRIVER_NAME
+    from learners.learning_state import ACTOR_NAME as LEARNING_ACTOR, NAMESPACE
+
+    async def reset() -> None:
+        for name in (DRIVER_NAME, LEARNING_ACTOR, CONTROL_ACTOR):
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+        await pool.execute("DELETE FROM rollout_state")
+
+    return reset

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import asyncpg
@@ -77,3 +78,15 @@ def test_real_scifact_corpus_parses_cleanly(scifact: Path):
     items = list(read_documents(scifact))
     assert len(items) == 5183
     assert all(isinstance(i, Document) for i in items)
+
+
+async def test_bm25_score_matches_a_hand_computation(empty_pool, embedder, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", [{"_id": "a", "text": "apple apple banana"},
+                                                    {"_id": "b", "text": "cherry"}])
+    await ingest(empty_pool, corpus, embedder.encode, show_progress=False)
+    k1, b = 0.9, 0.4
+    index = DocumentIndex(empty_pool, bm25_k1=k1, bm25_b=b, ef_search=40)
+    # N = 2, avgdl = (3 + 1) / 2, df(appl) = 1, tf = 2, dl = 3: Lucene idf and BM25 saturation.
+    idf = math.log(1 + (2 - 1 + 0.5) / (1 + 0.5))
+    expected = idf * 2 * (k1 + 1) / (2 + k1 * (1 - b + b * 3 / 2))
+    assert await index.lexical("apples", 5) == [("a", pytest.approx(expected))]

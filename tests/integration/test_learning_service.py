@@ -12,24 +12,15 @@ import ray
 
 from cluster.api_keys import create_key
 from cluster.runtime import deploy, start_serve
-from learners.learner import DRIVER_NAME
-from learners.learning_state import ACTOR_NAME, NAMESPACE, learning_state_handle
+from learners.learning_state import learning_state_handle
 from serve_app.app import APP_NAME, build_app
 
 
-def _kill_learning_actors() -> None:
-    for name in (DRIVER_NAME, ACTOR_NAME):
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass
-
-
 @pytest.fixture(scope="module")
-async def service(ray_session, pool, live_settings):
+async def service(ray_session, pool, live_settings, reset_control_actors):
     from ray import serve
 
-    _kill_learning_actors()  # fresh ones with this module's settings
+    await reset_control_actors()  # fresh ones with this module's settings
     settings = dataclasses.replace(
         live_settings,
         features={**live_settings.features, "experience_replay": True, "soft_q_bandit": True},
@@ -43,7 +34,7 @@ async def service(ray_session, pool, live_settings):
                                  headers={"X-API-Key": key}, timeout=30) as client:
         yield client
     serve.shutdown()
-    _kill_learning_actors()
+    await reset_control_actors()
 
 
 async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **extra) -> dict:

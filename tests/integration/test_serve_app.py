@@ -13,14 +13,16 @@ from serve_app.app import APP_NAME, build_app
 
 
 @pytest.fixture(scope="module")
-async def service(ray_session, pool, live_settings):
+async def service(ray_session, pool, live_settings, reset_control_actors):
     """The app deployed once for this module; yields its base URL."""
     from ray import serve
 
+    await reset_control_actors()
     start_serve(live_settings.http)
     deploy(build_app(live_settings), APP_NAME)
     yield f"http://{live_settings.http.host}:{live_settings.http.port}"
     serve.shutdown()
+    await reset_control_actors()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ async def test_health_and_docs(service):
         health = await anonymous.get("/health")
         assert health.status_code == 200
         assert health.json()["status"] == "ok"
-        assert health.json()["database"]["ready"] and health.json()["cluster"]["arms"] == {"control": True}
+        assert health.json()["database"]["ready"] and health.json()["cluster"]["arms"] == {"control": True, "treatment": True}
         assert (await anonymous.get("/docs")).status_code == 200
         paths = (await anonymous.get("/openapi.json")).json()["paths"]
         assert {"/api/v1/search/", "/api/v1/rank", "/health"} <= set(paths)

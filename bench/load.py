@@ -1,0 +1,334 @@
+"""Load benchmark: the Ray Serve app against the same pipeline in one plain uvicorn process.
+
+Sends `--requests` searches (POST /api/v1/search/, final_topk 10, queries cycled from the
+dataset's queries.jsonl) from `--concurrency` closed-loop clients (like `ab -n 1000 -c 10`),
+after an uncounted warm-up, to three targets in turn, on the same machine and database:
+
+1. `serve batched`: the Serve app with the default settings (the embedder batches queries);
+2. `serve unbatched`: the same app with `embedding.max_batch_size = 1`;
+3. `uvicorn`: `python -m serve_app.standalone`, one process, no Ray.
+
+The state folder must already hold an ingested collection. The script starts the embedded
+PostgreSQL, Ray, Serve and the uvicorn process itself, and stops them before it exits:
+
+    .venv/bin/python bench/load.py --state-dir /tmp/bench-state --dataset ../shared/data/scifact
+
+It prints req/s and latency percentiles per target, writes a latency plot
+(`bench/results/load_latency.png`) and the section "## Load: Serve vs one uvicorn process" of
+`bench/RESULTS.md`, and exits 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from _harness import BENCH, REPO, deploy_app, ray_serve, replace_section, revoke, wait_healthy
+from cluster.api_keys import create_key
+from cluster.database import resolve_database_url
+from cluster.evaluate import load_queries
+from cluster.migrate import migrate
+from cluster.runtime import loopback_only_environment
+from cluster.settings import Settings, load_settings
+
+SECTION = "## Load: Serve vs one uvicorn process"
+FINAL_TOPK = 10
+REQUEST_TIMEOUT_S = 30.0
+HEALTH_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15.0
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    target: str
+    latencies_ms: np.ndarray  # of the successful requests
+    errors: list[str]  # one message per failed or unsent request
+    seconds: float
+    load_average: float  # the machine's 1-minute load average as the counted run ended
+
+    @property
+    def requests_per_second(self) -> float:
+        return len(self.latencies_ms) / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", type=Path, required=True, help="an ingested DTRAG_STATE_DIR")
+    parser.add_argument("--dataset", type=Path, default=REPO / "cluster" / "sample_corpus",
+                        help="a folder with queries.jsonl (default: the sample corpus)")
+    parser.add_argument("--requests", type=int, default=1000, help="counted requests per target")
+    parser.add_argument("--concurrency", type=int, default=10, help="closed-loop clients")
+    parser.add_argument("--warmup", type=int, default=20, help="uncounted requests first")
+    parser.add_argument("--max-seconds", type=float, default=600.0,
+                        help="per target: requests not started by then count as failed")
+    parser.add_argument("--serve-port", type=int, default=8100)
+    parser.add_argument("--uvicorn-port", type=int, default=8101)
+    parser.add_argument("--plot", type=Path, default=BENCH / "results" / "load_latency.png")
+    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
+    return parser.parse_args(argv)
+
+
+# --- the load generator ---------------------------------------------------------------------
+
+
+async def _search(client: httpx.AsyncClient, query: str) -> str | None:
+    """Send one search; None on success, else what went wrong."""
+    try:
+        response = await client.post("/api/v1/search/", json={"q": query, "final_topk": FINAL_TOPK})
+    except httpx.HTTPError as error:
+        return f"{type(error).__name__}: {error}"
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    try:
+        hits = len(response.json()["hits"])
+    except (ValueError, KeyError) as error:
+        return f"malformed response body: {error!r}"
+    return None if hits == FINAL_TOPK else f"{hits} hits instead of {FINAL_TOPK}"
+
+
+async def _closed_loop(
+    client: httpx.AsyncClient, queries: Sequence[str], concurrency: int, deadline: float,
+    progress: tqdm | None = None,
+) -> tuple[list[float], list[str]]:
+    """Each of `concurrency` workers sends its next query as soon as its last one is answered.
+
+    Returns the latencies (ms) of the successes and one message per failure; queries not
+    started before `deadline` (a `time.monotonic()` value) count as failures.
+    """
+    pending = iter(queries)  # shared: workers take turns, and asyncio never preempts next()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def worker() -> None:
+        for query in pending:
+            if time.monotonic() > deadline:
+                errors.append("not sent: time limit reached")
+            else:
+                started = time.perf_counter()
+                error = await _search(client, query)
+                if error is None:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                else:
+                    errors.append(error)
+            if progress is not None:
+                progress.update(1)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def run_load(
+    target: str, url: str, api_key: str, queries: Sequence[str], args: argparse.Namespace
+) -> LoadResult:
+    """Warm up, then send `args.requests` counted searches (queries cycled) and time them."""
+    cycled = list(itertools.islice(itertools.cycle(queries), args.warmup + args.requests))
+    warmup, counted = cycled[: args.warmup], cycled[args.warmup :]
+    async with httpx.AsyncClient(
+        base_url=url,
+        headers={"X-API-Key": api_key},
+        timeout=REQUEST_TIMEOUT_S,
+        limits=httpx.Limits(max_connections=args.concurrency),
+    ) as client:
+        deadline = time.monotonic() + args.max_seconds
+        _, warmup_errors = await _closed_loop(client, warmup, args.concurrency, deadline)
+        if warmup_errors:
+            raise RuntimeError(f"{target}: warm-up failed: {warmup_errors[0]}")
+        with tqdm(total=len(counted), desc=target, unit="req") as progress:
+            started = time.perf_counter()
+            latencies, errors = await _closed_loop(client, counted, args.concurrency, deadline, progress)
+            seconds = time.perf_counter() - started
+    return LoadResult(target, np.array(latencies), errors, seconds, os.getloadavg()[0])
+
+
+# --- what is measured -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def standalone_server(settings: Settings, port: int, log_path: Path) -> Iterator[str]:
+    """`python -m serve_app.standalone` on 127.0.0.1:`port`; yields its URL, stops it after."""
+    assert settings.database.url
+    environment = {
+        **os.environ,
+        "DATABASE_URL": settings.database.url,
+        "DTRAG_HTTP_HOST": "127.0.0.1",
+        "DTRAG_HTTP_PORT": str(port),
+    }
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serve_app.standalone"],
+            cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_healthy(url, HEALTH_TIMEOUT_S, process)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _with_connection(url: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    connection = await asyncpg.connect(url)
+    try:
+        return await action(connection)
+    finally:
+        await connection.close()
+
+
+def create_bench_key(url: str) -> str:
+    """A search-scoped key for this run, after any pending migrations (as `dtrag up` applies).
+
+    Fails early if the database holds no documents.
+    """
+
+    async def action(connection: asyncpg.Connection) -> str:
+        await migrate(connection)
+        if not await connection.fetchval("SELECT count(*) FROM documents"):
+            raise SystemExit("the state folder's database has no documents: run `dtrag ingest` first")
+        return await create_key(connection, "bench-load", ["search"])
+
+    return asyncio.run(_with_connection(url, action))
+
+
+def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argparse.Namespace) -> list[LoadResult]:
+    """uvicorn first (before Ray exists, so nothing else competes for the cores), then Serve."""
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    uvicorn_log = args.plot.parent / "load_uvicorn.log"
+    with standalone_server(settings, args.uvicorn_port, uvicorn_log) as url:
+        uvicorn_result = asyncio.run(run_load("uvicorn", url, key, queries, args))
+
+    unbatched = dataclasses.replace(
+        settings, embedding=dataclasses.replace(settings.embedding, max_batch_size=1)
+    )
+    serve_results = []
+    with ray_serve(settings) as url:
+        for target, target_settings in (("serve batched", settings), ("serve unbatched", unbatched)):
+            deploy_app(target_settings, url, HEALTH_TIMEOUT_S)
+            serve_results.append(asyncio.run(run_load(target, url, key, queries, args)))
+    return [*serve_results, uvicorn_result]
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[LoadResult], baseline: LoadResult) -> str:
+    lines = [
+        "| target | req/s | p50 ms | p95 ms | p99 ms | errors | req/s vs uvicorn | p50 vs uvicorn | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.target} | {r.requests_per_second:.1f} | {r.percentile(50):.0f} | "
+            f"{r.percentile(95):.0f} | {r.percentile(99):.0f} | {len(r.errors)} | "
+            f"{r.requests_per_second / baseline.requests_per_second:.2f} | "
+            f"{r.percentile(50) / baseline.percentile(50):.2f} | {r.load_average:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_latencies(results: Sequence[LoadResult], path: Path) -> None:
+    """Histogram and cumulative distribution of each target's latencies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    everything = np.concatenate([r.latencies_ms for r in results])
+    if not len(everything):
+        return
+    bins = np.linspace(0, np.percentile(everything, 99.5), 80)
+    figure, (histogram, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        label = f"{r.target} (p50 {r.percentile(50):.0f} ms)"
+        histogram.hist(r.latencies_ms, bins=bins, histtype="step", linewidth=1.5, label=label)
+        ordered = np.sort(r.latencies_ms)
+        cdf.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
+    histogram.set(xlabel="latency (ms)", ylabel="requests", title="Latency histogram (to p99.5)")
+    cdf.set(xlabel="latency (ms)", ylabel="fraction of requests", title="Cumulative distribution")
+    cdf.grid(alpha=0.3)
+    histogram.legend()
+    figure.suptitle(f"POST /api/v1/search/, {len(results[0].latencies_ms) + len(results[0].errors)} "
+                    "requests, closed loop")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def section_body(table: str, settings: Settings, args: argparse.Namespace) -> str:
+    command = shlex.join([".venv/bin/python", "bench/load.py", *sys.argv[1:]])
+    embedding = settings.embedding
+    return f"""
+Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()} cores.
+
+```
+{command}
+```
+
+{args.requests} counted searches per target (POST /api/v1/search/, final_topk {FINAL_TOPK}, queries
+cycled from `{args.dataset}/queries.jsonl`) from {args.concurrency} closed-loop clients, after
+{args.warmup} uncounted warm-up requests; client and servers on the same machine. Serve: one
+replica each of ingress, pipeline arm and embedder; batched = `max_batch_size`
+{embedding.max_batch_size}, `batch_wait_timeout_s` {embedding.batch_wait_timeout_s}; unbatched =
+`max_batch_size` 1. uvicorn: `python -m serve_app.standalone`, one process. Ratios are
+target / uvicorn. Load avg: the 1-minute load average as the run ended; well above the
+number of cores means other work shared the machine and the numbers are pessimistic.
+
+{table}
+
+Latency distributions: `{args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot}`.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    loopback_only_environment()
+    queries = list(load_queries(args.dataset).values())
+    base = load_settings()
+    base = dataclasses.replace(base, http=dataclasses.replace(base.http, host="127.0.0.1", port=args.serve_port))
+    url = resolve_database_url(None, args.state_dir)  # the embedded server; stops when we exit
+    settings = base.with_database_url(url)
+    key = create_bench_key(url)
+    try:
+        results = measure_all(settings, key, queries, args)
+    finally:
+        asyncio.run(revoke(url, key))
+
+    table = format_table(results, baseline=results[-1])
+    print(table)
+    for r in results:
+        for error in sorted(set(r.errors))[:5]:
+            print(f"{r.target}: {r.errors.count(error)} x {error}", file=sys.stderr)
+    plot_latencies(results, args.plot)
+    replace_section(args.results, SECTION, section_body(table, settings, args))
+    print(f"wrote {args.plot} and the load section of {args.results}")
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

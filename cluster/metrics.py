@@ -1,0 +1,41 @@
+"""Prometheus metrics, exported by Ray on `DTRAG_METRICS_PORT` (names get Ray's `ray_` prefix).
+
+Each process that records builds its own set (metrics objects are per process).
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter("arm_requests_total", "Search requests routed to each arm", ("arm",))
+        self.errors = Counter("arm_errors_total", "Search requests that failed, by arm", ("arm",))
+        self.rollout_weight = Gauge("rollout_weight", "Share of callers routed to each arm", ("arm",))
+
+
+class ArmMetrics:
+    def __init__(self) -> None:
+        self.latency = Histogram("pipeline_latency_seconds", "Pipeline time per search",
+                                 LATENCY_BOUNDARIES_S, ("arm", "strategy"))
+        # A gauge of the replica's running count, so it is exported (as 0) before any drop.
+        self.experiences_dropped = Gauge("experiences_dropped_total",
+                                         "Served searches not logged (queue full or write failed), per replica",
+                                         ("arm", "replica"))
+        self.policy_version = Gauge("policy_version", "Policy version a replica acts on", ("arm",))
+
+
+class LearningMetrics:
+    def __init__(self) -> None:
+        self.replay_buffer_size = Gauge("replay_buffer_size", "Experiences in the prioritized replay")
+        self.q_table_size = Gauge("q_table_size", "States with learned Q values")
+
+
+class LearnerMetrics:
+    def __init__(self) -> None:
+        self.batch_success = Counter("batch_learning_success_total", "Learner batches applied")
+        self.batch_failure = Counter("batch_learning_failure_total",
+                                     "Learner batches that failed or were rejected as stale")

@@ -1,0 +1,44 @@
+"""Sticky weighted assignment of callers to arms.
+
+Each caller key (a user id, else an API key id) hashes to a fixed point u in [0, 1). Arms own
+consecutive slices of [0, 1) in a fixed order, treatments first, control last: with a
+treatment at weight w, callers with u < w get it. Raising w only adds callers (everyone who had
+the treatment keeps it); lowering it only removes them. SHA-256 rather than `hash()`, so every
+replica and every restart agrees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+CONTROL = "control"
+
+
+def unit_interval_point(caller_key: str) -> float:
+    """A uniform, stable point in [0, 1) for a caller."""
+    digest = hashlib.sha256(caller_key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choose_arm(caller_key: str, treatment_weights: Mapping[str, float]) -> str:
+    """The arm for a caller, given each treatment's share of traffic (the rest is control).
+
+    `treatment_weights` is ordered; shares must be in [0, 1] and sum to at most 1.
+    """
+    point = unit_interval_point(caller_key)
+    upper = 0.0
+    for arm, weight in treatment_weights.items():
+        upper += weight
+        if point < upper:
+            return arm
+    return CONTROL
+
+
+def validate_weights(treatment_weights: Mapping[str, float]) -> None:
+    for arm, weight in treatment_weights.items():
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight of arm '{arm}' must be in [0, 1], got {weight}")
+    total = sum(treatment_weights.values())
+    if total > 1.0 + 1e-9:
+        raise ValueError(f"treatment weights sum to {total:.3f}; at most 1 is possible")

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.rollout import ArmWindow, Gates, GuardSettings, compare_rewards, gate_failures, load_plan
+
+GATES = Gates(max_error_rate=0.01, max_p95_increase_ms=100, max_replica_memory_mb=800, min_reward_delta=-0.05)
+GUARD = GuardSettings(check_interval_s=1, window_s=60, failures_to_rollback=2, min_requests=10, min_rewards=10)
+
+
+def window(latencies, errors=0, rewards=(), memory=None, at=100.0) -> ArmWindow:
+    arm = ArmWindow(window_s=60)
+    for i, latency in enumerate(latencies):
+        arm.record_request(at, latency, i < errors)
+    for reward in rewards:
+        arm.record_reward(at, reward)
+    if memory is not None:
+        arm.record_memory(at, "replica-1", memory)
+    return arm
+
+
+def test_shipped_plan_has_the_four_stages():
+    plan = load_plan()
+    assert [s.name for s in plan.stages] == ["baseline", "replay_10", "softq_replay_50", "full"]
+    assert [s.treatment_weight for s in plan.stages] == [0.0, 0.1, 0.5, 1.0]
+    assert plan.stage("softq_replay_50").treatment_flags == {"experience_replay": True, "soft_q_bandit": True}
+
+
+def test_plan_errors_name_the_problem(tmp_path: Path):
+    bad = tmp_path / "plan.yaml"
+    bad.write_text(Path(__file__).parents[2].joinpath("configs/rollout.yaml").read_text()
+                   .replace("{experience_replay: true}", "{time_travel: true}"))
+    with pytest.raises(ValueError, match="time_travel"):
+        load_plan(str(bad))
+
+
+def test_summary_trims_the_window_and_computes_percentiles():
+    arm = window(list(range(1, 101)), errors=5, rewards=[0.5, 0.7], memory=300)
+    arm.record_request(10.0, 10_000, True)  # older than the window: ignored
+    summary = arm.summary(now=120.0)
+    assert (summary.requests, summary.errors) == (100, 5)
+    assert summary.p50_ms == pytest.approx(50.5) and summary.p95_ms == pytest.approx(95.05)
+    assert summary.mean_reward == pytest.approx(0.6) and summary.max_memory_mb == 300
+    low, high = summary.reward_ci95
+    assert low < 0.6 < high
+
+
+def test_gates_pass_a_healthy_treatment_and_name_each_breach():
+    control = window([50] * 20).summary(100)
+    assert gate_failures(GATES, GUARD, control, window([60] * 20).summary(100), None) == []
+    failing = window([400] * 20, errors=5, memory=900).summary(100)
+    failures = gate_failures(GATES, GUARD, control, failing, None)
+    assert len(failures) == 3
+    assert any("error rate" in f for f in failures) and any("p95" in f for f in failures)
+    assert any("memory" in f for f in failures)
+
+
+def test_too_few_requests_are_not_judged():
+    control = window([50] * 20).summary(100)
+    assert gate_failures(GATES, GUARD, control, window([900] * 5, errors=5).summary(100), None) == []
+
+
+def test_reward_comparison_and_quality_gate():
+    rng = np.random.default_rng(0)
+    control, worse = rng.normal(0.6, 0.1, 200), rng.normal(0.4, 0.1, 200)
+    comparison = compare_rewards(control, worse)
+    assert comparison.significant and comparison.delta == pytest.approx(worse.mean() - control.mean())
+    assert comparison.ci95[0] < comparison.delta < comparison.ci95[1]
+    failures = gate_failures(GATES, GUARD, window([50] * 20, rewards=control).summary(100),
+                             window([50] * 20, rewards=worse).summary(100), comparison)
+    assert failures and "mean reward" in failures[0]
+    same = compare_rewards(control, rng.normal(0.6, 0.1, 200))
+    assert not same.significant
+    assert compare_rewards(control[:1], worse) is None
