@@ -45,6 +45,7 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
 def start_serve(http: HttpSettings) -> None:
     from ray import serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve sets its own INFO level
     serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING)
 
 

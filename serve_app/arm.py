@@ -8,6 +8,7 @@ refresh interval without a restart; until the control plane answers, the setting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -108,8 +109,6 @@ class PipelineArm:
             self._metrics.policy_version.set(self._policy.version, tags={"arm": self._arm})
             self._metrics.experiences_dropped.set(self._experiences.dropped,
                                                   tags={"arm": self._arm, "replica": replica})
-            try:
+            with contextlib.suppress(ValueError):  # the control plane is not up yet
                 control_handle().observe_memory.remote(self._arm, replica, process.memory_info().rss / 2**20)
-            except ValueError:  # the control plane is not up yet
-                pass
             await asyncio.sleep(_REPORT_INTERVAL_S)

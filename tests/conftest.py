@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -131,3 +132,35 @@ def reset_control_actors(pool):
         await pool.execute("DELETE FROM rollout_state")
 
     return reset
+
+
+@pytest.fixture(scope="session")
+def deployed(ray_session, pool, reset_control_actors):
+    """Deploy the app with some settings; yields a client holding a search+admin key.
+
+    Learning and rollout state are reset before and after, so modules do not see each other's.
+    """
+    import httpx
+
+    from cluster.api_keys import create_key
+    from cluster.runtime import deploy, start_serve
+    from serve_app.app import APP_NAME, build_app
+
+    @contextlib.asynccontextmanager
+    async def deploy_with(settings: Settings, key_name: str) -> AsyncIterator[httpx.AsyncClient]:
+        from ray import serve
+
+        await reset_control_actors()
+        start_serve(settings.http)
+        deploy(build_app(settings), APP_NAME)
+        async with pool.acquire() as connection:
+            key = await create_key(connection, key_name, ["search", "admin"])
+        try:
+            async with httpx.AsyncClient(base_url=f"http://{settings.http.host}:{settings.http.port}",
+                                         headers={"X-API-Key": key}, timeout=30) as client:
+                yield client
+        finally:
+            serve.shutdown()
+            await reset_control_actors()
+
+    return deploy_with

@@ -10,31 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from cluster.api_keys import create_key
-from cluster.runtime import deploy, start_serve
 from learners.learning_state import learning_state_handle
-from serve_app.app import APP_NAME, build_app
 
 
 @pytest.fixture(scope="module")
-async def service(ray_session, pool, live_settings, reset_control_actors):
-    from ray import serve
-
-    await reset_control_actors()  # fresh ones with this module's settings
+async def service(live_settings, deployed):
     settings = dataclasses.replace(
         live_settings,
         features={**live_settings.features, "experience_replay": True, "soft_q_bandit": True},
         learning=dataclasses.replace(live_settings.learning, min_replay_size=4, policy_refresh_s=0.2),
     )
-    start_serve(settings.http)
-    deploy(build_app(settings), APP_NAME)
-    async with pool.acquire() as connection:
-        key = await create_key(connection, "learning-tests", ["search", "admin"])
-    async with httpx.AsyncClient(base_url=f"http://{settings.http.host}:{settings.http.port}",
-                                 headers={"X-API-Key": key}, timeout=30) as client:
+    async with deployed(settings, "learning-tests") as client:
         yield client
-    serve.shutdown()
-    await reset_control_actors()
 
 
 async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **extra) -> dict:

@@ -11,9 +11,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.api_keys import create_key
-from cluster.runtime import deploy, start_serve
-from serve_app.app import APP_NAME, build_app
 from serve_app.router import choose_arm
 
 FAST_GUARD = """
@@ -22,10 +19,7 @@ guard: {check_interval_s: 0.5, window_s: 30, failures_to_rollback: 3, min_reques
 
 
 @pytest.fixture(scope="module")
-async def service(ray_session, pool, live_settings, reset_control_actors, tmp_path_factory):
-    from ray import serve
-
-    await reset_control_actors()
+async def service(live_settings, deployed, tmp_path_factory):
     shipped = Path(__file__).parents[2].joinpath("configs/rollout.yaml").read_text()
     plan = tmp_path_factory.mktemp("rollout") / "rollout.yaml"
     plan.write_text(shipped.split("guard:")[0] + FAST_GUARD + "stages:" + shipped.split("stages:")[1])
@@ -34,15 +28,8 @@ async def service(ray_session, pool, live_settings, reset_control_actors, tmp_pa
         rollout=dataclasses.replace(live_settings.rollout, plan=str(plan)),
         learning=dataclasses.replace(live_settings.learning, min_replay_size=4),
     )
-    start_serve(settings.http)
-    deploy(build_app(settings), APP_NAME)
-    async with pool.acquire() as connection:
-        key = await create_key(connection, "rollout-tests", ["search", "admin"])
-    async with httpx.AsyncClient(base_url=f"http://{settings.http.host}:{settings.http.port}",
-                                 headers={"X-API-Key": key}, timeout=30) as client:
+    async with deployed(settings, "rollout-tests") as client:
         yield client
-    serve.shutdown()
-    await reset_control_actors()
 
 
 async def arms_of(client: httpx.AsyncClient, users: list[str]) -> dict[str, str]:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import asyncpg
 import httpx
 import pytest
 
 from cluster.api_keys import create_key
 from cluster.cli import main as dtrag, sample_corpus_dir
-from cluster.runtime import deploy, start_serve
-from serve_app.app import APP_NAME, build_app
 
 
 @pytest.fixture(scope="module")
-async def service(ray_session, pool, live_settings, reset_control_actors):
-    """The app deployed once for this module; yields its base URL."""
-    from ray import serve
-
-    await reset_control_actors()
-    start_serve(live_settings.http)
-    deploy(build_app(live_settings), APP_NAME)
-    yield f"http://{live_settings.http.host}:{live_settings.http.port}"
-    serve.shutdown()
-    await reset_control_actors()
+async def service(live_settings, deployed):
+    """The app deployed once for this module (default settings); yields its base URL."""
+    async with deployed(live_settings, "serve-tests") as client:
+        yield str(client.base_url).rstrip("/")
 
 
 @pytest.fixture(scope="module")
