@@ -13,7 +13,8 @@ PostgreSQL, Ray, Serve and the uvicorn process itself, and stops them before it 
 
     .venv/bin/python bench/load.py --state-dir /tmp/bench-state --dataset ../shared/data/scifact
 
-It prints req/s and latency percentiles per target, writes a latency plot
+Ray workers run at niceness 0 here (Ray's default is 15, uvicorn's 0), so both sides have the
+same CPU priority. It prints req/s and latency percentiles per target, writes a latency plot
 (`bench/results/load_latency.png`) and the section "## Load: Serve vs one uvicorn process" of
 `bench/RESULTS.md`, and exits 1 if any request failed.
 """
@@ -295,7 +296,8 @@ cycled from `{args.dataset}/queries.jsonl`) from {args.concurrency} closed-loop 
 {args.warmup} uncounted warm-up requests; client and servers on the same machine. Serve: one
 replica each of ingress, pipeline arm and embedder; batched = `max_batch_size`
 {embedding.max_batch_size}, `batch_wait_timeout_s` {embedding.batch_wait_timeout_s}; unbatched =
-`max_batch_size` 1. uvicorn: `python -m serve_app.standalone`, one process. Ratios are
+`max_batch_size` 1; Ray workers at niceness {os.environ["RAY_worker_niceness"]} (Ray's default is 15).
+uvicorn: `python -m serve_app.standalone`, one process, niceness 0. Ratios are
 target / uvicorn. Load avg: the 1-minute load average as the run ended; well above the
 number of cores means other work shared the machine and the numbers are pessimistic.
 
@@ -308,6 +310,9 @@ Latency distributions: `{args.plot.relative_to(REPO) if args.plot.is_relative_to
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     loopback_only_environment()
+    # Ray starts its workers at niceness 15; the uvicorn process runs at 0. Equal priority, so
+    # neither side loses the cores to the load generator or to other work on the machine.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     queries = list(load_queries(args.dataset).values())
     base = load_settings()
     base = dataclasses.replace(base, http=dataclasses.replace(base.http, host="127.0.0.1", port=args.serve_port))

@@ -41,6 +41,7 @@ loopback_only_environment()  # before anything imports ray, or Ray binds the mac
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import itertools  # noqa: E402
@@ -50,12 +51,13 @@ import random  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -95,6 +97,10 @@ SEARCH_PATH = "/api/v1/search/"
 FLAGS_PATH = "/api/v1/admin/flags"
 ROLLOUT_PATH = "/api/v1/admin/rollout"
 ARM_COLORS = {CONTROL: "tab:blue", TREATMENT: "tab:orange"}
+INGRESS = "Ingress"
+ROUTED = (INGRESS, f"arm_{CONTROL}", f"arm_{TREATMENT}")  # the deployments with REPLICAS replicas
+SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"  # Serve's own, by deployment and replica
+METRICS_SETTLE_S = 30.0  # Ray exports metrics every few seconds
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -244,12 +250,9 @@ class SplitResult:
 
     @property
     def kept(self) -> set[str]:
+        """Treatment callers at SPLIT_WEIGHT still on the treatment at RAISED_WEIGHT."""
         return self.first.treatment & self.raised.treatment
 
-    @property
-    def lost(self) -> set[str]:
-        """Treatment callers at SPLIT_WEIGHT that were answered by control at RAISED_WEIGHT."""
-        return {u for u in self.first.treatment if self.raised.arms.get(u) == CONTROL}
 
 
 async def set_weight(admin_client: httpx.Client, weight: float, settle_s: float) -> None:
@@ -299,10 +302,11 @@ class Change:
     until: float = math.inf  # when the next change was sent: the end of this one's window
 
 
-def schedule(flips: int, rollbacks: int) -> list[Action]:
-    """Flag flips (on, off, ...), then rollbacks, each after setting the treatment to 50% again."""
+def schedule(flips: int, rollbacks: int, flag_default: bool) -> list[Action]:
+    """Flag flips (away from the default, back, ...), then rollbacks, each after setting 50% again."""
+    values = ((i % 2 == 0) != flag_default for i in range(flips))
     flag = [Action("flag", f"{FLAG} {'on' if on else 'off'}", "PUT", FLAGS_PATH,
-                   {"arm": TREATMENT, "flags": {FLAG: on}}) for on in (i % 2 == 0 for i in range(flips))]
+                   {"arm": TREATMENT, "flags": {FLAG: on}}) for on in values]
     cycle = [Action("raise", f"treatment {RAISED_WEIGHT:.0%}", "PUT", f"{ROLLOUT_PATH}/weight",
                     {"treatment_weight": RAISED_WEIGHT}),
              Action("rollback", "rollback", "POST", f"{ROLLOUT_PATH}/rollback", {"reason": "bench/rollout.py"})]
@@ -328,8 +332,8 @@ async def drive_changes(admin_client: httpx.Client, actions: Sequence[Action], g
 
 
 async def measure_propagation(client: httpx.AsyncClient, admin_client: httpx.Client, users: Sequence[str],
-                              queries: Sequence[str], args: argparse.Namespace,
-                              deadline: float) -> tuple[list[Change], list[Reply]]:
+                              queries: Sequence[str], args: argparse.Namespace, deadline: float,
+                              flag_default: bool) -> tuple[list[Change], list[Reply]]:
     """Closed-loop load as mixed callers while the scheduled changes are made."""
     stop = asyncio.Event()
     mixed = random.Random(1).sample(list(users), len(users))
@@ -337,7 +341,7 @@ async def measure_propagation(client: httpx.AsyncClient, admin_client: httpx.Cli
                                zip(itertools.cycle(mixed), itertools.cycle(queries)))
     load = asyncio.create_task(closed_loop(client, work, args.concurrency, math.inf))
     try:
-        changes = await drive_changes(admin_client, schedule(args.flips, args.rollbacks), args.gap)
+        changes = await drive_changes(admin_client, schedule(args.flips, args.rollbacks, flag_default), args.gap)
     finally:
         stop.set()
         replies = await load
@@ -347,8 +351,7 @@ async def measure_propagation(client: httpx.AsyncClient, admin_client: httpx.Cli
 @dataclasses.dataclass(frozen=True)
 class Propagation:
     change: Change
-    answered: int  # successful searches sent in the change's window
-    stale: int  # of them, answered as before the change
+    stale: int  # searches sent in the change's window and answered as before the change
     seconds: float  # latest send time of a stale one after the change returned; 0 if none
     observed: bool  # the new state was seen taking effect, so the measurement is not vacuous
 
@@ -359,10 +362,8 @@ def window(change: Change, replies: Sequence[Reply]) -> list[Reply]:
 
 def propagation(change: Change, replies: Sequence[Reply], is_stale: Callable[[Reply], bool],
                 observed: bool) -> Propagation:
-    answered = window(change, replies)
-    stale = [r for r in answered if is_stale(r)]
-    return Propagation(change, len(answered), len(stale),
-                       max((r.sent - change.returned for r in stale), default=0.0), observed)
+    stale = [r for r in window(change, replies) if is_stale(r)]
+    return Propagation(change, len(stale), max((r.sent - change.returned for r in stale), default=0.0), observed)
 
 
 def flag_propagation(change: Change, replies: Sequence[Reply]) -> Propagation:
@@ -387,6 +388,31 @@ def running_replicas() -> dict[str, int]:
             for name, d in deployments.items()}
 
 
+ReplicaCounts = collections.Counter[tuple[str, str]]  # (deployment, replica) -> searches handled
+
+
+def served_searches(metrics_url: str) -> ReplicaCounts:
+    """Searches each ingress and arm replica has handled so far, from Serve's counter on Ray's exporter."""
+    counts: ReplicaCounts = collections.Counter()
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == SERVE_REQUESTS and labels.get("route") == SEARCH_PATH and labels["deployment"] in ROUTED:
+                counts[(labels["deployment"], labels["replica"])] += int(sample.value)
+    return counts
+
+
+def settled_searches(metrics_url: str, answered: int) -> ReplicaCounts:
+    """`served_searches` once the ingress, and the two arms together, count `answered` (or time runs out)."""
+    deadline = time.monotonic() + METRICS_SETTLE_S
+    while True:
+        counts = served_searches(metrics_url)
+        ingress = sum(n for (name, _), n in counts.items() if name == INGRESS)
+        if min(ingress, counts.total() - ingress) >= answered or time.monotonic() > deadline:
+            return counts
+        time.sleep(1.0)
+
+
 def guard_rollbacks(status: dict[str, Any], since: float) -> list[str]:
     """Rollbacks the guard made by itself since `since` (a `time.time()` value)."""
     return [e["event"] for e in status["events"] if e["at"] >= since and "guard:" in e["event"]]
@@ -400,6 +426,7 @@ class Run:
     flags: list[Propagation]
     rollbacks: list[Propagation]
     replicas: dict[str, int]
+    under_load: ReplicaCounts  # searches each replica handled during the propagation phase
     guard: list[str]
 
     @property
@@ -407,7 +434,9 @@ class Run:
         return [r.error for r in (*self.split.replies, *self.load) if r.error is not None]
 
 
-async def measure(url: str, key: str, args: argparse.Namespace) -> tuple[SplitResult, list[Change], list[Reply]]:
+async def measure(url: str, metrics_url: str, key: str, defaults: Mapping[str, bool],
+                  args: argparse.Namespace) -> tuple[SplitResult, list[Change], list[Reply], ReplicaCounts]:
+    """Both arms reset to the default flags (state from an earlier run is restored), then both phases."""
     users = [f"rollout-user-{i:05d}" for i in range(args.users)]
     queries = list(load_queries(sample_corpus_dir()).values())
     deadline = time.monotonic() + args.max_seconds
@@ -416,24 +445,30 @@ async def measure(url: str, key: str, args: argparse.Namespace) -> tuple[SplitRe
     with httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S) as admin_client:
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S,
                                      limits=limits) as client:
-            await asyncio.to_thread(admin, admin_client, "PUT", FLAGS_PATH, {"arm": TREATMENT, "flags": {FLAG: False}})
+            for arm in (CONTROL, TREATMENT):
+                await asyncio.to_thread(admin, admin_client, "PUT", FLAGS_PATH, {"arm": arm, "flags": dict(defaults)})
             split = await measure_split(client, admin_client, users, queries, args, deadline)
-            changes, load = await measure_propagation(client, admin_client, users, queries, args, deadline)
-    return split, changes, load
+            answered = sum(r.ok for r in split.replies)
+            before = await asyncio.to_thread(settled_searches, metrics_url, answered)
+            changes, load = await measure_propagation(client, admin_client, users, queries, args, deadline,
+                                                      defaults[FLAG])
+            after = await asyncio.to_thread(settled_searches, metrics_url, answered + sum(r.ok for r in load))
+    return split, changes, load, after - before
 
 
 def run(settings: Settings, key: str, args: argparse.Namespace) -> Run:
     started = time.time()
+    metrics_url = f"http://127.0.0.1:{settings.ray.metrics_port}/metrics"
     with ray_serve(settings) as url:
         deploy_app(settings, url, HEALTH_TIMEOUT_S)
         replicas = running_replicas()
-        split, changes, load = asyncio.run(measure(url, key, args))
+        split, changes, load, under_load = asyncio.run(measure(url, metrics_url, key, settings.features, args))
         with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=REQUEST_TIMEOUT_S) as client:
             status = admin(client, "GET", ROLLOUT_PATH)
     flags = [flag_propagation(c, load) for c in changes if c.action.kind == "flag"]
     rollbacks = [rollback_propagation(before, c, load)
                  for before, c in itertools.pairwise(changes) if c.action.kind == "rollback"]
-    return Run(split, changes, load, flags, rollbacks, replicas, guard_rollbacks(status, started))
+    return Run(split, changes, load, flags, rollbacks, replicas, under_load, guard_rollbacks(status, started))
 
 
 # --- verdicts and reporting -------------------------------------------------------------------
@@ -470,7 +505,7 @@ def summary_rows(run: Run) -> list[tuple[str, str, str, bool | None]]:
         (f"callers on `choose_arm`'s arm at {raised.weight:.0%}", f"{len(raised.arms) - len(raised.off_router()):,}"
          f" / {len(raised.arms):,}", "all", not raised.off_router()),
         (f"treatment callers at {first.weight:.0%} still on it at {raised.weight:.0%}",
-         f"{len(s.kept)} / {len(first.treatment)}", "all", not s.lost and s.kept == first.treatment),
+         f"{len(s.kept)} / {len(first.treatment)}", "all", s.kept == first.treatment),
         (f"control callers at {first.weight:.0%} moved to treatment at {raised.weight:.0%}",
          f"{len(raised.treatment - first.treatment)}", "", None),
         (f"`{FLAG}` flip propagation, max of {len(run.flags)}", f"{max_seconds(run.flags):.3f} s",
@@ -486,8 +521,8 @@ def summary_rows(run: Run) -> list[tuple[str, str, str, bool | None]]:
 
 def summary_table(run: Run) -> str:
     lines = ["| measure | result | target | verdict |", "|---|---:|---|---|"]
-    for measure_, result, target, met in summary_rows(run):
-        lines.append(f"| {measure_} | {result} | {target} | {'' if met is None else verdict(met)} |")
+    for label, result, target, met in summary_rows(run):
+        lines.append(f"| {label} | {result} | {target} | {'' if met is None else verdict(met)} |")
     return "\n".join(lines)
 
 
@@ -512,10 +547,22 @@ def problems(run: Run) -> list[str]:
     found += [f"{p.change.action.label} (version {p.change.version}): the new state was never seen"
               for p in (*run.flags, *run.rollbacks) if not p.observed]
     found += [f"the guard rolled back by itself: {event}" for event in run.guard]
-    short = {name: n for name, n in run.replicas.items() if name != "Embedder" and n < REPLICAS}
+    short = {name: run.replicas.get(name, 0) for name in ROUTED if run.replicas.get(name, 0) < REPLICAS}
     if short:
         found.append(f"fewer than {REPLICAS} replicas running: {short}")
+    busy = collections.Counter(name for name, _ in run.under_load)
+    idle = {name: busy[name] for name in ROUTED if busy[name] < REPLICAS}
+    if idle:
+        found.append(f"fewer than {REPLICAS} replicas served searches under load: {idle}")
     return found
+
+
+def replica_counts(counts: ReplicaCounts) -> str:
+    """`deployment: replica n, replica n; ...` in deployment order."""
+    by_deployment: dict[str, list[str]] = collections.defaultdict(list)
+    for (name, replica), n in sorted(counts.items()):
+        by_deployment[name].append(f"`{replica}` {n:,}")
+    return "; ".join(f"{name}: {', '.join(entries)}" for name, entries in sorted(by_deployment.items()))
 
 
 def plot(run: Run, path: Path) -> None:
@@ -589,9 +636,11 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu
 ```
 
 One Serve app on a local loopback Ray, on the sample corpus, ENVIRONMENT `{settings.environment}` (no
-fault injection), the shipped rollout plan and guard in force, replicas polling the live config every
-{settings.rollout.live_refresh_s} s. Replicas running: {replicas} (2 ingress replicas:
-`DTRAG_INGRESS_REPLICAS=2`; 2 per arm: `serve.pipeline_replicas` and `rollout.treatment_replicas`).
+fault injection), both arms reset to the default flags first, the shipped rollout plan and guard in
+force, replicas polling the live config every
+{settings.rollout.live_refresh_s} s. Replicas running: {replicas}; the benchmark sets
+`serve.ingress_replicas` (`DTRAG_INGRESS_REPLICAS`), `serve.pipeline_replicas` (control) and
+`rollout.treatment_replicas` to {REPLICAS}.
 Ray was given {settings.ray.num_cpus} logical CPUs on this {os.cpu_count()}-core machine so that every replica
 fits (each ingress and arm replica asks for 0.25 CPU, the embedder for 1): the replicas share the
 physical cores. Searches: POST /api/v1/search/, final_topk {FINAL_TOPK}, queries cycled from the
@@ -612,7 +661,8 @@ sample queries, from {args.concurrency} closed-loop clients on the same machine.
 
 {summary_table(run)}
 
-Per flip (s): {flips}. Per rollback (s): {rollbacks}.
+Per flip (s): {flips}. Per rollback (s): {rollbacks}. Searches each replica handled during the
+propagation phase (Serve's `{SERVE_REQUESTS}` on Ray's exporter): {replica_counts(run.under_load)}.
 
 {changes_table(run)}
 
@@ -627,6 +677,8 @@ def print_report(run: Run) -> None:
     print(summary_table(run))
     print()
     print(changes_table(run))
+    print()
+    print(f"searches per replica under load: {replica_counts(run.under_load)}")
     for error in sorted(set(run.failures))[:5]:
         print(f"failed: {run.failures.count(error)} x {error}", file=sys.stderr)
     for problem in problems(run):
