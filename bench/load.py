@@ -39,6 +39,7 @@ from typing import TypeVar
 import asyncpg
 import httpx
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from _harness import BENCH, REPO, deploy_app, ray_serve, replace_section, revoke, wait_healthy
@@ -64,11 +65,21 @@ class LoadResult:
     latencies_ms: np.ndarray  # of the successful requests
     errors: list[str]  # one message per failed or unsent request
     seconds: float
-    load_average: float  # the machine's 1-minute load average as the counted run ended
+    service_cpu_s: float  # CPU time of the serving processes and PostgreSQL during the run
+    other_cpu_s: float  # CPU time of everything else on the machine, the load generator excluded
 
     @property
     def requests_per_second(self) -> float:
         return len(self.latencies_ms) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def service_cpu_ms_per_request(self) -> float:
+        return 1000 * self.service_cpu_s / max(len(self.latencies_ms) + len(self.errors), 1)
+
+    @property
+    def other_cpu_percent(self) -> float:
+        """Share of the machine's cores that other work used while this target was measured."""
+        return 100 * self.other_cpu_s / (self.seconds * psutil.cpu_count())
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
@@ -89,6 +100,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=BENCH / "results" / "load_latency.png")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     return parser.parse_args(argv)
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds at one moment."""
+
+    service: dict[int, float]  # per serving process: Ray or uvicorn, and PostgreSQL
+    own: float  # this process: the load generator (and the idle Ray driver)
+    machine: float  # all cores, busy time
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def sample_cpu(state_dir: Path) -> CpuSample:
+    """Serving processes are this process's descendants (Ray's, or the uvicorn process) and the
+    embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
+    postmaster = psutil.Process(int((state_dir / "pgdata" / "postmaster.pid").read_text().split()[0]))
+    service: dict[int, float] = {}
+    for process in [*psutil.Process().children(recursive=True), postmaster, *postmaster.children()]:
+        with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
+            service[process.pid] = _cpu_seconds(process)
+    machine = psutil.cpu_times()
+    return CpuSample(service, _cpu_seconds(psutil.Process()),
+                     sum(machine) - machine.idle - getattr(machine, "iowait", 0.0))
+
+
+def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float]:
+    """CPU seconds used between the samples: (by the serving processes, by all other work)."""
+    service = sum(seconds - before.service.get(pid, 0.0) for pid, seconds in after.service.items())
+    other = after.machine - before.machine - service - (after.own - before.own)
+    return service, max(other, 0.0)
 
 
 # --- the load generator ---------------------------------------------------------------------
@@ -157,10 +205,10 @@ async def run_load(
         if warmup_errors:
             raise RuntimeError(f"{target}: warm-up failed: {warmup_errors[0]}")
         with tqdm(total=len(counted), desc=target, unit="req") as progress:
-            started = time.perf_counter()
+            cpu_before, started = sample_cpu(args.state_dir), time.perf_counter()
             latencies, errors = await _closed_loop(client, counted, args.concurrency, deadline, progress)
-            seconds = time.perf_counter() - started
-    return LoadResult(target, np.array(latencies), errors, seconds, os.getloadavg()[0])
+            seconds, cpu_after = time.perf_counter() - started, sample_cpu(args.state_dir)
+    return LoadResult(target, np.array(latencies), errors, seconds, *cpu_between(cpu_before, cpu_after))
 
 
 # --- what is measured -------------------------------------------------------------------------
@@ -240,15 +288,17 @@ def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argp
 
 def format_table(results: Sequence[LoadResult], baseline: LoadResult) -> str:
     lines = [
-        "| target | req/s | p50 ms | p95 ms | p99 ms | errors | req/s vs uvicorn | p50 vs uvicorn | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | req/s | p50 ms | p95 ms | p99 ms | errors | req/s vs uvicorn | p50 vs uvicorn "
+        "| server CPU ms/req | other work, % of cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.target} | {r.requests_per_second:.1f} | {r.percentile(50):.0f} | "
             f"{r.percentile(95):.0f} | {r.percentile(99):.0f} | {len(r.errors)} | "
             f"{r.requests_per_second / baseline.requests_per_second:.2f} | "
-            f"{r.percentile(50) / baseline.percentile(50):.2f} | {r.load_average:.1f} |"
+            f"{r.percentile(50) / baseline.percentile(50):.2f} | "
+            f"{r.service_cpu_ms_per_request:.0f} | {r.other_cpu_percent:.0f} |"
         )
     return "\n".join(lines)
 
@@ -298,8 +348,10 @@ replica each of ingress, pipeline arm and embedder; batched = `max_batch_size`
 {embedding.max_batch_size}, `batch_wait_timeout_s` {embedding.batch_wait_timeout_s}; unbatched =
 `max_batch_size` 1; Ray workers at niceness {os.environ["RAY_worker_niceness"]} (Ray's default is 15).
 uvicorn: `python -m serve_app.standalone`, one process, niceness 0. Ratios are
-target / uvicorn. Load avg: the 1-minute load average as the run ended; well above the
-number of cores means other work shared the machine and the numbers are pessimistic.
+target / uvicorn. Server CPU: user + system time of the serving processes (all of Ray's, or the
+uvicorn process) and PostgreSQL, per request; largely independent of other load. Other work:
+CPU time used meanwhile by every other process on the machine (the load generator excluded), as
+a share of all cores; well above 0 means the cores were shared and the timings are pessimistic.
 
 {table}
 
