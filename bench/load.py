@@ -127,9 +127,9 @@ def sample_cpu(state_dir: Path) -> CpuSample:
     for process in [*psutil.Process().children(recursive=True), postmaster, *postmaster.children()]:
         with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
             service[process.pid] = _cpu_seconds(process)
-    machine = psutil.cpu_times()
-    return CpuSample(service, _cpu_seconds(psutil.Process()),
-                     sum(machine) - machine.idle - getattr(machine, "iowait", 0.0))
+    machine = psutil.cpu_times()  # its guest times are already in user and nice; steal is not ours
+    busy = sum(getattr(machine, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
+    return CpuSample(service, _cpu_seconds(psutil.Process()), busy)
 
 
 def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float]:

@@ -95,6 +95,7 @@ class ServeSettings:
     pipeline_replicas: int
     ingress_replicas: int
     embedder_replicas: int
+    max_ongoing_requests: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +244,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _positive_int),
     ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _positive_int),
     ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _positive_int),
+    ("serve.max_ongoing_requests", "DTRAG_MAX_ONGOING_REQUESTS", _positive_int),
     ("learning.capacity", "DTRAG_REPLAY_CAPACITY", _positive_int),
     ("learning.alpha", "DTRAG_REPLAY_ALPHA", _non_negative_float),
     ("learning.beta0", "DTRAG_REPLAY_BETA0", _unit_float),

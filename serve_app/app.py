@@ -26,12 +26,16 @@ def build_app(settings: Settings) -> Application:
     )
     replicas = {CONTROL: serve.pipeline_replicas, TREATMENT: settings.rollout.treatment_replicas}
     arms = {
-        arm: PipelineArm.options(name=f"arm_{arm}", num_replicas=replicas[arm]).bind(
+        arm: PipelineArm.options(
+            name=f"arm_{arm}", num_replicas=replicas[arm], max_ongoing_requests=serve.max_ongoing_requests
+        ).bind(
             settings, embedder, arm, dict(settings.features)
         )
         for arm in ARMS
     }
-    return Ingress.options(num_replicas=serve.ingress_replicas).bind(settings, arms)
+    return Ingress.options(
+        num_replicas=serve.ingress_replicas, max_ongoing_requests=serve.max_ongoing_requests
+    ).bind(settings, arms)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
