@@ -152,7 +152,7 @@ class Ingress:
 
     # -- operations (admin scope) ----------------------------------------------------------
     async def flags(self) -> dict[str, Any]:
-        live = await self._control.live_if_newer.remote(-1)
+        (live,) = await self._ask(self._control.live_if_newer.remote(-1))
         return {"arms": live.flags, "behaviour": {f: b or "no behaviour yet" for f, b in FLAG_BEHAVIOUR.items()},
                 "version": live.version}
 
