@@ -264,7 +264,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     try:
         report = train_dataset(
             dataset, url, key, epochs=args.epochs, concurrency=args.concurrency, seed=args.seed,
-            default_strategy=settings.retrieval.default_strategy, json_path=args.json,
+            json_path=args.json,
         )
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -106,6 +106,7 @@ class LearningSettings:
     beta_steps: int
     tau: float
     lr: float
+    prior_count: float
     gamma: float
     samples_per_insert: float
     min_replay_size: int
@@ -251,6 +252,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.beta_steps", "DTRAG_REPLAY_BETA_STEPS", _positive_int),
     ("learning.tau", "DTRAG_SOFTQ_TAU", _positive_float),
     ("learning.lr", "DTRAG_SOFTQ_LR", _unit_float),
+    ("learning.prior_count", "DTRAG_SOFTQ_PRIOR_COUNT", _non_negative_float),
     ("learning.gamma", "DTRAG_SOFTQ_GAMMA", _unit_float),
     ("learning.samples_per_insert", "DTRAG_SAMPLES_PER_INSERT", _positive_float),
     ("learning.min_replay_size", "DTRAG_MIN_REPLAY_SIZE", _positive_int),

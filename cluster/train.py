@@ -1,8 +1,9 @@
 """`dtrag train`: teach the live soft-Q bandit with a simulated user, then score what it learned.
 
 The simulated user searches each training query with no strategy, so the service's bandit picks
-one from softmax(Q(s,.)/tau), and judges the served list with the query's qrels; the service turns
-that into the reward (nDCG of the served list) and its learners update Q in the background.
+one from softmax(Q(s,.)/tau), and sends the query's qrels as graded judgements; the service turns
+them into rewards (nDCG of the served list, and of the list each other strategy would have
+served) and its learners update Q in the background.
 
 Scoring never goes through the bandit: every test query is ranked once under every fixed strategy
 (`/api/v1/rank`, which is not logged as an experience). That gives a (queries x strategies) matrix
@@ -68,15 +69,17 @@ def split_half(ids: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
     return sorted(shuffled[:half]), sorted(shuffled[half:])
 
 
-def greedy_actions(states: Sequence[str], q_table: QTable, default_action: int) -> np.ndarray:
-    """argmax_a Q(s, a) per query (the first on ties); `default_action` where Q has no row for s.
+def q_rows(states: Sequence[str], q_table: QTable, pooled: Sequence[float]) -> np.ndarray:
+    """Q(s, .) per query; a state the table never saw has the pooled row, as in the service.
 
-    An unseen state has no learned preference, so greedily the service's default strategy is
-    what it would serve; shape (queries,).
+    Shape (queries, actions).
     """
-    return np.array(
-        [int(np.argmax(q_table[s])) if s in q_table else default_action for s in states], np.int64
-    )
+    return np.array([q_table.get(s, pooled) for s in states], np.float64)
+
+
+def greedy_actions(states: Sequence[str], q_table: QTable, pooled: Sequence[float]) -> np.ndarray:
+    """argmax_a Q(s, a) per query (the first on ties); shape (queries,)."""
+    return q_rows(states, q_table, pooled).argmax(axis=1)
 
 
 def mean_ndcg(scores: np.ndarray, actions: np.ndarray) -> float:
@@ -84,13 +87,11 @@ def mean_ndcg(scores: np.ndarray, actions: np.ndarray) -> float:
     return float(scores[np.arange(len(actions)), actions].mean())
 
 
-def expected_ndcg(scores: np.ndarray, states: Sequence[str], q_table: QTable, tau: float) -> float:
-    """Mean over queries of sum_a softmax(Q(s,.)/tau)(a) * scores[i, a]: what sampling earns.
-
-    As in the service, a state without a row has Q = 0, the uniform policy.
-    """
-    q = np.array([q_table.get(s, [0.0] * scores.shape[1]) for s in states], np.float64)
-    return float((policy_from_q(q, tau) * scores).sum(axis=1).mean())
+def expected_ndcg(
+    scores: np.ndarray, states: Sequence[str], q_table: QTable, pooled: Sequence[float], tau: float
+) -> float:
+    """Mean over queries of sum_a softmax(Q(s,.)/tau)(a) * scores[i, a]: what sampling earns."""
+    return float((policy_from_q(q_rows(states, q_table, pooled), tau) * scores).sum(axis=1).mean())
 
 
 def oracle_actions(scores: np.ndarray, states: Sequence[str]) -> np.ndarray:
@@ -167,12 +168,12 @@ class PolicyScores:
         return max(self.fixed, key=self.fixed.__getitem__)
 
 
-def score_policies(test: TestRankings, q_table: QTable, tau: float, default_action: int) -> PolicyScores:
+def score_policies(test: TestRankings, snapshot: Snapshot) -> PolicyScores:
     fixed = {s: float(test.scores[:, a].mean()) for a, s in enumerate(STRATEGIES)}
     return PolicyScores(
         fixed=fixed,
-        greedy=mean_ndcg(test.scores, greedy_actions(test.states, q_table, default_action)),
-        served=expected_ndcg(test.scores, test.states, q_table, tau),
+        greedy=mean_ndcg(test.scores, greedy_actions(test.states, snapshot.q, snapshot.pooled)),
+        served=expected_ndcg(test.scores, test.states, snapshot.q, snapshot.pooled, snapshot.tau),
         oracle=mean_ndcg(test.scores, oracle_actions(test.scores, test.states)),
     )
 
@@ -183,6 +184,7 @@ class Snapshot:
 
     feedbacks: int
     q: dict[str, list[float]]
+    pooled: list[float]  # Q of a state not in `q`
     tau: float
 
 
@@ -199,7 +201,6 @@ class EpochSummary:
 class TrainingReport:
     dataset: str
     split: str
-    default_strategy: str
     started_from: dict[str, Any]  # learning "state" before training
     epochs: list[EpochSummary]
     test: TestRankings
@@ -212,9 +213,8 @@ class TrainingReport:
 
     def curve(self) -> list[tuple[int, float]]:
         """(feedbacks, greedy nDCG@10 on the test queries) for every snapshot."""
-        default = STRATEGIES.index(self.default_strategy)
         return [
-            (s.feedbacks, mean_ndcg(self.test.scores, greedy_actions(self.test.states, s.q, default)))
+            (s.feedbacks, mean_ndcg(self.test.scores, greedy_actions(self.test.states, s.q, s.pooled)))
             for s in self.snapshots
         ]
 
@@ -245,7 +245,8 @@ async def _learning(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 def _snapshot(feedbacks: int, learning: dict[str, Any]) -> Snapshot:
-    return Snapshot(feedbacks, learning["q_table"]["q"], learning["q_table"]["tau"])
+    table = learning["q_table"]
+    return Snapshot(feedbacks, table["q"], table["pooled"], table["tau"])
 
 
 async def _wait_for_learners(client: httpx.AsyncClient) -> tuple[dict[str, Any], bool]:
@@ -325,7 +326,7 @@ async def _epoch(
 
 async def _train(
     client: httpx.AsyncClient, split: QuerySplit, epochs: int, concurrency: int, seed: int,
-    default_strategy: str, dataset: str,
+    dataset: str,
 ) -> TrainingReport:
     start = await _learning(client)
     if start["state"]["inserted"]:
@@ -354,8 +355,8 @@ async def _train(
     snapshots.sort(key=lambda s: s.feedbacks)  # stable: the end-of-epoch snapshot stays last
     final = snapshots[-1]
     test = await _rank_test(client, split, concurrency)
-    scores = score_policies(test, final.q, final.tau, STRATEGIES.index(default_strategy))
-    return TrainingReport(dataset, split.description, default_strategy, start["state"], summaries,
+    scores = score_policies(test, final)
+    return TrainingReport(dataset, split.description, start["state"], summaries,
                           test, snapshots, scores)
 
 
@@ -367,7 +368,6 @@ def train_dataset(
     epochs: int = 3,
     concurrency: int = 4,
     seed: int = 0,
-    default_strategy: str = "hybrid_rrf",
     json_path: Path | None = None,
 ) -> TrainingReport:
     """Train the running service on the dataset's training queries and score it on its test queries."""
@@ -378,8 +378,7 @@ def train_dataset(
     async def run() -> TrainingReport:
         async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": api_key},
                                      timeout=REQUEST_TIMEOUT_S) as client:
-            return await _train(client, split, epochs, concurrency, seed, default_strategy,
-                                dataset.resolve().name)
+            return await _train(client, split, epochs, concurrency, seed, dataset.resolve().name)
 
     report = asyncio.run(run())
     if json_path:
@@ -395,13 +394,13 @@ def report_json(report: TrainingReport) -> dict[str, Any]:
     return {
         "dataset": report.dataset,
         "split": report.split,
-        "default_strategy": report.default_strategy,
         "started_from": report.started_from,
         "epochs": [dataclasses.asdict(e) for e in report.epochs],
         "scores": dataclasses.asdict(report.scores),
         "curve": report.curve(),
         "tau": report.final.tau,
         "q_table": report.final.q,
+        "pooled": report.final.pooled,
         "test": {qid: {"state": state, "ndcg@10": dict(zip(STRATEGIES, row.tolist(), strict=True))}
                  for qid, state, row in zip(test.query_ids, test.states, test.scores, strict=True)},
     }
@@ -412,7 +411,7 @@ def format_scores(report: TrainingReport) -> str:
     s = report.scores
     rows = [(f"fixed: {name}", value) for name, value in s.fixed.items()]
     rows += [
-        (f"learned, greedy (argmax Q; unseen state: {report.default_strategy})", s.greedy),
+        ("learned, greedy (argmax Q; an unseen state takes the pooled row)", s.greedy),
         (f"learned, as served (expected under softmax(Q/tau), tau {report.final.tau:g})", s.served),
         ("oracle per state (best strategy per state key on the test queries)", s.oracle),
     ]
@@ -429,8 +428,7 @@ def format_scores(report: TrainingReport) -> str:
 def format_states(report: TrainingReport) -> str:
     """Per state key: test queries, each strategy's mean nDCG@10, the learned and oracle choice."""
     test, q = report.test, report.final.q
-    default = STRATEGIES.index(report.default_strategy)
-    greedy = greedy_actions(test.states, q, default)
+    greedy = greedy_actions(test.states, q, report.final.pooled)
     oracle = oracle_actions(test.scores, test.states)
     header = "| state | test queries | " + " | ".join(STRATEGIES) + " | learned | oracle |"
     lines = [header, "|---|---:|" + "---:|" * len(STRATEGIES) + "---|---|"]

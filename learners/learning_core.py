@@ -33,8 +33,9 @@ class LearningConfig:
     beta0: float = 0.4
     beta_steps: int = 100_000
     tau: float = 0.1
-    lr: float = 0.1
+    lr: float = 0.001
     gamma: float = 0.0
+    prior_count: float = 200.0
     samples_per_insert: float = 8.0
     min_replay_size: int = 32
     max_staleness: int = 8
@@ -51,6 +52,22 @@ class Experience:
     propensity: float
     policy_version: int
     next_state_key: str | None = None
+
+
+def experiences_from(
+    state_key: str, action: int, reward: float, propensity: float, policy_version: int,
+    next_state_key: str | None, action_rewards: Sequence[float] | None,
+    action_probabilities: Sequence[float] | None,
+) -> list[Experience]:
+    """The served action's experience, then one per other action when all were rewarded."""
+    served = Experience(state_key, action, reward, propensity, policy_version, next_state_key)
+    if action_rewards is None or action_probabilities is None:
+        return [served]
+    others = [
+        Experience(state_key, a, r, action_probabilities[a], policy_version, next_state_key)
+        for a, r in enumerate(action_rewards) if a != action
+    ]
+    return [served, *others]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +101,9 @@ class LearningCore:
         self.buffer = PrioritizedReplayBuffer(
             config.capacity, config.alpha, config.beta0, config.beta_steps, seed=config.seed
         )
-        self.table = SoftQTable(len(self.actions), config.tau, config.lr, config.gamma, config.seed)
+        self.table = SoftQTable(
+            len(self.actions), config.tau, config.lr, config.gamma, config.prior_count, config.seed
+        )
         self.inserted = 0
         self.sampled = 0
         self.updates_applied = 0
@@ -163,9 +182,13 @@ class LearningCore:
         }
 
     def q_table(self) -> dict[str, list[float]]:
-        """Q as JSON-ready {state key: [Q(s, a) for a in actions]}."""
+        """Q as JSON-ready {state key: [Q(s, a) for a in actions]}, states seen so far."""
         snapshot = self.table.snapshot()
-        return {key: snapshot.q[row].tolist() for key, row in snapshot.rows.items()}
+        return dict(zip(snapshot.rows, snapshot.values(list(snapshot.rows)).tolist(), strict=True))
+
+    def pooled_q(self) -> list[float]:
+        """b(a) for a in actions: Q of a state never seen."""
+        return self.table.snapshot().pooled.tolist()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: buffer, table and counters (plain values)."""
@@ -178,8 +201,9 @@ class LearningCore:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        """Restore a `state_dict`; the table first, so a layout it refuses changes nothing."""
         self.table.load_state_dict(state["table"])
+        self.buffer.load_state_dict(state["buffer"])
         counters = state["counters"]
         self.inserted = counters["inserted"]
         self.sampled = counters["sampled"]

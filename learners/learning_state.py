@@ -22,7 +22,14 @@ import ray
 from cluster.database import run_blocking
 from cluster.metrics import LearningMetrics
 from cluster.settings import STRATEGIES, LearningSettings
-from learners.learning_core import Experience, LearnerBatch, LearningConfig, LearningCore, PolicySnapshot
+from learners.learning_core import (
+    Experience,
+    LearnerBatch,
+    LearningConfig,
+    LearningCore,
+    PolicySnapshot,
+    experiences_from,
+)
 from learners.soft_q import QDelta
 
 log = logging.getLogger(__name__)
@@ -36,22 +43,25 @@ def learning_config(settings: LearningSettings) -> LearningConfig:
     return LearningConfig(
         capacity=settings.capacity, alpha=settings.alpha, beta0=settings.beta0,
         beta_steps=settings.beta_steps, tau=settings.tau, lr=settings.lr, gamma=settings.gamma,
+        prior_count=settings.prior_count,
         samples_per_insert=settings.samples_per_insert, min_replay_size=settings.min_replay_size,
         max_staleness=settings.max_staleness,
     )
 
 
 _REWARDED_SINCE = """
-SELECT state_key, action, reward, propensity, policy_version, next_state_key
+SELECT state_key, action, reward, propensity, policy_version, next_state_key, action_rewards,
+       action_probabilities
 FROM experiences
 WHERE reward IS NOT NULL AND ($1::timestamptz IS NULL OR feedback_at > $1)
 ORDER BY feedback_at DESC
 LIMIT $2"""
 
 
-def _experience(row: asyncpg.Record) -> Experience:
-    return Experience(row["state_key"], row["action"], row["reward"], row["propensity"],
-                      row["policy_version"], row["next_state_key"])
+def _experiences(row: asyncpg.Record) -> list[Experience]:
+    return experiences_from(row["state_key"], row["action"], row["reward"], row["propensity"],
+                            row["policy_version"], row["next_state_key"], row["action_rewards"],
+                            row["action_probabilities"])
 
 
 @ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
@@ -80,12 +90,18 @@ class LearningState:
             )
             since = None
             if checkpoint is not None:
-                self._core.load_state_dict(pickle.loads(checkpoint["replay_state"]))
-                since = checkpoint["created_at"]
+                try:
+                    self._core.load_state_dict(pickle.loads(checkpoint["replay_state"]))
+                    since = checkpoint["created_at"]
+                except ValueError as error:  # written by an older version: learn again from the rewards
+                    log.warning("checkpoint not restored; rebuilding from the recorded rewards",
+                                extra={"policy_version": checkpoint["policy_version"], "error": str(error)})
+                    checkpoint = None
             rows = await connection.fetch(_REWARDED_SINCE, since, self._core.config.capacity)
         finally:
             await connection.close()
-        self._core.add([_experience(row) for row in reversed(rows)])
+        experiences = [e for row in reversed(rows) for e in _experiences(row)]
+        self._core.add(experiences[-self._core.config.capacity:])
         return None if checkpoint is None else checkpoint["policy_version"]
 
     def _publish(self) -> None:
@@ -120,7 +136,8 @@ class LearningState:
     def q_table(self) -> dict[str, Any]:
         with self._lock:
             return {"policy_version": self._core.table.version, "actions": list(self._core.actions),
-                    "tau": self._core.table.tau, "q": self._core.q_table()}
+                    "tau": self._core.table.tau, "pooled": self._core.pooled_q(),
+                    "q": self._core.q_table()}
 
     def checkpoint(self) -> int:
         """Write a checkpoint now; returns the policy version saved."""

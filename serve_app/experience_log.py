@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 
 import asyncpg
@@ -16,7 +17,7 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 _COLUMNS = ("search_id", "arm", "session_id", "state_key", "action", "strategy", "propensity",
-            "policy_version", "served_doc_ids")
+            "policy_version", "served_doc_ids", "strategy_doc_ids", "action_probabilities")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,8 @@ class ServedSearch:
     propensity: float
     policy_version: int
     served_doc_ids: list[str]
+    strategy_doc_ids: list[list[str]]  # the list each action would have served, in action order
+    action_probabilities: list[float]  # pi(.|s) of the behaviour policy, in action order
 
 
 class ExperienceLog:
@@ -57,7 +60,11 @@ class ExperienceLog:
             await self._write(batch)
 
     async def _write(self, batch: list[ServedSearch]) -> None:
-        records = [tuple(getattr(s, c) for c in _COLUMNS) for s in batch]
+        records = [
+            tuple(json.dumps(s.strategy_doc_ids) if c == "strategy_doc_ids" else getattr(s, c)
+                  for c in _COLUMNS)
+            for s in batch
+        ]
         try:
             await self._pool.copy_records_to_table("experiences", records=records, columns=_COLUMNS)
             self.written += len(batch)

@@ -1,8 +1,15 @@
-"""Feedback: join a user's judgements to the served search and turn them into a reward.
+"""Feedback: join a user's judgements to the served search and turn them into rewards.
+
+Graded judgements are about documents, not about the list that was served, so the same reward
+function also scores the list every other strategy would have served for that search (recorded
+with it): one feedback teaches every action of its state, not only the one the bandit tried
+(full-information feedback). A document nobody judged counts as not relevant, in the served
+list and in the others alike, as nDCG always does. Clicks say nothing about documents the user
+never saw, so they reward the served strategy only.
 
 The served search reaches the `experiences` table a few milliseconds after its response (the
 experience log writes in batches), so a lookup that misses waits briefly before answering 404.
-Recording is idempotent: the first feedback fixes the reward, a repeat returns it unchanged.
+Recording is idempotent: the first feedback fixes the rewards, a repeat returns them unchanged.
 """
 
 from __future__ import annotations
@@ -16,14 +23,15 @@ from collections.abc import Mapping
 import asyncpg
 
 from cluster.database import unavailable_on_connection_errors
-from learners.learning_core import Experience
+from learners.learning_core import Experience, experiences_from
 from learners.reward import reward
 
 _ARRIVAL_WAIT_S = 2.0
 _POLL_S = 0.05
 
 _SERVED = """
-SELECT created_at, arm, session_id, state_key, action, propensity, policy_version, served_doc_ids, reward
+SELECT created_at, arm, session_id, state_key, action, propensity, policy_version, served_doc_ids,
+       strategy_doc_ids, action_probabilities, reward, action_rewards
 FROM experiences WHERE search_id = $1"""
 
 _NEXT_IN_SESSION = """
@@ -32,7 +40,7 @@ WHERE session_id = $1 AND created_at > $2 ORDER BY created_at LIMIT 1"""
 
 _RECORD = """
 UPDATE experiences
-SET reward = $2, next_state_key = $3, feedback = $4::jsonb, feedback_at = now()
+SET reward = $2, next_state_key = $3, feedback = $4::jsonb, action_rewards = $5, feedback_at = now()
 WHERE search_id = $1 AND reward IS NULL
 RETURNING search_id"""
 
@@ -45,9 +53,10 @@ class UnknownSearch(LookupError):
 class FeedbackOutcome:
     search_id: str
     arm: str
-    reward: float
+    reward: float  # of the served list
+    action_rewards: list[float] | None  # of every action's list; None for clicks
     duplicate: bool
-    experience: Experience | None  # what to add to the replay; None for a duplicate
+    experiences: list[Experience]  # what to add to the replay; empty for a duplicate
 
 
 class FeedbackStore:
@@ -68,21 +77,33 @@ class FeedbackStore:
                 )
             await asyncio.sleep(_POLL_S)
 
-    async def record(self, search_id: str, judgements: Mapping[str, float], raw: object) -> FeedbackOutcome:
+    async def record(
+        self, search_id: str, judgements: Mapping[str, float], raw: object, *, graded: bool
+    ) -> FeedbackOutcome:
+        """Store the feedback's rewards once; `graded`: judgements, not clicks (see the module)."""
         async with unavailable_on_connection_errors("feedback"):
             served = await self._served(search_id)
             if served["reward"] is not None:
-                return FeedbackOutcome(search_id, served["arm"], served["reward"], True, None)
+                return FeedbackOutcome(search_id, served["arm"], served["reward"],
+                                       served["action_rewards"], True, [])
             value = reward(served["served_doc_ids"], judgements)
+            action_rewards = None
+            if graded and served["strategy_doc_ids"] is not None:
+                action_rewards = [reward(ids, judgements) for ids in json.loads(served["strategy_doc_ids"])]
             next_state = None
             if served["session_id"]:
                 next_state = await self._pool.fetchval(
                     _NEXT_IN_SESSION, served["session_id"], served["created_at"]
                 )
-            updated = await self._pool.fetchval(_RECORD, search_id, value, next_state, json.dumps(raw))
+            updated = await self._pool.fetchval(_RECORD, search_id, value, next_state, json.dumps(raw),
+                                                action_rewards)
             if updated is None:  # a concurrent repeat won the race
-                stored = await self._pool.fetchval("SELECT reward FROM experiences WHERE search_id = $1", search_id)
-                return FeedbackOutcome(search_id, served["arm"], stored, True, None)
-        experience = Experience(served["state_key"], served["action"], value, served["propensity"],
-                                served["policy_version"], next_state)
-        return FeedbackOutcome(search_id, served["arm"], value, False, experience)
+                stored = await self._pool.fetchrow(
+                    "SELECT reward, action_rewards FROM experiences WHERE search_id = $1", search_id)
+                return FeedbackOutcome(search_id, served["arm"], stored["reward"], stored["action_rewards"],
+                                       True, [])
+        experiences = experiences_from(
+            served["state_key"], served["action"], value, served["propensity"], served["policy_version"],
+            next_state, action_rewards, served["action_probabilities"],
+        )
+        return FeedbackOutcome(search_id, served["arm"], value, action_rewards, False, experiences)

@@ -30,7 +30,7 @@ from cluster.database import create_pool
 from cluster.errors import ServiceUnavailable
 from cluster.metrics import IngressMetrics
 from cluster.rollout import load_plan
-from cluster.settings import FLAG_BEHAVIOUR, Settings
+from cluster.settings import FLAG_BEHAVIOUR, STRATEGIES, Settings
 from learners.learner import get_or_create_driver
 from learners.learning_state import get_or_create_learning_state
 from serve_app.api import Caller, Health, create_api
@@ -125,16 +125,20 @@ class Ingress:
     # -- learning --------------------------------------------------------------------------
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
         outcome = await self._feedback.record(
-            request.search_id, request.graded(), request.model_dump(exclude_none=True)
+            request.search_id, request.graded(), request.model_dump(exclude_none=True),
+            graded=request.judgements is not None,
         )
-        if outcome.experience is not None:
+        if outcome.experiences:
             self._control.observe_reward.remote(outcome.arm, outcome.reward)
             try:  # the row is stored; a restarting actor replays it from the database
-                await asyncio.wait_for(self._learning.add.remote([outcome.experience]), _ACTOR_TIMEOUT_S)
+                await asyncio.wait_for(self._learning.add.remote(outcome.experiences), _ACTOR_TIMEOUT_S)
             except Exception as error:
                 log.warning("experience not handed to the learning actor", extra={"error": repr(error)})
-        return FeedbackResponse(search_id=outcome.search_id, reward=outcome.reward,
-                                duplicate=outcome.duplicate)
+        rewards = outcome.action_rewards
+        return FeedbackResponse(
+            search_id=outcome.search_id, reward=outcome.reward, duplicate=outcome.duplicate,
+            strategy_rewards=None if rewards is None else dict(zip(STRATEGIES, rewards, strict=True)),
+        )
 
     async def _ask(self, *calls):
         """Await actor calls with a timeout; an absent actor is a 503 that says it comes back."""

@@ -37,8 +37,12 @@ class Decision:
 
     strategy: Strategy
     action: int
-    propensity: float
+    probabilities: tuple[float, ...]  # pi(.|s) of the acting policy, in STRATEGIES order
     policy_version: int
+
+    @property
+    def propensity(self) -> float:
+        return self.probabilities[self.action]
 
 
 def choose_strategy(
@@ -56,11 +60,13 @@ def choose_strategy(
     version = policy.version if policy else 0
     if requested or not use_policy:
         chosen: Strategy = requested or default
-        return Decision(chosen, STRATEGIES.index(chosen), 1.0, version)
+        action = STRATEGIES.index(chosen)
+        certain = tuple(float(a == action) for a in range(len(STRATEGIES)))
+        return Decision(chosen, action, certain, version)
     q = policy.q.values([state_key])[0] if policy else np.zeros(len(STRATEGIES))
     probs = policy_from_q(q, policy.tau if policy else 1.0)
     action = int(rng.choice(len(probs), p=probs))
-    return Decision(STRATEGIES[action], action, float(probs[action]), version)  # type: ignore[arg-type]
+    return Decision(STRATEGIES[action], action, tuple(probs.tolist()), version)  # type: ignore[arg-type]
 
 
 class SearchPipeline:
@@ -128,9 +134,13 @@ class SearchPipeline:
         answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
         search_id = uuid.uuid4().hex
         if self._record_experience and flags.get("experience_replay", False):
+            # What every strategy would have served: graded feedback can then reward each one.
+            alternatives = [[doc_id for doc_id, _ in self._fuse(s, lexical, dense, final_topk)]
+                            for s in STRATEGIES]  # type: ignore[arg-type]
             self._record_experience(ServedSearch(
                 search_id, self.arm, session_id, state_key, decision.action, decision.strategy,
                 decision.propensity, decision.policy_version, [doc_id for doc_id, _ in ranking],
+                alternatives, list(decision.probabilities),
             ))
         return SearchResponse(
             search_id=search_id,

@@ -114,6 +114,9 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     search_id: str
     reward: float = Field(description="nDCG of the served list under this feedback, in [0, 1].")
+    strategy_rewards: dict[Strategy, float] | None = Field(
+        None, description="For graded judgements: the reward of the list each strategy would have "
+        "served for this search (all of them teach the policy). None for clicks.")
     duplicate: bool = Field(description="True when feedback for this search was already recorded.")
 
 

@@ -33,14 +33,32 @@ async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **e
 async def test_feedback_becomes_a_reward_once(service):
     served = await search(service)
     top = served["hits"][0]["doc_id"]
+    inserted = (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"]
     first = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
                                                           "judgements": {top: 2, "unseen": 1}})
     assert first.status_code == 200, first.text
+    body = first.json()
     # served list [top, ...]: DCG = 2; ideal = 2 + 1/log2(3)
-    assert first.json() == {"search_id": served["search_id"], "duplicate": False,
-                            "reward": pytest.approx(2 / (2 + 1 / 1.5849625007), abs=1e-6)}
+    assert body["reward"] == pytest.approx(2 / (2 + 1 / 1.5849625007), abs=1e-6)
+    assert (body["search_id"], body["duplicate"]) == (served["search_id"], False)
+    # graded judgements also score what every other strategy would have served: 4 experiences
+    rewards = body["strategy_rewards"]
+    assert set(rewards) == {"lexical", "dense", "hybrid_rrf", "hybrid_weighted"}
+    assert rewards[served["strategy"]] == body["reward"]
+    assert all(0.0 <= r <= 1.0 for r in rewards.values())
+    assert (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"] == inserted + 4
     again = await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
-    assert again.json() == {**first.json(), "duplicate": True}
+    assert again.json() == {**body, "duplicate": True}
+
+
+async def test_clicks_reward_the_served_strategy_only(service):
+    served = await search(service)
+    inserted = (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"]
+    response = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
+                                                             "clicks": [served["hits"][0]["doc_id"]]})
+    assert response.status_code == 200, response.text
+    assert response.json()["strategy_rewards"] is None and response.json()["reward"] == 1.0
+    assert (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"] == inserted + 1
 
 
 async def test_feedback_errors(service):
@@ -75,6 +93,7 @@ async def test_learners_update_the_policy_and_replicas_follow(service):
     assert learning["state"]["updates_applied"] > 0, learning
     assert learning["learners"]["applied"] > 0 and learning["learners"]["failed"] == 0
     assert learning["q_table"]["q"], "some state has Q values"
+    assert len(learning["q_table"]["pooled"]) == 4
     assert learning["state"]["replay_size"] >= 12
 
 

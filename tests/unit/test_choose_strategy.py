@@ -9,8 +9,11 @@ ACTIONS = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
 STATE = "len=short|form=keyword|agree=low|digits=no"
 
 
-def policy(q_row, version=7, tau=0.5) -> PolicySnapshot:
-    return PolicySnapshot(version, ACTIONS, tau, QSnapshot(version, np.array([q_row], float), {STATE: 0}))
+def policy(q_row, version=7, tau=0.5, pooled=(0.0, 0.0, 0.0, 0.0)) -> PolicySnapshot:
+    """Q(STATE, .) = q_row (its own means, no prior); an unseen state gets `pooled`."""
+    q = QSnapshot(version, np.array(pooled, float), np.array([q_row], float), {STATE: 0},
+                  np.ones(4), np.ones((1, 4)), prior_count=0.0, horizon=1000.0)
+    return PolicySnapshot(version, ACTIONS, tau, q)
 
 
 def test_requested_strategy_wins_and_is_certain():
@@ -18,6 +21,7 @@ def test_requested_strategy_wins_and_is_certain():
                                np.random.default_rng(0))
     assert (decision.strategy, decision.action, decision.propensity, decision.policy_version) == (
         "dense", 1, 1.0, 7)
+    assert decision.probabilities == (0.0, 1.0, 0.0, 0.0)
 
 
 def test_without_the_bandit_the_default_is_used():
@@ -38,10 +42,12 @@ def test_bandit_samples_from_softmax_and_logs_the_propensity():
     np.testing.assert_allclose(frequencies, probs, atol=0.03)
 
 
-def test_bandit_without_a_policy_is_uniform_and_unseen_states_too():
+def test_bandit_without_a_policy_is_uniform_and_unseen_states_follow_the_pooled_row():
     rng = np.random.default_rng(2)
     no_policy = choose_strategy(STATE, None, "hybrid_rrf", None, True, rng)
-    unseen = choose_strategy("len=long|form=question|agree=high|digits=yes", None, "hybrid_rrf",
-                             policy([5, 0, 0, 0]), True, rng)
     assert no_policy.propensity == pytest.approx(0.25) and no_policy.policy_version == 0
-    assert unseen.propensity == pytest.approx(0.25)
+    assert no_policy.probabilities == pytest.approx((0.25,) * 4)
+    unseen = choose_strategy("len=long|form=question|agree=high|digits=yes", None, "hybrid_rrf",
+                             policy([5, 0, 0, 0], pooled=(0, 0, 0.5, 0)), True, rng)
+    pooled_policy = np.exp(np.array([0, 0, 0.5, 0]) / 0.5) / np.exp(np.array([0, 0, 0.5, 0]) / 0.5).sum()
+    np.testing.assert_allclose(unseen.probabilities, pooled_policy)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from learners.learning_core import Experience, LearningConfig, LearningCore
+from learners.learning_core import Experience, LearningConfig, LearningCore, experiences_from
 from learners.reward import judgements_from_clicks, reward
 from learners.soft_q import compute_deltas
 
@@ -83,3 +83,12 @@ def test_reward_is_ndcg_of_the_served_list():
     assert reward(["x"], {"a": 2}) == 0.0
     assert reward([], {"a": 1}) == 0.0
     assert reward(["a", "b"], judgements_from_clicks(["b"])) == pytest.approx(1 / np.log2(3))
+
+
+def test_graded_feedback_teaches_every_action_and_clicks_only_the_served_one():
+    full = experiences_from(STATE, 2, 0.7, 0.4, 3, None, [0.1, 0.2, 0.7, 0.9], [0.1, 0.2, 0.4, 0.3])
+    assert [(e.action, e.reward, e.propensity) for e in full] == [
+        (2, 0.7, 0.4), (0, 0.1, 0.1), (1, 0.2, 0.2), (3, 0.9, 0.3)]
+    assert {(e.state_key, e.policy_version) for e in full} == {(STATE, 3)}
+    clicks = experiences_from(STATE, 2, 0.7, 0.4, 3, OTHER, None, [0.1, 0.2, 0.4, 0.3])
+    assert clicks == [Experience(STATE, 2, 0.7, 0.4, 3, OTHER)]

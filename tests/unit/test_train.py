@@ -24,9 +24,9 @@ def test_split_half_is_disjoint_complete_and_depends_on_ids_and_seed_only():
     assert split_half(ids, seed=4) != (train, test)
 
 
-def test_greedy_takes_argmax_first_on_ties_and_the_default_for_unseen_states():
+def test_greedy_takes_argmax_first_on_ties_and_the_pooled_row_for_unseen_states():
     q_table = {"a": [0.1, 0.3, 0.2], "b": [0.5, 0.0, 0.5]}
-    actions = greedy_actions(["a", "b", "zzz"], q_table, default_action=2)
+    actions = greedy_actions(["a", "b", "zzz"], q_table, pooled=[0.0, 0.1, 0.2])
     assert actions.tolist() == [1, 0, 2]
 
 
@@ -34,20 +34,20 @@ def test_mean_ndcg_of_a_deterministic_policy():
     assert mean_ndcg(SCORES, np.array([1, 0, 1, 2])) == pytest.approx((0.6 + 0.8 + 1.0 + 0.5) / 4)
 
 
-def test_expected_ndcg_under_softmax_and_uniform_for_unseen_states():
+def test_expected_ndcg_under_softmax_and_the_pooled_row_for_unseen_states():
     tau = 0.5
     q_table = {"a": [0.0, math.log(3) * tau, 0.0]}  # softmax: 1/5, 3/5, 1/5
     expected_a = [0.2 * 0.2 + 0.6 * 0.6 + 0.2 * 0.4, 0.2 * 0.8 + 0.6 * 0.2 + 0.2 * 0.4]
-    expected_b = [(0.0 + 1.0 + 0.5) / 3, 0.5 / 3]  # "b" unseen: Q = 0, uniform
-    assert expected_ndcg(SCORES, STATES, q_table, tau) == pytest.approx(
+    expected_b = [(0.0 + 1.0 + 0.5) / 3, 0.5 / 3]  # "b" unseen: the pooled row, here uniform
+    assert expected_ndcg(SCORES, STATES, q_table, [0.3, 0.3, 0.3], tau) == pytest.approx(
         (sum(expected_a) + sum(expected_b)) / 4
     )
 
 
 def test_expected_ndcg_approaches_greedy_as_tau_shrinks():
     q_table = {"a": [0.0, 1.0, 0.5], "b": [0.2, 0.1, 0.0]}
-    greedy = mean_ndcg(SCORES, greedy_actions(STATES, q_table, 0))
-    assert expected_ndcg(SCORES, STATES, q_table, 1e-4) == pytest.approx(greedy)
+    greedy = mean_ndcg(SCORES, greedy_actions(STATES, q_table, [0.0, 0.0, 0.0]))
+    assert expected_ndcg(SCORES, STATES, q_table, [0.0, 0.0, 0.0], 1e-4) == pytest.approx(greedy)
 
 
 def test_oracle_picks_per_state_the_best_mean_not_per_query():
@@ -62,4 +62,4 @@ def test_oracle_bounds_every_state_policy():
     for a in range(3):
         for b in range(3):
             q_table = {"a": np.eye(3)[a].tolist(), "b": np.eye(3)[b].tolist()}
-            assert mean_ndcg(SCORES, greedy_actions(STATES, q_table, 0)) <= oracle + 1e-12
+            assert mean_ndcg(SCORES, greedy_actions(STATES, q_table, [0.0, 0.0, 0.0])) <= oracle + 1e-12
