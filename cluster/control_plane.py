@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -103,9 +103,14 @@ class RolloutControl:
         finally:
             await connection.close()
 
-    def _change(self, event: str, **updates: Any) -> LiveConfig:
-        """Apply updates, bump the version, record the event, persist; under the lock."""
+    def _change(self, change: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]) -> LiveConfig:
+        """Apply `change(state) -> (event, updates)`, bump the version, record, persist.
+
+        The updates are built from the state inside the lock, so an operator's call and a guard
+        rollback that race cannot overwrite each other.
+        """
         with self._lock:
+            event, updates = change(self._state)
             state = {**self._state, **updates, "version": self._state["version"] + 1}
             state["events"] = [*self._state["events"], {"at": time.time(), "event": event}][-_MAX_EVENTS:]
             run_blocking(self._save(state))
@@ -145,36 +150,41 @@ class RolloutControl:
         unknown = set(flags) - set(FEATURE_FLAGS)
         if unknown:
             raise RolloutError(f"unknown flags {sorted(unknown)}; flags: {', '.join(FEATURE_FLAGS)}")
-        merged = {**self._state["flags"], arm: {**self._state["flags"][arm], **flags}}
         changes = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in flags.items())
-        return self._change(f"flags on {arm}: {changes}", flags=merged)
+        return self._change(lambda s: (
+            f"flags on {arm}: {changes}", {"flags": {**s["flags"], arm: {**s["flags"][arm], **flags}}}))
 
     def set_weight(self, weight: float, reason: str = "set by operator") -> LiveConfig:
         if not 0.0 <= weight <= 1.0:
             raise RolloutError(f"treatment weight must be in [0, 1], got {weight}")
-        return self._change(f"treatment weight {self._state['treatment_weight']:.0%} -> {weight:.0%}: {reason}",
-                            treatment_weight=weight)
+        return self._change(lambda s: (
+            f"treatment weight {s['treatment_weight']:.0%} -> {weight:.0%}: {reason}",
+            {"treatment_weight": weight}))
 
     def advance(self) -> LiveConfig:
-        names = [s.name for s in self._plan.stages]
-        index = names.index(self._state["stage"])
-        if index + 1 >= len(names):
-            raise RolloutError(f"already at the last stage '{names[index]}'")
-        stage = self._plan.stages[index + 1]
-        flags = {**self._state["flags"], TREATMENT: stage_flags(self._state["flags"][CONTROL], stage)}
-        return self._change(f"advanced to stage '{stage.name}' ({stage.treatment_weight:.0%})",
-                            stage=stage.name, treatment_weight=stage.treatment_weight, flags=flags)
+        def next_stage(state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            names = [s.name for s in self._plan.stages]
+            index = names.index(state["stage"])
+            if index + 1 >= len(names):
+                raise RolloutError(f"already at the last stage '{names[index]}'")
+            stage = self._plan.stages[index + 1]
+            flags = {**state["flags"], TREATMENT: stage_flags(state["flags"][CONTROL], stage)}
+            return (f"advanced to stage '{stage.name}' ({stage.treatment_weight:.0%})",
+                    {"stage": stage.name, "treatment_weight": stage.treatment_weight, "flags": flags})
+
+        return self._change(next_stage)
 
     def rollback(self, reason: str) -> LiveConfig:
-        return self._change(f"rolled back to 0%: {reason}", treatment_weight=0.0, rolled_back=reason)
+        return self._change(lambda s: (f"rolled back to 0%: {reason}",
+                                       {"treatment_weight": 0.0, "rolled_back": reason}))
 
     def set_fault(self, arm: str, failing: bool) -> LiveConfig:
         if not self._allow_faults:
             raise RolloutError("fault injection is available only when ENVIRONMENT=test")
         if arm not in ARMS:
             raise RolloutError(f"unknown arm '{arm}'; arms: {', '.join(ARMS)}")
-        return self._change(f"fault injection on {arm}: {'on' if failing else 'off'}",
-                            faults={**self._state["faults"], arm: failing})
+        return self._change(lambda s: (f"fault injection on {arm}: {'on' if failing else 'off'}",
+                                       {"faults": {**s["faults"], arm: failing}}))
 
     def status(self) -> dict[str, Any]:
         now = time.time()

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 
 import asyncpg
 
@@ -31,7 +32,9 @@ class ServedSearch:
     propensity: float
     policy_version: int
     served_doc_ids: list[str]
-    strategy_doc_ids: list[list[str]]  # the list each action would have served, in action order
+    # The list each action would have served, in action order; computed when written, since
+    # fusing every strategy costs more than the search's own response can wait for.
+    strategy_doc_ids: Callable[[], list[list[str]]]
     action_probabilities: list[float]  # pi(.|s) of the behaviour policy, in action order
 
 
@@ -61,7 +64,7 @@ class ExperienceLog:
 
     async def _write(self, batch: list[ServedSearch]) -> None:
         records = [
-            tuple(json.dumps(s.strategy_doc_ids) if c == "strategy_doc_ids" else getattr(s, c)
+            tuple(json.dumps(s.strategy_doc_ids()) if c == "strategy_doc_ids" else getattr(s, c)
                   for c in _COLUMNS)
             for s in batch
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -115,6 +116,11 @@ class SearchPipeline:
             return reciprocal_rank_fusion([lexical, dense], self._settings.rrf_k)[:depth]
         return weighted_score_fusion(lexical, dense, self._settings.fusion_weight)[:depth]
 
+    def _every_strategy(self, lexical: Ranking, dense: Ranking, depth: int) -> list[list[str]]:
+        """The ids each strategy would serve, in STRATEGIES order."""
+        return [[doc_id for doc_id, _ in self._fuse(strategy, lexical, dense, depth)]
+                for strategy in STRATEGIES]  # type: ignore[arg-type]
+
     def _decide(self, state_key: str, requested: Strategy | None, use_policy: bool) -> Decision:
         return choose_strategy(
             state_key, requested, self._settings.default_strategy,  # type: ignore[arg-type]
@@ -134,9 +140,9 @@ class SearchPipeline:
         answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
         search_id = uuid.uuid4().hex
         if self._record_experience and flags.get("experience_replay", False):
-            # What every strategy would have served: graded feedback can then reward each one.
-            alternatives = [[doc_id for doc_id, _ in self._fuse(s, lexical, dense, final_topk)]
-                            for s in STRATEGIES]  # type: ignore[arg-type]
+            # What every strategy would have served, so graded feedback can reward each one;
+            # fused later by the experience log's writer, off the response path.
+            alternatives = functools.partial(self._every_strategy, lexical, dense, final_topk)
             self._record_experience(ServedSearch(
                 search_id, self.arm, session_id, state_key, decision.action, decision.strategy,
                 decision.propensity, decision.policy_version, [doc_id for doc_id, _ in ranking],
