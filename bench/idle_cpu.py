@@ -1,0 +1,173 @@
+"""What an idle cluster costs: CPU of every process of a local Ray, with and without the app.
+
+A service that learns and rolls out keeps background work going (replicas polling the control
+plane and the policy, learners asking for batches, the rollout guard). This measures what that
+costs when nobody searches, against a baseline in the same run: the same Ray with Serve's
+controller and proxy but no application.
+
+1. baseline: Ray + Serve, nothing deployed; settle, then sum the CPU time of every process of
+   the Ray session (GCS, raylet, workers, controller, proxy) over `--seconds`;
+2. app: the DT-RAG app deployed with the defaults (learning flags off, treatment at 0%), idle;
+   settle, measure the same way.
+
+It prints CPU per process role (% of one core) for both phases, and app / baseline. Processes
+are found as descendants of this script (a local Ray starts its processes as our children), so
+the embedded PostgreSQL, which runs detached, is not counted.
+
+    .venv/bin/python bench/idle_cpu.py [--state-dir /tmp/idle-state] [--seconds 60]
+
+It writes the section "## Idle CPU" of `bench/RESULTS.md`. Serve listens on 127.0.0.1:8400 and
+Ray's metrics exporter on 127.0.0.1:9400.
+"""
+
+from __future__ import annotations
+
+from cluster.runtime import loopback_only_environment
+
+loopback_only_environment()  # before anything imports ray, or Ray binds the machine's address
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import collections  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import psutil  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from _harness import (  # noqa: E402
+    BENCH,
+    deploy_app,
+    local_settings,
+    prepare_database,
+    ray_serve,
+    relative,
+    replace_section,
+    revoke,
+)
+from cluster.database import resolve_database_url  # noqa: E402
+from cluster.settings import load_settings  # noqa: E402
+
+HTTP_PORT = 8400
+METRICS_PORT = 9400
+SECTION = "## Idle CPU"
+SETTLE_S = 20.0
+DEPLOY_TIMEOUT_S = 300.0
+
+CpuByRole = dict[str, float]  # role -> % of one core
+
+
+def role(process: psutil.Process) -> str:
+    """A readable name: Ray sets worker titles to `ray::ActorClass` or `ray::IDLE`."""
+    try:
+        title = " ".join(process.cmdline()) or process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "(exited)"
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    for known in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env_agent", "monitor.py"):
+        if known in title:
+            return known
+    return process.name()
+
+
+def cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return seconds
+
+
+def measure(seconds: float, label: str) -> CpuByRole:
+    """% of one core per role over `seconds`, for this process's descendants (not itself)."""
+    processes = psutil.Process().children(recursive=True)
+    before = cpu_seconds(processes)
+    for _ in tqdm(range(int(seconds)), desc=label, unit="s"):
+        time.sleep(1)
+    after = cpu_seconds(processes)
+    usage: CpuByRole = collections.defaultdict(float)
+    for process in processes:
+        if process.pid in before and process.pid in after:
+            usage[role(process)] += 100 * (after[process.pid] - before[process.pid]) / seconds
+    return dict(usage)
+
+
+def settle(label: str) -> None:
+    for _ in tqdm(range(int(SETTLE_S)), desc=f"settle ({label})", unit="s"):
+        time.sleep(1)
+
+
+def table(baseline: CpuByRole, app: CpuByRole) -> str:
+    roles = sorted(baseline.keys() | app.keys(), key=lambda r: -app.get(r, 0.0))
+    lines = ["| process | baseline: Ray + Serve (% of a core) | app idle (% of a core) |",
+             "|---|---:|---:|"]
+    lines += [f"| `{r}` | {baseline.get(r, 0.0):.1f} | {app.get(r, 0.0):.1f} |" for r in roles
+              if max(baseline.get(r, 0.0), app.get(r, 0.0)) >= 0.05]
+    total_b, total_a = sum(baseline.values()), sum(app.values())
+    lines.append(f"| **total** | **{total_b:.1f}** | **{total_a:.1f}** |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=Path("/tmp/idle-state"),
+                        help="embedded database folder (the sample corpus is loaded if empty)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each measurement")
+    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = local_settings(load_settings(), HTTP_PORT, METRICS_PORT)
+    settings = base.with_database_url(resolve_database_url(None, args.state_dir))
+    assert settings.database.url
+    key = asyncio.run(prepare_database(settings, "bench-idle-cpu"))
+    load_at_start = os.getloadavg()[0]
+    try:
+        with ray_serve(settings) as url:
+            settle("baseline")
+            baseline = measure(args.seconds, "measure baseline")
+            deploy_app(settings, url, DEPLOY_TIMEOUT_S)
+            settle("app")
+            app = measure(args.seconds, "measure app")
+    finally:
+        asyncio.run(revoke(settings.database.url, key))
+    ratio = sum(app.values()) / max(sum(baseline.values()), 1e-9)
+    report = table(baseline, app)
+    summary = (f"app idle: {sum(app.values()):.1f}% of a core; baseline {sum(baseline.values()):.1f}%; "
+               f"app / baseline {ratio:.2f}")
+    print(report)
+    print(summary)
+    body = "\n".join([
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {os.cpu_count()} cores; "
+        f"1-minute load average {load_at_start:.2f} at the start.",
+        "",
+        "Command (from the repository root):",
+        "",
+        "```",
+        f".venv/bin/python bench/idle_cpu.py --seconds {args.seconds:g}",
+        "```",
+        "",
+        "CPU of every process of a local Ray over the measurement, nobody searching. Baseline: Ray",
+        "with Serve's controller and proxy, nothing deployed. App: the DT-RAG app with the defaults",
+        "(learning flags off, treatment arm at 0%). Roles are Ray's process titles.",
+        "",
+        report,
+        "",
+        f"- {summary}.",
+    ])
+    replace_section(args.results, SECTION, body)
+    print(f"wrote the section '{SECTION}' of {relative(args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
