@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from cluster.cli import sample_corpus_dir
+from cluster.train import format_report, plot_learning_curve, train_dataset
 from learners.learning_state import learning_state_handle
 
 
@@ -136,3 +138,24 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
     table = pq.read_table(exported)
     assert table.num_rows == rows == restored["replay_size"]
     assert {"state_key", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)
+
+
+async def test_dtrag_train_runs_the_simulated_user_and_scores_every_policy(service, tmp_path):
+    """`dtrag train` end to end on the sample corpus: no training qrels, so half its queries train."""
+    key = service.headers["X-API-Key"]
+    report = await asyncio.to_thread(train_dataset, sample_corpus_dir(), str(service.base_url), key,
+                                     epochs=1, concurrency=2, json_path=tmp_path / "train.json")
+    train_queries = 20  # of the corpus's 40 judged queries
+    assert report.epochs[0].feedbacks == train_queries and report.epochs[0].caught_up
+    # graded qrels reward all four strategies per feedback
+    added = report.epochs[0].learning["inserted"] - report.started_from["inserted"]
+    assert added == 4 * train_queries
+    scores = report.scores
+    assert set(scores.fixed) == {"lexical", "dense", "hybrid_rrf", "hybrid_weighted"}
+    assert all(0.0 <= v <= 1.0 for v in [*scores.fixed.values(), scores.greedy, scores.served])
+    assert scores.oracle >= max(scores.fixed.values()) - 1e-12  # one action per state includes every fixed one
+    assert scores.greedy <= scores.oracle + 1e-12
+    assert report.curve()[0][0] == 0 and report.curve()[-1][0] == train_queries
+    assert "oracle - learned (greedy)" in format_report(report)
+    plot_learning_curve(report, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
