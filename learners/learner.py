@@ -1,7 +1,11 @@
-"""Remote learners: Ray tasks that turn a prioritized sample into a Q delta and new priorities.
+"""Remote learners: a pool of Ray actors that turn a prioritized sample into a Q delta and priorities.
 
-`LearnerDriver` keeps `learners` such tasks in flight against the `LearningState` actor and
-counts how each ended; the math is `learners.soft_q.compute_deltas`, so a task is a thin shell.
+`LearnerDriver` keeps one step in flight on each `Learner` of its pool against the
+`LearningState` actor, and counts how each ended; the math is `learners.soft_q.compute_deltas`,
+so a learner is a thin shell. Learners are actors rather than tasks because they live on: a
+task that comes every couple of seconds finds its worker process retired (Ray stops idle
+workers after about a second) and pays for a new Python process each time, which cost an idle
+service more CPU than all its replicas together.
 """
 
 from __future__ import annotations
@@ -31,26 +35,31 @@ def learn(state: ray.actor.ActorHandle, batch: LearnerBatch) -> bool:
     return ray.get(state.apply_update.remote(delta, batch.indices, batch.insertion_ids, td))
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def learner_step(state: ray.actor.ActorHandle, batch_size: int) -> str:
-    """One learning step: 'applied', 'stale', or 'idle' (rate limit or too little data)."""
-    batch = ray.get(state.sample.remote(batch_size))
-    if batch is None:
-        return "idle"
-    return "applied" if learn(state, batch) else "stale"
+@ray.remote(max_restarts=-1, num_cpus=0)
+class Learner:
+    """One learner process of the pool."""
+
+    def __init__(self, state: ray.actor.ActorHandle):
+        self._state = state
+
+    def step(self, batch_size: int) -> str:
+        """One learning step: 'applied', 'stale', or 'idle' (rate limit or too little data)."""
+        batch = ray.get(self._state.sample.remote(batch_size))
+        if batch is None:
+            return "idle"
+        return "applied" if learn(self._state, batch) else "stale"
 
 
 @ray.remote(max_restarts=-1, num_cpus=0)
 class LearnerDriver:
-    """Keeps `learners` learner tasks in flight, backing off while there is nothing to learn.
+    """Keeps one step in flight on each of `learners` Learner actors, backing off while idle.
 
     The wait after an idle step doubles from 0.2 s to 2 s, so new feedback is learned from
     within about 2 s, and an idle service is not asked for a batch ten times a second.
     """
 
     def __init__(self, state: ray.actor.ActorHandle, learners: int, batch_size: int):
-        self._state = state
-        self._learners = learners
+        self._pool = [Learner.remote(state) for _ in range(learners)]
         self._batch_size = batch_size
         self._outcomes: collections.Counter[str] = collections.Counter()
         self._last_outcome = ""
@@ -58,15 +67,14 @@ class LearnerDriver:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        in_flight: list[ray.ObjectRef] = []
+        in_flight = {learner.step.remote(self._batch_size): learner for learner in self._pool}
         idle_wait = _IDLE_WAIT_S
         while True:
-            while len(in_flight) < self._learners:
-                in_flight.append(learner_step.remote(self._state, self._batch_size))
-            done, in_flight = ray.wait(in_flight, num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            learner = in_flight.pop(done[0])
             try:
                 outcome = ray.get(done[0])
-            except Exception as error:  # the actor restarting, a lost task: count, go on
+            except Exception as error:  # the actor restarting, a lost call: count, go on
                 if self._outcomes["failed"] == 0 or self._last_outcome != "failed":
                     log.warning("learner steps failing (counted as failed until one succeeds): %r", error)
                 outcome = "failed"
@@ -81,6 +89,7 @@ class LearnerDriver:
                 idle_wait = min(2 * idle_wait, _MAX_IDLE_WAIT_S)
             else:
                 idle_wait = _IDLE_WAIT_S
+            in_flight[learner.step.remote(self._batch_size)] = learner
 
     def stats(self) -> dict[str, int]:
         """Counts of learner steps by outcome: applied, stale, idle, failed."""
