@@ -91,6 +91,26 @@ async def test_stages_advance_and_rollback_by_hand(service):
     assert "drill" in rolled["events"][-1]["event"]
 
 
+async def test_status_reports_each_arm_and_the_reward_difference(service):
+    # Before the guard test: its failed requests stay in the guard's window (30 s here) and would
+    # roll this test's 50% treatment back before both arms collect rewards.
+    await service.put("/api/v1/admin/flags", json={"arm": "control", "flags": {"experience_replay": True}})
+    await service.put("/api/v1/admin/flags", json={"arm": "treatment", "flags": {"experience_replay": True}})
+    await set_weight(service, 0.5)
+    for i in range(40):
+        served = (await service.post("/api/v1/search/", json={"q": "rainforest", "final_topk": 3},
+                                     headers={"X-User-Id": f"reward-{i}"})).json()
+        await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
+                                                      "clicks": [served["hits"][0]["doc_id"]]})
+    status = (await service.get("/api/v1/admin/rollout")).json()
+    for arm in ("control", "treatment"):
+        summary = status["arms"][arm]
+        assert summary["requests"] > 0 and summary["p50_ms"] > 0 and summary["p95_ms"] >= summary["p50_ms"]
+        assert summary["rewards"] > 0 and summary["mean_reward"] is not None
+    assert set(status["reward_difference"]) == {"delta", "ci95", "p_value", "significant"}
+    await set_weight(service, 0.0)
+
+
 async def test_failing_treatment_is_rolled_back_by_the_guard(service):
     await set_weight(service, 0.5)
     assert (await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": True})).status_code == 200
@@ -116,24 +136,6 @@ async def test_failing_treatment_is_rolled_back_by_the_guard(service):
     after = await arms_of(service, users)
     assert set(after.values()) == {"control"}
     await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
-
-
-async def test_status_reports_each_arm_and_the_reward_difference(service):
-    await service.put("/api/v1/admin/flags", json={"arm": "control", "flags": {"experience_replay": True}})
-    await service.put("/api/v1/admin/flags", json={"arm": "treatment", "flags": {"experience_replay": True}})
-    await set_weight(service, 0.5)
-    for i in range(40):
-        served = (await service.post("/api/v1/search/", json={"q": "rainforest", "final_topk": 3},
-                                     headers={"X-User-Id": f"reward-{i}"})).json()
-        await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
-                                                      "clicks": [served["hits"][0]["doc_id"]]})
-    status = (await service.get("/api/v1/admin/rollout")).json()
-    for arm in ("control", "treatment"):
-        summary = status["arms"][arm]
-        assert summary["requests"] > 0 and summary["p50_ms"] > 0 and summary["p95_ms"] >= summary["p50_ms"]
-        assert summary["rewards"] > 0 and summary["mean_reward"] is not None
-    assert set(status["reward_difference"]) == {"delta", "ci95", "p_value", "significant"}
-    await set_weight(service, 0.0)
 
 
 async def test_metrics_are_exported_for_prometheus(service, live_settings):
