@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 
 from cluster.api_keys import create_key, revoke_key
 from cluster.cli import sample_corpus_dir
@@ -123,6 +124,24 @@ def admin(client: httpx.Client, method: str, path: str, body: dict[str, Any] | N
     if response.status_code != 200:
         raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
     return response.json()
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+def process_cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of one process so far; psutil.Error if it is gone."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy so far.
+
+    Guest time is already inside user and nice, and steal is time the machine did not get.
+    """
+    times = psutil.cpu_times()
+    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
 
 
 # --- reporting --------------------------------------------------------------------------------

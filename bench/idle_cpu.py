@@ -32,6 +32,8 @@ loopback_only_environment()  # before anything imports ray, or Ray binds the mac
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -45,7 +47,9 @@ from _harness import (  # noqa: E402
     BENCH,
     deploy_app,
     local_settings,
+    machine_busy_seconds,
     prepare_database,
+    process_cpu_seconds,
     ray_serve,
     relative,
     replace_section,
@@ -60,9 +64,19 @@ SECTION = "## Idle CPU"
 SETTLE_S = 20.0
 DEPLOY_TIMEOUT_S = 300.0
 
-CpuByRole = dict[str, float]  # role -> % of one core
-MACHINE = "(whole machine)"
-STARTED = "(processes started meanwhile, count)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """CPU over one measurement, as % of one core."""
+
+    by_role: dict[str, float]  # this script's descendants that lived through the measurement
+    started: int  # descendants that were not there at its start
+    machine: float  # every core's busy time: also what short-lived processes used
+
+    @property
+    def processes(self) -> float:
+        return sum(self.by_role.values())
 
 
 def role(process: psutil.Process) -> str:
@@ -82,40 +96,28 @@ def role(process: psutil.Process) -> str:
 def cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, float]:
     seconds = {}
     for process in processes:
-        try:
-            times = process.cpu_times()
-            seconds[process.pid] = times.user + times.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+        with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
+            seconds[process.pid] = process_cpu_seconds(process)
     return seconds
 
 
-def busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O)."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
-
-
-def measure(seconds: float, label: str) -> CpuByRole:
-    """% of one core per role over `seconds`, for this process's descendants (not itself).
+def measure(seconds: float, label: str) -> Measurement:
+    """CPU per role of this process's descendants (not itself) over `seconds`, and the machine's.
 
     Processes that start or exit within the window (a worker Ray spawns for a task, for
-    example) are missed per role, so the machine's busy time is reported beside them as
-    `(whole machine)`.
+    example) are missed per role; the machine's busy time includes them.
     """
     processes = psutil.Process().children(recursive=True)
-    before, machine_before = cpu_seconds(processes), busy_seconds()
+    before, machine_before = cpu_seconds(processes), machine_busy_seconds()
     for _ in tqdm(range(int(seconds)), desc=label, unit="s"):
         time.sleep(1)
-    after, machine_after = cpu_seconds(processes), busy_seconds()
-    usage: CpuByRole = collections.defaultdict(float)
+    after, machine_after = cpu_seconds(processes), machine_busy_seconds()
+    by_role: dict[str, float] = collections.defaultdict(float)
     for process in processes:
         if process.pid in before and process.pid in after:
-            usage[role(process)] += 100 * (after[process.pid] - before[process.pid]) / seconds
+            by_role[role(process)] += 100 * (after[process.pid] - before[process.pid]) / seconds
     started = {p.pid for p in psutil.Process().children(recursive=True)} - set(before)
-    usage[STARTED] = len(started)
-    usage[MACHINE] = 100 * (machine_after - machine_before) / seconds
-    return dict(usage)
+    return Measurement(dict(by_role), len(started), 100 * (machine_after - machine_before) / seconds)
 
 
 def settle(label: str) -> None:
@@ -123,19 +125,15 @@ def settle(label: str) -> None:
         time.sleep(1)
 
 
-def processes_total(usage: CpuByRole) -> float:
-    return sum(v for r, v in usage.items() if r not in (MACHINE, STARTED))
-
-
-def table(baseline: CpuByRole, app: CpuByRole) -> str:
-    roles = sorted((baseline.keys() | app.keys()) - {MACHINE, STARTED}, key=lambda r: -app.get(r, 0.0))
+def table(baseline: Measurement, app: Measurement) -> str:
+    roles = sorted(baseline.by_role.keys() | app.by_role.keys(), key=lambda r: -app.by_role.get(r, 0.0))
     lines = ["| process | baseline: Ray + Serve (% of a core) | app idle (% of a core) |",
              "|---|---:|---:|"]
-    lines += [f"| `{r}` | {baseline.get(r, 0.0):.1f} | {app.get(r, 0.0):.1f} |" for r in roles
-              if max(baseline.get(r, 0.0), app.get(r, 0.0)) >= 0.05]
-    lines.append(f"| **processes above** | **{processes_total(baseline):.1f}** | **{processes_total(app):.1f}** |")
-    lines.append(f"| processes started meanwhile (count) | {baseline[STARTED]:.0f} | {app[STARTED]:.0f} |")
-    lines.append(f"| **whole machine, busy** | **{baseline[MACHINE]:.1f}** | **{app[MACHINE]:.1f}** |")
+    lines += [f"| `{r}` | {baseline.by_role.get(r, 0.0):.1f} | {app.by_role.get(r, 0.0):.1f} |" for r in roles
+              if max(baseline.by_role.get(r, 0.0), app.by_role.get(r, 0.0)) >= 0.05]
+    lines.append(f"| **processes above** | **{baseline.processes:.1f}** | **{app.processes:.1f}** |")
+    lines.append(f"| processes started meanwhile (count) | {baseline.started} | {app.started} |")
+    lines.append(f"| **whole machine, busy** | **{baseline.machine:.1f}** | **{app.machine:.1f}** |")
     return "\n".join(lines)
 
 
@@ -164,10 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = measure(args.seconds, "measure app")
     finally:
         asyncio.run(revoke(settings.database.url, key))
-    ratio = app[MACHINE] / max(baseline[MACHINE], 1e-9)
+    ratio = app.machine / max(baseline.machine, 1e-9)
     report = table(baseline, app)
-    summary = (f"whole machine busy with the app idle: {app[MACHINE]:.1f}% of a core; baseline "
-               f"{baseline[MACHINE]:.1f}%; app / baseline {ratio:.2f}")
+    summary = (f"whole machine busy with the app idle: {app.machine:.1f}% of a core; baseline "
+               f"{baseline.machine:.1f}%; app / baseline {ratio:.2f}")
     print(report)
     print(summary)
     body = "\n".join([

@@ -42,7 +42,17 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from _harness import BENCH, REPO, deploy_app, ray_serve, replace_section, revoke, wait_healthy
+from _harness import (
+    BENCH,
+    REPO,
+    deploy_app,
+    machine_busy_seconds,
+    process_cpu_seconds,
+    ray_serve,
+    replace_section,
+    revoke,
+    wait_healthy,
+)
 from cluster.api_keys import create_key
 from cluster.database import resolve_database_url
 from cluster.evaluate import load_queries
@@ -114,11 +124,6 @@ class CpuSample:
     machine: float  # all cores, busy time
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def sample_cpu(state_dir: Path) -> CpuSample:
     """Serving processes are this process's descendants (Ray's, or the uvicorn process) and the
     embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
@@ -126,10 +131,8 @@ def sample_cpu(state_dir: Path) -> CpuSample:
     service: dict[int, float] = {}
     for process in [*psutil.Process().children(recursive=True), postmaster, *postmaster.children()]:
         with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
-            service[process.pid] = _cpu_seconds(process)
-    machine = psutil.cpu_times()  # its guest times are already in user and nice; steal is not ours
-    busy = sum(getattr(machine, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
-    return CpuSample(service, _cpu_seconds(psutil.Process()), busy)
+            service[process.pid] = process_cpu_seconds(process)
+    return CpuSample(service, process_cpu_seconds(psutil.Process()), machine_busy_seconds())
 
 
 def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float]:
