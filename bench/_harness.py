@@ -20,13 +20,13 @@ import asyncpg
 import httpx
 import psutil
 
-from cluster.api_keys import create_key, revoke_key
-from cluster.cli import sample_corpus_dir
-from cluster.database import create_pool
-from cluster.ingest import document_count, ingest
-from cluster.migrate import migrate
-from cluster.runtime import deploy, start_ray, start_serve
-from cluster.settings import Settings
+from cluster.data.corpus import sample_corpus_dir
+from cluster.data.ingest import document_count, ingest
+from cluster.platform.api_keys import create_key, revoke_key
+from cluster.platform.database import create_pool
+from cluster.platform.migrate import migrate
+from cluster.platform.runtime import deploy, start_ray, start_serve
+from cluster.platform.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -111,7 +111,10 @@ def ray_serve(settings: Settings) -> Iterator[str]:
 
 
 def deploy_app(settings: Settings, url: str, timeout_s: float) -> None:
-    """(Re)deploy the DT-RAG app with `settings` and wait until it answers."""
+    """(Re)deploy the DT-RAG app with `settings` and wait until it answers.
+
+    `build_app` starts the cluster's actors, or finds the running ones, in the connected Ray.
+    """
     from serve_app.app import APP_NAME, build_app
 
     deploy(build_app(settings), APP_NAME)

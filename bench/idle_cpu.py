@@ -25,7 +25,7 @@ Ray's metrics exporter on 127.0.0.1:9400.
 
 from __future__ import annotations
 
-from cluster.runtime import loopback_only_environment
+from cluster.platform.runtime import loopback_only_environment
 
 loopback_only_environment()  # before anything imports ray, or Ray binds the machine's address
 
@@ -55,8 +55,8 @@ from _harness import (  # noqa: E402
     replace_section,
     revoke,
 )
-from cluster.database import resolve_database_url  # noqa: E402
-from cluster.settings import load_settings  # noqa: E402
+from cluster.platform.database import resolve_database_url  # noqa: E402
+from cluster.platform.settings import load_settings  # noqa: E402
 
 HTTP_PORT = 8400
 METRICS_PORT = 9400

@@ -17,8 +17,8 @@ in batches, and the actor process's RSS is read before and after, next to the bu
 `replay_bytes`. Target: at most 5 MB for 10,000 experiences. The scratch database is dropped.
 
 The state folder's embedded database is used; if it holds no documents, the sample corpus
-(`cluster/sample_corpus`) is ingested first. The script starts and stops its own loopback Ray,
-with Serve on 127.0.0.1:8300 and Ray's metrics exporter on 127.0.0.1:9300:
+(`cluster/data/sample_corpus`) is ingested first. The script starts and stops its own loopback
+Ray, with Serve on 127.0.0.1:8300 and Ray's metrics exporter on 127.0.0.1:9300:
 
     .venv/bin/python bench/learning_overhead.py [--state-dir /tmp/overhead-state] [--requests 1000]
 
@@ -29,7 +29,7 @@ the comparison did not hold (flags not in effect, a request on the wrong arm, a 
 
 from __future__ import annotations
 
-from cluster.runtime import loopback_only_environment
+from cluster.platform.runtime import loopback_only_environment
 
 loopback_only_environment()  # before anything imports ray, or Ray binds the machine's address
 
@@ -68,21 +68,23 @@ from _harness import (  # noqa: E402
     revoke,
     wait_healthy,
 )
-from cluster.cli import sample_corpus_dir  # noqa: E402
-from cluster.database import resolve_database_url  # noqa: E402
-from cluster.evaluate import load_queries  # noqa: E402
-from cluster.control_plane import CONTROL, TREATMENT  # noqa: E402
-from cluster.runtime import deploy, start_ray, start_serve  # noqa: E402
-from cluster.settings import STRATEGIES, Settings, load_settings  # noqa: E402
+from cluster.actors import NAMESPACE  # noqa: E402
+from cluster.actors.learning_state import ACTOR_NAME, LearningState  # noqa: E402
+from cluster.actors.start import learning_state  # noqa: E402
+from cluster.core.vocabulary import STRATEGIES, Arm, Flag  # noqa: E402
+from cluster.data.beir import load_queries  # noqa: E402
+from cluster.data.corpus import sample_corpus_dir  # noqa: E402
+from cluster.platform.database import resolve_database_url  # noqa: E402
+from cluster.platform.runtime import deploy, start_ray, start_serve  # noqa: E402
+from cluster.platform.settings import Settings, load_settings  # noqa: E402
 from learners.learning_core import Experience  # noqa: E402
-from learners.learning_state import ACTOR_NAME, NAMESPACE, get_or_create_learning_state  # noqa: E402
-from learners.state_encoder import ALL_STATE_KEYS  # noqa: E402
+from learners.state_encoder import ALL_STATE_KEYS, state_id  # noqa: E402
 from serve_app.app import APP_NAME, build_app  # noqa: E402
 from serve_app.router import choose_arm  # noqa: E402
 
 SECTION = "## Learning on the request path"
-FLAGS = ("experience_replay", "soft_q_bandit")
-ARMS = {"off": CONTROL, "on": TREATMENT}  # side (the flags) -> the arm that serves it
+FLAGS = (Flag.EXPERIENCE_REPLAY, Flag.SOFT_Q_BANDIT)
+ARMS = {"off": Arm.CONTROL, "on": Arm.TREATMENT}  # side (the flags) -> the arm that serves it
 SIDES = tuple(ARMS)
 TREATMENT_WEIGHT = 0.5
 FINAL_TOPK = 10
@@ -176,7 +178,7 @@ def synthetic_experiences(count: int, seed: int = 0) -> list[Experience]:
     actions = rng.integers(len(STRATEGIES), size=count)
     rewards = rng.random(count)
     return [
-        Experience(ALL_STATE_KEYS[s], int(a), float(r), 1.0 / len(STRATEGIES), 0)
+        Experience(state_id(ALL_STATE_KEYS[s]), int(a), float(r), 1.0 / len(STRATEGIES), 0)
         for s, a, r in zip(states, actions, rewards, strict=True)
     ]
 
@@ -192,12 +194,23 @@ def learning_state_pid() -> int:
     raise RuntimeError(f"no live actor named {ACTOR_NAME!r}")
 
 
+def create_learning_state(database_url: str, settings: Settings) -> ray.actor.ActorHandle:
+    """A `LearningState` alone (no rollout control, no learners pulling batches from it).
+
+    Named and detached as `cluster.actors.start.start_actors` creates it, so `learning_state_pid`
+    finds it; it is killed before the app is deployed, and `build_app` then starts a fresh one.
+    """
+    return LearningState.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote(database_url, settings.learning)
+
+
 def kill_learning_state() -> None:
     """Kill the named actor for good and wait until its name is free again."""
-    ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
+    ray.kill(learning_state(), no_restart=True)
     while True:
         try:
-            ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+            learning_state()
         except ValueError:
             return
         time.sleep(0.1)
@@ -208,7 +221,7 @@ def measure_memory(settings: Settings) -> MemoryResult:
     assert settings.database.url
     experiences = synthetic_experiences(MEMORY_EXPERIENCES)
     with scratch_database(settings.database.url) as url:
-        actor = get_or_create_learning_state(url, settings.learning)
+        actor = create_learning_state(url, settings)
         ray.get(actor.stats.remote())  # constructed and restored (from nothing)
         process = psutil.Process(learning_state_pid())
         rss_before = process.memory_info().rss
@@ -238,7 +251,7 @@ def caller_ids() -> dict[str, str]:
     found: dict[str, str] = {}
     while len(found) < len(ARMS):
         user = next(users)
-        found.setdefault(side_of[choose_arm(user, {TREATMENT: TREATMENT_WEIGHT})], user)
+        found.setdefault(side_of[choose_arm(user, {Arm.TREATMENT: TREATMENT_WEIGHT})], user)
     return found
 
 

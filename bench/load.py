@@ -53,12 +53,13 @@ from _harness import (
     revoke,
     wait_healthy,
 )
-from cluster.api_keys import create_key
-from cluster.database import resolve_database_url
-from cluster.evaluate import load_queries
-from cluster.migrate import migrate
-from cluster.runtime import loopback_only_environment
-from cluster.settings import Settings, load_settings
+from cluster.data.beir import load_queries
+from cluster.data.corpus import sample_corpus_dir
+from cluster.platform.api_keys import create_key
+from cluster.platform.database import resolve_database_url
+from cluster.platform.migrate import migrate
+from cluster.platform.runtime import loopback_only_environment
+from cluster.platform.settings import Settings, load_settings
 
 SECTION = "## Load: Serve vs one uvicorn process"
 FINAL_TOPK = 10
@@ -98,7 +99,7 @@ class LoadResult:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, required=True, help="an ingested DTRAG_STATE_DIR")
-    parser.add_argument("--dataset", type=Path, default=REPO / "cluster" / "sample_corpus",
+    parser.add_argument("--dataset", type=Path, default=sample_corpus_dir(),
                         help="a folder with queries.jsonl (default: the sample corpus)")
     parser.add_argument("--requests", type=int, default=1000, help="counted requests per target")
     parser.add_argument("--concurrency", type=int, default=10, help="closed-loop clients")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from learners.replay import PrioritizedReplayBuffer  # noqa: E402
 
 ALPHA, BETA, EPS = 0.6, 0.4, 1e-6
+BETA_STEPS = 100_000  # samples over which beta0 anneals to 1: the buffer's former default
 ADD_BATCH = 256
 SAMPLE_BATCHES = (32, 256)
 ROUNDS = 15
@@ -126,7 +127,9 @@ class Ours:
     name = "ours"
 
     def __init__(self, capacity: int) -> None:
-        self.buffer = PrioritizedReplayBuffer(capacity, alpha=ALPHA, beta0=BETA, eps=EPS, seed=0)
+        self.buffer = PrioritizedReplayBuffer(
+            capacity, alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS, eps=EPS, seed=0
+        )
 
     def fill(self, start: int, n: int) -> None:
         self.buffer.add(columns(n, start))
@@ -342,7 +345,7 @@ def main() -> int:
     for capacity in args.capacities:
         all_results[capacity], fills[capacity] = bench_capacity(capacity)
         gc.collect()
-    memory = PrioritizedReplayBuffer(10_000)
+    memory = PrioritizedReplayBuffer(10_000, alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS)
     memory.add(columns(10_000))
     failures = check_targets(all_results)
     command = f"{os.path.relpath(sys.executable)} {shlex.join(sys.argv)}"

@@ -35,7 +35,7 @@ stop before it exits.
 
 from __future__ import annotations
 
-from cluster.runtime import loopback_only_environment
+from cluster.platform.runtime import loopback_only_environment
 
 loopback_only_environment()  # before anything imports ray, or Ray binds the machine's address
 
@@ -51,7 +51,7 @@ import random  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -72,11 +72,11 @@ from _harness import (  # noqa: E402
     replace_section,
     revoke,
 )
-from cluster.cli import sample_corpus_dir  # noqa: E402
-from cluster.control_plane import CONTROL, TREATMENT  # noqa: E402
-from cluster.database import resolve_database_url  # noqa: E402
-from cluster.evaluate import load_queries  # noqa: E402
-from cluster.settings import Settings, load_settings  # noqa: E402
+from cluster.core.vocabulary import Arm, FeatureFlags, Flag  # noqa: E402
+from cluster.data.beir import load_queries  # noqa: E402
+from cluster.data.corpus import sample_corpus_dir  # noqa: E402
+from cluster.platform.database import resolve_database_url  # noqa: E402
+from cluster.platform.settings import Settings, load_settings  # noqa: E402
 from serve_app.app import APP_NAME  # noqa: E402
 from serve_app.router import choose_arm  # noqa: E402
 
@@ -89,16 +89,16 @@ SPLIT_WEIGHT = 0.1
 RAISED_WEIGHT = 0.5
 SHARE_TOLERANCE = 0.02
 PROPAGATION_TARGET_S = 1.0
-FLAG = "soft_q_bandit"
+FLAG = Flag.SOFT_Q_BANDIT
 FINAL_TOPK = 3
 REQUEST_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_S = 300.0
 SEARCH_PATH = "/api/v1/search/"
 FLAGS_PATH = "/api/v1/admin/flags"
 ROLLOUT_PATH = "/api/v1/admin/rollout"
-ARM_COLORS = {CONTROL: "tab:blue", TREATMENT: "tab:orange"}
+ARM_COLORS = {Arm.CONTROL: "tab:blue", Arm.TREATMENT: "tab:orange"}
 INGRESS = "Ingress"
-ROUTED = (INGRESS, f"arm_{CONTROL}", f"arm_{TREATMENT}")  # the deployments with REPLICAS replicas
+ROUTED = (INGRESS, f"arm_{Arm.CONTROL}", f"arm_{Arm.TREATMENT}")  # the deployments with REPLICAS replicas
 SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"  # Serve's own, by deployment and replica
 METRICS_SETTLE_S = 30.0  # Ray exports metrics every few seconds
 
@@ -219,7 +219,7 @@ class Split:
 
     @property
     def treatment(self) -> set[str]:
-        return {user for user, arm in self.arms.items() if arm == TREATMENT}
+        return {user for user, arm in self.arms.items() if arm == Arm.TREATMENT}
 
     @property
     def share(self) -> float:
@@ -227,7 +227,7 @@ class Split:
 
     def off_router(self) -> list[str]:
         """Callers served by another arm than `choose_arm` gives them at this weight."""
-        return [user for user, arm in self.arms.items() if arm != choose_arm(user, {TREATMENT: self.weight})]
+        return [user for user, arm in self.arms.items() if arm != choose_arm(user, {Arm.TREATMENT: self.weight})]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +306,7 @@ def schedule(flips: int, rollbacks: int, flag_default: bool) -> list[Action]:
     """Flag flips (away from the default, back, ...), then rollbacks, each after setting 50% again."""
     values = ((i % 2 == 0) != flag_default for i in range(flips))
     flag = [Action("flag", f"{FLAG} {'on' if on else 'off'}", "PUT", FLAGS_PATH,
-                   {"arm": TREATMENT, "flags": {FLAG: on}}) for on in values]
+                   {"arm": Arm.TREATMENT, "flags": {FLAG: on}}) for on in values]
     cycle = [Action("raise", f"treatment {RAISED_WEIGHT:.0%}", "PUT", f"{ROLLOUT_PATH}/weight",
                     {"treatment_weight": RAISED_WEIGHT}),
              Action("rollback", "rollback", "POST", f"{ROLLOUT_PATH}/rollback", {"reason": "bench/rollout.py"})]
@@ -368,14 +368,14 @@ def propagation(change: Change, replies: Sequence[Reply], is_stale: Callable[[Re
 
 def flag_propagation(change: Change, replies: Sequence[Reply]) -> Propagation:
     """Searches answered with a config older than the flip's; seen if the treatment answered with it."""
-    seen = any(r.arm == TREATMENT and r.config_version >= change.version for r in window(change, replies))
+    seen = any(r.arm == Arm.TREATMENT and r.config_version >= change.version for r in window(change, replies))
     return propagation(change, replies, lambda r: r.config_version < change.version, seen)
 
 
 def rollback_propagation(before: Change, change: Change, replies: Sequence[Reply]) -> Propagation:
     """Searches answered by the treatment; seen if the treatment answered after the change `before`."""
-    seen = any(r.arm == TREATMENT for r in window(before, replies))
-    return propagation(change, replies, lambda r: r.arm == TREATMENT, seen)
+    seen = any(r.arm == Arm.TREATMENT for r in window(before, replies))
+    return propagation(change, replies, lambda r: r.arm == Arm.TREATMENT, seen)
 
 
 # --- what ran ---------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class Run:
         return [r.error for r in (*self.split.replies, *self.load) if r.error is not None]
 
 
-async def measure(url: str, metrics_url: str, key: str, defaults: Mapping[str, bool],
+async def measure(url: str, metrics_url: str, key: str, defaults: FeatureFlags,
                   args: argparse.Namespace) -> tuple[SplitResult, list[Change], list[Reply], ReplicaCounts]:
     """Both arms reset to the default flags (state from an earlier run is restored), then both phases."""
     users = [f"rollout-user-{i:05d}" for i in range(args.users)]
@@ -445,13 +445,13 @@ async def measure(url: str, metrics_url: str, key: str, defaults: Mapping[str, b
     with httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S) as admin_client:
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S,
                                      limits=limits) as client:
-            for arm in (CONTROL, TREATMENT):
-                await asyncio.to_thread(admin, admin_client, "PUT", FLAGS_PATH, {"arm": arm, "flags": dict(defaults)})
+            for arm in (Arm.CONTROL, Arm.TREATMENT):
+                await asyncio.to_thread(admin, admin_client, "PUT", FLAGS_PATH, {"arm": arm, "flags": defaults.as_dict()})
             split = await measure_split(client, admin_client, users, queries, args, deadline)
             answered = sum(r.ok for r in split.replies)
             before = await asyncio.to_thread(settled_searches, metrics_url, answered)
             changes, load = await measure_propagation(client, admin_client, users, queries, args, deadline,
-                                                      defaults[FLAG])
+                                                      defaults.is_on(FLAG))
             after = await asyncio.to_thread(settled_searches, metrics_url, answered + sum(r.ok for r in load))
     return split, changes, load, after - before
 
@@ -595,8 +595,8 @@ def plot(run: Run, path: Path) -> None:
     if run.rollbacks:
         jitter = random.Random(0)
         _zoom(rollback, max(run.rollbacks, key=lambda p: p.seconds), answered,
-              lambda r: (r.arm == TREATMENT) + jitter.uniform(-0.3, 0.3), "arm (jittered)")
-        rollback.set_yticks([0, 1], [CONTROL, TREATMENT])
+              lambda r: (r.arm == Arm.TREATMENT) + jitter.uniform(-0.3, 0.3), "arm (jittered)")
+        rollback.set_yticks([0, 1], [Arm.CONTROL, Arm.TREATMENT])
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

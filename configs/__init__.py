@@ -1,1 +1,1 @@
-"""Declarative configuration shipped with the project (read through `cluster.settings`)."""
+"""Declarative configuration shipped with the project (read through `cluster.platform.settings`)."""

@@ -23,51 +23,68 @@ import numpy as np
 
 from learners.replay import NO_NEXT_STATE, PrioritizedReplayBuffer
 from learners.soft_q import QDelta, QSnapshot, SoftQTable, Transitions
-from learners.state_encoder import state_id, state_key
+from learners.state_encoder import state_id
 
 
 @dataclasses.dataclass(frozen=True)
 class LearningConfig:
-    capacity: int = 10_000
-    alpha: float = 0.6
-    beta0: float = 0.4
-    beta_steps: int = 100_000
-    tau: float = 0.1
-    lr: float = 0.001
-    gamma: float = 0.0
-    prior_count: float = 200.0
-    samples_per_insert: float = 8.0
-    min_replay_size: int = 32
-    max_staleness: int = 8
-    seed: int | None = 0
+    """Hyperparameters; their defaults live in `configs/settings.yaml` alone."""
+
+    capacity: int
+    alpha: float
+    beta0: float
+    beta_steps: int
+    tau: float
+    lr: float
+    gamma: float
+    prior_count: float
+    samples_per_insert: float
+    min_replay_size: int
+    max_staleness: int
+    seed: int | None = None  # of the replay's sampling; set in tests that replay a sequence
 
 
 @dataclasses.dataclass(frozen=True)
 class Experience:
-    """One served search with its reward: (s, a, r, s') plus what the behaviour policy knew."""
+    """One (s, a, r, s') with what the behaviour policy knew; states are state ids."""
 
-    state_key: str
+    state: int
     action: int
     reward: float
     propensity: float
     policy_version: int
+    next_state: int = NO_NEXT_STATE
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardedSearch:
+    """A served search joined with its feedback, as the `experiences` table stores it."""
+
+    state_key: str
+    action: int
+    reward: float  # of the served list
+    propensity: float
+    policy_version: int
     next_state_key: str | None = None
+    action_rewards: Sequence[float] | None = None  # every action's reward (graded feedback)
+    action_probabilities: Sequence[float] | None = None  # pi(.|s) of the behaviour policy
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> RewardedSearch:
+        return cls(**{field.name: row[field.name] for field in dataclasses.fields(cls)})
 
-def experiences_from(
-    state_key: str, action: int, reward: float, propensity: float, policy_version: int,
-    next_state_key: str | None, action_rewards: Sequence[float] | None,
-    action_probabilities: Sequence[float] | None,
-) -> list[Experience]:
-    """The served action's experience, then one per other action when all were rewarded."""
-    served = Experience(state_key, action, reward, propensity, policy_version, next_state_key)
-    if action_rewards is None or action_probabilities is None:
-        return [served]
-    others = [
-        Experience(state_key, a, r, action_probabilities[a], policy_version, next_state_key)
-        for a, r in enumerate(action_rewards) if a != action
-    ]
-    return [served, *others]
+    def experiences(self) -> list[Experience]:
+        """The served action's experience, then one per other action when all were rewarded."""
+        state = state_id(self.state_key)
+        next_state = NO_NEXT_STATE if self.next_state_key is None else state_id(self.next_state_key)
+        served = Experience(state, self.action, self.reward, self.propensity, self.policy_version, next_state)
+        if self.action_rewards is None or self.action_probabilities is None:
+            return [served]
+        others = [
+            Experience(state, a, r, self.action_probabilities[a], self.policy_version, next_state)
+            for a, r in enumerate(self.action_rewards) if a != self.action
+        ]
+        return [served, *others]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +103,7 @@ class LearnerBatch:
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:
-    """What a serving replica needs to act: Q rows by state key, the actions, tau, a version."""
+    """What a serving replica needs to act: Q rows by state id, the actions, tau, a version."""
 
     version: int
     actions: tuple[str, ...]
@@ -95,15 +112,13 @@ class PolicySnapshot:
 
 
 class LearningCore:
-    def __init__(self, actions: Sequence[str], config: LearningConfig = LearningConfig()):
+    def __init__(self, actions: Sequence[str], config: LearningConfig):
         self.actions = tuple(actions)
         self.config = config
         self.buffer = PrioritizedReplayBuffer(
             config.capacity, config.alpha, config.beta0, config.beta_steps, seed=config.seed
         )
-        self.table = SoftQTable(
-            len(self.actions), config.tau, config.lr, config.gamma, config.prior_count, config.seed
-        )
+        self.table = SoftQTable(len(self.actions), config.tau, config.lr, config.gamma, config.prior_count)
         self.inserted = 0
         self.sampled = 0
         self.updates_applied = 0
@@ -117,15 +132,12 @@ class LearningCore:
             if not 0 <= e.action < len(self.actions):
                 raise ValueError(f"action {e.action} is not in [0, {len(self.actions)})")
         self.buffer.add({
-            "state": [state_id(e.state_key) for e in experiences],
+            "state": [e.state for e in experiences],
             "action": [e.action for e in experiences],
             "reward": [e.reward for e in experiences],
             "propensity": [e.propensity for e in experiences],
             "policy_version": [e.policy_version for e in experiences],
-            "next_state": [
-                NO_NEXT_STATE if e.next_state_key is None else state_id(e.next_state_key)
-                for e in experiences
-            ],
+            "next_state": [e.next_state for e in experiences],
         })
         self.inserted += len(experiences)
         return len(self.buffer)
@@ -142,12 +154,7 @@ class LearningCore:
             return None
         drawn = self.buffer.sample(batch_size)
         self.sampled += batch_size
-        transitions = Transitions(
-            states=[state_key(s) for s in drawn.state],
-            actions=drawn.action.astype(np.int64),
-            rewards=drawn.reward.astype(np.float64),
-            next_states=[None if s == NO_NEXT_STATE else state_key(s) for s in drawn.next_state],
-        )
+        transitions = Transitions(drawn.state, drawn.action, drawn.reward.astype(np.float64), drawn.next_state)
         return LearnerBatch(
             drawn.indices, drawn.insertion_ids, drawn.weights, transitions, self.table.snapshot(),
             self.table.tau, self.table.gamma, self.table.lr,
@@ -181,8 +188,8 @@ class LearningCore:
             "beta": self.buffer.beta,
         }
 
-    def q_table(self) -> dict[str, list[float]]:
-        """Q as JSON-ready {state key: [Q(s, a) for a in actions]}, states seen so far."""
+    def q_table(self) -> dict[int, list[float]]:
+        """Q as {state id: [Q(s, a) for a in actions]}, states seen so far."""
         snapshot = self.table.snapshot()
         return dict(zip(snapshot.rows, snapshot.values(list(snapshot.rows)).tolist(), strict=True))
 

@@ -141,10 +141,10 @@ class PrioritizedReplayBuffer:
 
     def __init__(
         self,
-        capacity: int = 10_000,
-        alpha: float = 0.6,
-        beta0: float = 0.4,
-        beta_steps: int = 100_000,
+        capacity: int,
+        alpha: float,
+        beta0: float,
+        beta_steps: int,
         eps: float = 1e-6,
         seed: int | None = None,
     ) -> None:

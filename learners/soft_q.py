@@ -32,20 +32,22 @@ the scale of reward differences: with rewards in [0, 1] (e.g. nDCG), tau = 0.1 g
 Learning is split so it can be distributed: a learner runs `compute_deltas` on an immutable
 `QSnapshot`, and one owner applies the resulting `QDelta` with `SoftQTable.apply_deltas`, which
 bumps `version`. A delta computed on an older version is still applied (asynchronous updates as in
-A3C); `QDelta.base_version` tells how stale it was. States are string keys
-(`learners.state_encoder.encode_state`).
+A3C); `QDelta.base_version` tells how stale it was. States are the integer ids of
+`learners.state_encoder` (the replay's too), so a learner step converts nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-FORMAT = 2  # state_dict layout: 2 = pooled row and per-state means, with sample weights
+from learners.replay import NO_NEXT_STATE
+
+FORMAT = 3  # state_dict layout: 3 = pooled row and per-state means with sample weights, int state ids
 
 
 def policy_from_q(q: np.ndarray, tau: float) -> np.ndarray:
@@ -63,12 +65,12 @@ def soft_value_from_q(q: np.ndarray, tau: float) -> np.ndarray:
 
 
 class Transitions(NamedTuple):
-    """B transitions (s, a, r, s'), e.g. a replay sample with state ids mapped back to keys."""
+    """B transitions (s, a, r, s'), e.g. a replay sample."""
 
-    states: Sequence[str]  # (B,)
+    states: ArrayLike  # (B,) state ids
     actions: ArrayLike  # (B,) ints in [0, n_actions)
     rewards: ArrayLike  # (B,)
-    next_states: Sequence[str | None]  # (B,); None: the episode ended, V(s') counts as 0
+    next_states: ArrayLike  # (B,) state ids; NO_NEXT_STATE: the episode ended, V(s') counts as 0
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,13 @@ class QSnapshot:
     """Q at one version; treat as immutable (its arrays are read-only).
 
     `pooled` b and `pooled_weight` n(a) have shape (n_actions,); `means` m and `weight` n(s,a)
-    have shape (n_states, n_actions), with `rows` mapping a state key to its row.
+    have shape (n_states, n_actions), with `rows` mapping a state id to its row.
     """
 
     version: int
     pooled: np.ndarray
     means: np.ndarray
-    rows: Mapping[str, int]
+    rows: Mapping[int, int]
     pooled_weight: np.ndarray
     weight: np.ndarray
     prior_count: float
@@ -92,22 +94,23 @@ class QSnapshot:
     def n_actions(self) -> int:
         return self.pooled.shape[0]
 
-    def _cells(self, table: np.ndarray, states: Sequence[str]) -> np.ndarray:
+    def _cells(self, table: np.ndarray, states: ArrayLike) -> np.ndarray:
+        states = np.asarray(states, np.int64).tolist()
         rows = np.fromiter((self.rows.get(s, -1) for s in states), np.int64, len(states))
         known = rows >= 0
         values = np.zeros((len(states), self.n_actions))
         values[known] = table[rows[known]]
         return values
 
-    def state_means(self, states: Sequence[str]) -> np.ndarray:
+    def state_means(self, states: ArrayLike) -> np.ndarray:
         """m(s, .) of each state, zeros for a state never updated; (B,) -> (B, n_actions)."""
         return self._cells(self.means, states)
 
-    def weights(self, states: Sequence[str]) -> np.ndarray:
+    def weights(self, states: ArrayLike) -> np.ndarray:
         """n(s, .) of each state, zeros for a state never updated; (B,) -> (B, n_actions)."""
         return self._cells(self.weight, states)
 
-    def values(self, states: Sequence[str]) -> np.ndarray:
+    def values(self, states: ArrayLike) -> np.ndarray:
         """Q(s, .) of each state, its means shrunk towards the pooled row; (B,) -> (B, n_actions)."""
         n = np.minimum(self.weights(states), self.horizon)
         total = n + self.prior_count
@@ -124,7 +127,7 @@ class QDelta:
     `pooled_weight` (n_actions,) go to the pooled row.
     """
 
-    states: tuple[str, ...]
+    states: tuple[int, ...]
     means: np.ndarray
     weight: np.ndarray
     pooled: np.ndarray
@@ -137,19 +140,12 @@ def td_targets(snapshot: QSnapshot, batch: Transitions, tau: float, gamma: float
     actions = np.asarray(batch.actions, np.int64)
     if len(actions) and (actions.min() < 0 or actions.max() >= snapshot.n_actions):
         raise ValueError(f"actions must be in [0, {snapshot.n_actions}), got {actions.tolist()}")
-    has_next = [i for i, s in enumerate(batch.next_states) if s is not None]
+    next_states = np.asarray(batch.next_states, np.int64)
+    has_next = next_states != NO_NEXT_STATE
     v_next = np.zeros(len(actions))
-    if has_next:
-        next_q = snapshot.values([batch.next_states[i] for i in has_next])
-        v_next[has_next] = soft_value_from_q(next_q, tau)
+    if has_next.any():
+        v_next[has_next] = soft_value_from_q(snapshot.values(next_states[has_next]), tau)
     return np.asarray(batch.rewards, np.float64) + gamma * v_next
-
-
-def td_errors(snapshot: QSnapshot, batch: Transitions, tau: float, gamma: float) -> np.ndarray:
-    """delta = y - Q(s, a) for each transition; shape (B,)."""
-    actions = np.asarray(batch.actions, np.int64)
-    y = td_targets(snapshot, batch, tau, gamma)
-    return y - snapshot.values(batch.states)[np.arange(len(actions)), actions]
 
 
 def _mean_step(
@@ -188,25 +184,16 @@ def compute_deltas(
     y = td_targets(q_snapshot, batch, tau, gamma)
     td = y - q_snapshot.values(batch.states)[np.arange(len(actions)), actions]
     pooled, pooled_weight = _mean_step((actions,), q_snapshot.pooled, q_snapshot.pooled_weight, w, y, lr)
-    states = tuple(dict.fromkeys(batch.states))  # unique, in first-seen order
-    row = {s: i for i, s in enumerate(states)}
-    cells = (np.array([row[s] for s in batch.states], np.int64), actions)
+    states, cell_rows = np.unique(np.asarray(batch.states, np.int64), return_inverse=True)
+    cells = (cell_rows.reshape(-1), actions)
     means, weight = _mean_step(cells, q_snapshot.state_means(states), q_snapshot.weights(states), w, y, lr)
-    return QDelta(states, means, weight, pooled, pooled_weight, q_snapshot.version), td
+    return QDelta(tuple(states.tolist()), means, weight, pooled, pooled_weight, q_snapshot.version), td
 
 
 class SoftQTable:
     """The owner of Q: acts with pi = softmax(Q/tau) and applies deltas, one version at a time."""
 
-    def __init__(
-        self,
-        n_actions: int,
-        tau: float = 0.1,
-        lr: float = 0.001,
-        gamma: float = 0.0,
-        prior_count: float = 200.0,
-        seed: int | None = None,
-    ) -> None:
+    def __init__(self, n_actions: int, tau: float, lr: float, gamma: float, prior_count: float) -> None:
         if n_actions < 1 or tau <= 0 or not 0 < lr <= 1 or not 0 <= gamma <= 1 or prior_count < 0:
             raise ValueError(
                 f"need n_actions >= 1, tau > 0, 0 < lr <= 1, 0 <= gamma <= 1, prior_count >= 0; "
@@ -217,7 +204,6 @@ class SoftQTable:
         self.lr = lr
         self.gamma = gamma
         self.prior_count = prior_count
-        self._rng = np.random.default_rng(seed)
         empty = np.zeros((0, n_actions))
         self._snapshot = self._frozen(0, np.zeros(n_actions), empty, {}, np.zeros(n_actions), empty)
 
@@ -229,27 +215,12 @@ class SoftQTable:
         """The current table; later updates replace it rather than change it, so no copy."""
         return self._snapshot
 
-    def q_values(self, state: str) -> np.ndarray:
+    def q_values(self, state: int) -> np.ndarray:
+        """Q(s, .), shape (n_actions,)."""
         return self._snapshot.values([state])[0]
 
-    def policy(self, state: str) -> np.ndarray:
-        """pi(.|s), shape (n_actions,)."""
-        return policy_from_q(self.q_values(state), self.tau)
-
-    def soft_value(self, state: str) -> float:
+    def soft_value(self, state: int) -> float:
         return float(soft_value_from_q(self.q_values(state), self.tau))
-
-    def act(self, state: str, rng: np.random.Generator | None = None) -> tuple[int, float]:
-        """Draw a ~ pi(.|s); returns a and its propensity pi(a|s), for off-policy correction."""
-        probs = self.policy(state)
-        action = int((rng or self._rng).choice(self.n_actions, p=probs))
-        return action, float(probs[action])
-
-    def td_error(
-        self, state: str, action: int, reward: float, next_state: str | None = None
-    ) -> float:
-        batch = Transitions([state], [action], [reward], [next_state])
-        return float(td_errors(self._snapshot, batch, self.tau, self.gamma)[0])
 
     def update(
         self, batch: Transitions, weights: ArrayLike | None = None
@@ -281,7 +252,7 @@ class SoftQTable:
         return self.version
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values: hyperparameters, version, state keys in row order, Q parts, RNG state."""
+        """Plain values: hyperparameters, version, state ids in row order, Q parts."""
         s = self._snapshot
         return {
             "format": FORMAT,
@@ -296,7 +267,6 @@ class SoftQTable:
             "means": s.means.copy(),
             "pooled_weight": s.pooled_weight.copy(),
             "weight": s.weight.copy(),
-            "rng_state": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -312,8 +282,7 @@ class SoftQTable:
         self.lr = state["lr"]
         self.gamma = state["gamma"]
         self.prior_count = state["prior_count"]
-        self._rng.bit_generator.state = state["rng_state"]
-        rows = {key: i for i, key in enumerate(state["states"])}
+        rows = {int(state_id): i for i, state_id in enumerate(state["states"])}
         self._snapshot = self._frozen(
             state["version"], np.array(state["pooled"], np.float64),
             np.array(state["means"], np.float64), rows,
@@ -321,7 +290,7 @@ class SoftQTable:
         )
 
     def _frozen(
-        self, version: int, pooled: np.ndarray, means: np.ndarray, rows: dict[str, int],
+        self, version: int, pooled: np.ndarray, means: np.ndarray, rows: dict[int, int],
         pooled_weight: np.ndarray, weight: np.ndarray,
     ) -> QSnapshot:
         for array in (pooled, means, pooled_weight, weight):

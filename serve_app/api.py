@@ -16,22 +16,23 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster import __version__
-from cluster.api_keys import ApiKeyVerifier, Principal
-from cluster.errors import ServiceUnavailable
-from cluster.control_plane import RolloutError
+from cluster.actors.rollout_control import RolloutError
+from cluster.core.vocabulary import Arm
+from cluster.platform.api_keys import ApiKeyVerifier, Principal
+from cluster.platform.errors import ServiceUnavailable
 from serve_app.feedback import UnknownSearch
 from serve_app.schemas import (
     ErrorBody,
     FaultUpdate,
-    FlagsUpdate,
-    RollbackRequest,
-    WeightUpdate,
     FeedbackRequest,
     FeedbackResponse,
+    FlagsUpdate,
     RankRequest,
     RankResponse,
+    RollbackRequest,
     SearchRequest,
     SearchResponse,
+    WeightUpdate,
 )
 
 MAX_BODY_BYTES = 64 * 1024
@@ -74,9 +75,17 @@ class Operations(Protocol):
 
     async def flags(self) -> dict[str, Any]: ...
 
-    async def set_flags(self, arm: str, flags: dict[str, bool]) -> dict[str, Any]: ...
+    async def set_flags(self, arm: Arm, flags: dict[str, bool]) -> dict[str, Any]: ...
 
-    async def rollout(self, action: str, **arguments: Any) -> dict[str, Any]: ...
+    async def rollout_status(self) -> dict[str, Any]: ...
+
+    async def advance(self) -> dict[str, Any]: ...
+
+    async def rollback(self, reason: str) -> dict[str, Any]: ...
+
+    async def set_weight(self, weight: float) -> dict[str, Any]: ...
+
+    async def set_fault(self, arm: Arm, failing: bool) -> dict[str, Any]: ...
 
 
 def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
@@ -228,21 +237,21 @@ def _add_operations(app: FastAPI, operations: Operations, require_admin) -> None
 
     @app.get("/api/v1/admin/rollout", dependencies=admin, summary="Stage, weights, per-arm gates and events")
     async def rollout_status() -> dict[str, Any]:
-        return await operations.rollout("status")
+        return await operations.rollout_status()
 
     @app.post("/api/v1/admin/rollout/advance", dependencies=admin, summary="Move to the next stage")
     async def rollout_advance() -> dict[str, Any]:
-        return await operations.rollout("advance")
+        return await operations.advance()
 
     @app.post("/api/v1/admin/rollout/rollback", dependencies=admin, summary="Treatment to 0% now")
     async def rollout_rollback(body: RollbackRequest) -> dict[str, Any]:
-        return await operations.rollout("rollback", reason=body.reason)
+        return await operations.rollback(body.reason)
 
     @app.put("/api/v1/admin/rollout/weight", dependencies=admin, summary="Set the treatment's share")
     async def rollout_weight(body: WeightUpdate) -> dict[str, Any]:
-        return await operations.rollout("set_weight", weight=body.treatment_weight)
+        return await operations.set_weight(body.treatment_weight)
 
     @app.put("/api/v1/admin/faults", dependencies=admin,
              summary="Make an arm fail on purpose (only with ENVIRONMENT=test)")
     async def faults(body: FaultUpdate) -> dict[str, Any]:
-        return await operations.rollout("set_fault", arm=body.arm, failing=body.failing)
+        return await operations.set_fault(body.arm, body.failing)

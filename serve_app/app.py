@@ -1,4 +1,7 @@
-"""The application graph: Ingress -> arms (control, treatment: PipelineArm) -> Embedder."""
+"""The application graph: Ingress -> arms (control, treatment: PipelineArm) -> Embedder.
+
+The cluster's actors are started here, once, and handed to the deployments that use them.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +9,39 @@ from typing import Any
 
 from ray.serve import Application
 
-from cluster.settings import Settings, SettingsError, load_settings
+from cluster.actors.start import start_actors
+from cluster.core.vocabulary import ARMS, Arm
+from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.arm import PipelineArm
 from serve_app.embedder import Embedder
-from cluster.control_plane import ARMS, CONTROL, TREATMENT
 from serve_app.ingress import Ingress
 
 APP_NAME = "dtrag"
 
 
 def build_app(settings: Settings) -> Application:
-    """Bind the deployments; `settings.database.url` must already point at a live database."""
+    """Start the actors and bind the deployments; `settings.database.url` must point at a live database.
+
+    Needs a connected Ray (`cluster.platform.runtime.start_ray`), as `serve deploy` has.
+    """
     serve = settings.serve
+    actors = start_actors(settings)
     embedder = Embedder.options(
         num_replicas=serve.embedder_replicas,
         max_ongoing_requests=2 * settings.embedding.max_batch_size,  # room to fill a batch
     ).bind(
         settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
     )
-    replicas = {CONTROL: serve.pipeline_replicas, TREATMENT: settings.rollout.treatment_replicas}
+    replicas = {Arm.CONTROL: serve.pipeline_replicas, Arm.TREATMENT: settings.rollout.treatment_replicas}
     arms = {
         arm: PipelineArm.options(
             name=f"arm_{arm}", num_replicas=replicas[arm], max_ongoing_requests=serve.max_ongoing_requests
-        ).bind(
-            settings, embedder, arm, dict(settings.features)
-        )
+        ).bind(settings, embedder, arm, actors.rollout_control, actors.learning_state)
         for arm in ARMS
     }
     return Ingress.options(
         num_replicas=serve.ingress_replicas, max_ongoing_requests=serve.max_ongoing_requests
-    ).bind(settings, arms)
+    ).bind(settings, arms, actors)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

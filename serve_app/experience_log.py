@@ -17,12 +17,10 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ("search_id", "arm", "session_id", "state_key", "action", "strategy", "propensity",
-            "policy_version", "served_doc_ids", "strategy_doc_ids", "action_probabilities")
-
-
 @dataclasses.dataclass(frozen=True)
 class ServedSearch:
+    """A row of the `experiences` table as served; its fields are the columns written."""
+
     search_id: str
     arm: str
     session_id: str | None
@@ -37,6 +35,14 @@ class ServedSearch:
     strategy_doc_ids: Callable[[], list[list[str]]]
     action_probabilities: list[float]  # pi(.|s) of the behaviour policy, in action order
 
+    def record(self) -> tuple[object, ...]:
+        """The row in column order, with every strategy's list fused now."""
+        return tuple(json.dumps(self.strategy_doc_ids()) if name == "strategy_doc_ids" else getattr(self, name)
+                     for name in COLUMNS)
+
+
+COLUMNS = tuple(field.name for field in dataclasses.fields(ServedSearch))
+
 
 class ExperienceLog:
     def __init__(self, pool: asyncpg.Pool, capacity: int, flush_interval_s: float, batch_size: int = 256):
@@ -45,7 +51,6 @@ class ExperienceLog:
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self.dropped = 0
-        self.written = 0
 
     def record(self, search: ServedSearch) -> None:
         try:
@@ -63,14 +68,9 @@ class ExperienceLog:
             await self._write(batch)
 
     async def _write(self, batch: list[ServedSearch]) -> None:
-        records = [
-            tuple(json.dumps(s.strategy_doc_ids()) if c == "strategy_doc_ids" else getattr(s, c)
-                  for c in _COLUMNS)
-            for s in batch
-        ]
+        records = [search.record() for search in batch]
         try:
-            await self._pool.copy_records_to_table("experiences", records=records, columns=_COLUMNS)
-            self.written += len(batch)
+            await self._pool.copy_records_to_table("experiences", records=records, columns=COLUMNS)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             self.dropped += len(batch)
             log.warning("experience batch dropped", extra={"size": len(batch), "error": repr(error)})

@@ -18,13 +18,13 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
 
 import asyncpg
 
-from cluster.database import unavailable_on_connection_errors
-from learners.learning_core import Experience, experiences_from
-from learners.reward import reward
+from cluster.platform.database import unavailable_on_connection_errors
+from learners.learning_core import Experience, RewardedSearch
+from learners.reward import judgements_from_clicks, reward
+from serve_app.schemas import FeedbackRequest
 
 _ARRIVAL_WAIT_S = 2.0
 _POLL_S = 0.05
@@ -77,10 +77,15 @@ class FeedbackStore:
                 )
             await asyncio.sleep(_POLL_S)
 
-    async def record(
-        self, search_id: str, judgements: Mapping[str, float], raw: object, *, graded: bool
-    ) -> FeedbackOutcome:
-        """Store the feedback's rewards once; `graded`: judgements, not clicks (see the module)."""
+    async def record(self, request: FeedbackRequest) -> FeedbackOutcome:
+        """Store the feedback's rewards once (see the module for graded judgements and clicks)."""
+        search_id = request.search_id
+        graded = request.judgements is not None
+        if request.judgements is not None:
+            judgements = {doc_id: float(grade) for doc_id, grade in request.judgements.items()}
+        else:
+            judgements = judgements_from_clicks(request.clicks or [])
+        raw = request.model_dump(exclude_none=True)
         async with unavailable_on_connection_errors("feedback"):
             served = await self._served(search_id)
             if served["reward"] is not None:
@@ -102,8 +107,10 @@ class FeedbackStore:
                     "SELECT reward, action_rewards FROM experiences WHERE search_id = $1", search_id)
                 return FeedbackOutcome(search_id, served["arm"], stored["reward"], stored["action_rewards"],
                                        True, [])
-        experiences = experiences_from(
-            served["state_key"], served["action"], value, served["propensity"], served["policy_version"],
-            next_state, action_rewards, served["action_probabilities"],
-        )
+        experiences = RewardedSearch(
+            state_key=served["state_key"], action=served["action"], reward=value,
+            propensity=served["propensity"], policy_version=served["policy_version"],
+            next_state_key=next_state, action_rewards=action_rewards,
+            action_probabilities=served["action_probabilities"],
+        ).experiences()
         return FeedbackOutcome(search_id, served["arm"], value, action_rewards, False, experiences)

@@ -1,7 +1,8 @@
 """The ingress deployment: the HTTP API, API-key checks, sticky A/B routing, and reporting.
 
 Each search goes to the arm `serve_app.router` assigns the caller under the live weights; its
-latency and outcome are batched to the rollout control plane, which guards the treatment.
+latency and outcome are batched to `RolloutControl`, which guards the treatment. The actors
+come in through `.bind()` (created once, in `cluster.actors.start`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from ray import serve
@@ -17,22 +19,14 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api_keys import ApiKeyVerifier, Principal
-from cluster.control_plane import (
-    ARMS,
-    CONTROL,
-    TREATMENT,
-    LiveConfig,
-    Observation,
-    get_or_create_control,
-)
-from cluster.database import create_pool
-from cluster.errors import ServiceUnavailable
-from cluster.metrics import IngressMetrics
-from cluster.rollout import load_plan
-from cluster.settings import FLAG_BEHAVIOUR, STRATEGIES, Settings
-from learners.learner import get_or_create_driver
-from learners.learning_state import get_or_create_learning_state
+from cluster.actors.start import ClusterActors
+from cluster.core.rollout import LiveConfig, Observation
+from cluster.core.vocabulary import ARMS, STRATEGIES, Arm, Flag
+from cluster.platform.api_keys import ApiKeyVerifier, Principal
+from cluster.platform.database import create_pool
+from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.metrics import IngressMetrics
+from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.feedback import FeedbackStore
 from serve_app.router import choose_arm
@@ -51,26 +45,25 @@ _ACTOR_TIMEOUT_S = 2.0
 _OBSERVATION_FLUSH_S = 0.5
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
-    async def __init__(self, settings: Settings, arms: dict[str, DeploymentHandle]):
+    async def __init__(self, settings: Settings, arms: dict[Arm, DeploymentHandle], actors: ClusterActors):
         url = settings.database.url
         assert url, "the database URL is resolved before deployment"
-        self._settings = settings
+        self._environment = settings.environment
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
         self._feedback = FeedbackStore(self._pool)
         self._arms = arms
-        learning = settings.learning
-        self._learning = get_or_create_learning_state(url, learning)
-        self._learners = get_or_create_driver(self._learning, learning.learners, learning.batch_size)
-        self._control = get_or_create_control(url, load_plan(settings.rollout.plan), settings.features,
-                                              allow_faults=settings.environment == "test")
+        self._control = actors.rollout_control
+        self._learning = actors.learning_state
+        self._learners = actors.learner_driver
         self._live: VersionedCache[LiveConfig] = VersionedCache(
-            self._control.live_if_newer.remote, settings.rollout.live_refresh_s)
+            "live config", self._control.live_if_newer.remote, settings.rollout.live_refresh_s)
         self._observations: list[Observation] = []
         self._metrics = IngressMetrics()
         self._background = [asyncio.create_task(self._live.run()),
@@ -80,15 +73,16 @@ class Ingress:
         return create_api(self, self._verifier, operations=self)
 
     # -- routing ---------------------------------------------------------------------------
-    def _arm_for(self, principal: Principal, caller: Caller) -> str:
+    def _arm_for(self, principal: Principal, caller: Caller) -> Arm:
         live = self._live.current
         weight = live.treatment_weight if live else 0.0
-        return choose_arm(caller.user_id or principal.key_id, {TREATMENT: weight})
+        return choose_arm(caller.user_id or principal.key_id, {Arm.TREATMENT: weight})
 
-    async def _call(self, arm: str, method: str, *args: object):
-        """Call an arm; a dead or overloaded arm is a 503, its own errors pass through."""
+    @staticmethod
+    async def _from_arm(arm: Arm, call: Awaitable[T]) -> T:
+        """Await an arm's answer; a dead or overloaded arm is a 503, its own errors pass through."""
         try:
-            return await getattr(self._arms[arm], method).remote(*args)
+            return await call
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as error:
             raise ServiceUnavailable(f"arm '{arm}' is unavailable: {error}") from error
 
@@ -96,8 +90,7 @@ class Ingress:
         arm = self._arm_for(principal, caller)
         started, failed = time.perf_counter(), True
         try:
-            response = await self._call(arm, "search", request.q, request.final_topk, request.strategy,
-                                        caller.session_id)
+            response = await self._from_arm(arm, self._arms[arm].search.remote(request, caller.session_id))
             failed = False
             return response
         finally:
@@ -113,23 +106,20 @@ class Ingress:
             await asyncio.sleep(_OBSERVATION_FLUSH_S)
             live = self._live.current
             if live:
-                self._metrics.rollout_weight.set(live.treatment_weight, tags={"arm": TREATMENT})
-                self._metrics.rollout_weight.set(1 - live.treatment_weight, tags={"arm": CONTROL})
+                self._metrics.rollout_weight.set(live.treatment_weight, tags={"arm": Arm.TREATMENT})
+                self._metrics.rollout_weight.set(1 - live.treatment_weight, tags={"arm": Arm.CONTROL})
             batch, self._observations = self._observations, []
             if batch:
                 self._control.observe.remote(batch)
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
-        return await self._call(CONTROL, "ranked", request.q, request.depth, request.strategy)
+        return await self._from_arm(Arm.CONTROL, self._arms[Arm.CONTROL].ranked.remote(request))
 
     # -- learning --------------------------------------------------------------------------
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
-        outcome = await self._feedback.record(
-            request.search_id, request.graded(), request.model_dump(exclude_none=True),
-            graded=request.judgements is not None,
-        )
+        outcome = await self._feedback.record(request)
         if outcome.experiences:
-            self._control.observe_reward.remote(outcome.arm, outcome.reward)
+            self._control.observe_reward.remote(Arm(outcome.arm), outcome.reward)
             try:  # the row is stored; a restarting actor replays it from the database
                 await asyncio.wait_for(self._learning.add.remote(outcome.experiences), _ACTOR_TIMEOUT_S)
             except Exception as error:
@@ -140,7 +130,7 @@ class Ingress:
             strategy_rewards=None if rewards is None else dict(zip(STRATEGIES, rewards, strict=True)),
         )
 
-    async def _ask(self, *calls):
+    async def _ask(self, *calls: Awaitable[Any]) -> list[Any]:
         """Await actor calls with a timeout; an absent actor is a 503 that says it comes back."""
         try:
             return await asyncio.wait_for(asyncio.gather(*calls), _ACTOR_TIMEOUT_S)
@@ -157,19 +147,32 @@ class Ingress:
     # -- operations (admin scope) ----------------------------------------------------------
     async def flags(self) -> dict[str, Any]:
         (live,) = await self._ask(self._control.live_if_newer.remote(-1))
-        return {"arms": live.flags, "behaviour": {f: b or "no behaviour yet" for f, b in FLAG_BEHAVIOUR.items()},
-                "version": live.version}
+        return {"arms": _flags_json(live), "version": live.version,
+                "behaviour": {flag.value: flag.behaviour or "no behaviour yet" for flag in Flag}}
 
-    async def set_flags(self, arm: str, flags: dict[str, bool]) -> dict[str, Any]:
+    async def set_flags(self, arm: Arm, flags: dict[str, bool]) -> dict[str, Any]:
         (live,) = await self._ask(self._control.set_flags.remote(arm, flags))
-        return {"arms": live.flags, "version": live.version}
+        return {"arms": _flags_json(live), "version": live.version}
 
-    async def rollout(self, action: str, **arguments: Any) -> dict[str, Any]:
-        """`status`, or an operator action (`advance`, `rollback`, `set_weight`, `set_fault`)."""
-        if action != "status":
-            await self._ask(getattr(self._control, action).remote(**arguments))
+    async def rollout_status(self) -> dict[str, Any]:
         (status,) = await self._ask(self._control.status.remote())
         return status
+
+    async def advance(self) -> dict[str, Any]:
+        await self._ask(self._control.advance.remote())
+        return await self.rollout_status()
+
+    async def rollback(self, reason: str) -> dict[str, Any]:
+        await self._ask(self._control.rollback.remote(reason))
+        return await self.rollout_status()
+
+    async def set_weight(self, weight: float) -> dict[str, Any]:
+        await self._ask(self._control.set_weight.remote(weight))
+        return await self.rollout_status()
+
+    async def set_fault(self, arm: Arm, failing: bool) -> dict[str, Any]:
+        await self._ask(self._control.set_fault.remote(arm, failing))
+        return await self.rollout_status()
 
     # -- health ----------------------------------------------------------------------------
     async def _arm_ready(self, handle: DeploymentHandle) -> bool:
@@ -187,8 +190,12 @@ class Ingress:
             database_error = f"{type(error).__name__}: {error}"
         ready = await asyncio.gather(*(self._arm_ready(self._arms[arm]) for arm in ARMS))
         return Health(
-            environment=self._settings.environment,
+            environment=self._environment,
             database_ready=database_error is None,
             database_error=database_error,
-            cluster=dict(zip(ARMS, ready, strict=True)),
+            cluster={arm.value: ok for arm, ok in zip(ARMS, ready, strict=True)},
         )
+
+
+def _flags_json(live: LiveConfig) -> dict[str, dict[str, bool]]:
+    return {arm.value: flags.as_dict() for arm, flags in live.flags.items()}

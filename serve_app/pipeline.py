@@ -1,8 +1,10 @@
 """The search pipeline: embed, gather candidates, choose a strategy, fuse, compose the answer.
 
 Plain Python over a `DocumentIndex` and an async embedding function, so the same code runs as
-a Ray Serve arm, in a single uvicorn process, or in a test. Learning reaches it through two
-callables: the current policy (read, never awaited) and a non-blocking experience sink.
+a Ray Serve arm, in a single uvicorn process, or in a test. Each request brings its `ArmConfig`
+(the live config version and the arm's flags, read once), so a flag flip never splits a request.
+Learning reaches it through two callables: the current policy (read, never awaited) and a
+non-blocking experience sink.
 """
 
 from __future__ import annotations
@@ -12,24 +14,32 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from cluster.settings import STRATEGIES, RetrievalSettings
+from cluster.core.vocabulary import STRATEGIES, FeatureFlags, Strategy
+from cluster.platform.settings import RetrievalSettings
 from learners.learning_core import PolicySnapshot
 from learners.soft_q import policy_from_q
-from learners.state_encoder import encode_state
+from learners.state_encoder import encode_state, state_id
 from serve_app.answer import extractive_answer, snippet
 from serve_app.experience_log import ServedSearch
 from serve_app.fusion import Ranking, reciprocal_rank_fusion, weighted_score_fusion
 from serve_app.retrieval import DocumentIndex
-from serve_app.schemas import AnswerBody, Hit, RankedId, RankResponse, SearchResponse, Strategy
+from serve_app.schemas import AnswerBody, Hit, RankedId, RankResponse, SearchResponse
 
 EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
 CurrentPolicy = Callable[[], PolicySnapshot | None]
-CurrentFlags = Callable[[], Mapping[str, bool]]
 RecordExperience = Callable[[ServedSearch], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmConfig:
+    """What one request is served under: the live config's version and the arm's flags."""
+
+    version: int
+    flags: FeatureFlags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +70,13 @@ def choose_strategy(
     """
     version = policy.version if policy else 0
     if requested or not use_policy:
-        chosen: Strategy = requested or default
-        action = STRATEGIES.index(chosen)
-        certain = tuple(float(a == action) for a in range(len(STRATEGIES)))
-        return Decision(chosen, action, certain, version)
-    q = policy.q.values([state_key])[0] if policy else np.zeros(len(STRATEGIES))
+        chosen = requested or default
+        certain = tuple(float(a == chosen.action) for a in range(len(STRATEGIES)))
+        return Decision(chosen, chosen.action, certain, version)
+    q = policy.q.values([state_id(state_key)])[0] if policy else np.zeros(len(STRATEGIES))
     probs = policy_from_q(q, policy.tau if policy else 1.0)
     action = int(rng.choice(len(probs), p=probs))
-    return Decision(STRATEGIES[action], action, tuple(probs.tolist()), version)  # type: ignore[arg-type]
+    return Decision(STRATEGIES[action], action, tuple(probs.tolist()), version)
 
 
 class SearchPipeline:
@@ -78,7 +87,6 @@ class SearchPipeline:
         settings: RetrievalSettings,
         arm: str,
         *,
-        current_flags: CurrentFlags = dict,
         current_policy: CurrentPolicy = lambda: None,
         record_experience: RecordExperience | None = None,
         seed: int | None = None,
@@ -87,7 +95,6 @@ class SearchPipeline:
         self._embed_query = embed_query
         self._settings = settings
         self.arm = arm
-        self._current_flags = current_flags
         self._current_policy = current_policy
         self._record_experience = record_experience
         self._rng = np.random.default_rng(seed)
@@ -104,49 +111,49 @@ class SearchPipeline:
         return lexical, dense_list, state_key
 
     def _fuse(self, strategy: Strategy, lexical: Ranking, dense: Ranking, depth: int) -> Ranking:
-        if strategy == "lexical":
+        if strategy is Strategy.LEXICAL:
             # BM25 omits documents sharing no term with the query; fill a short list from the
             # dense ranking (score 0, after every lexical match) so `depth` is honoured.
             seen = {doc_id for doc_id, _ in lexical}
             backfill = [(doc_id, 0.0) for doc_id, _ in dense if doc_id not in seen]
             return (lexical + backfill)[:depth]
-        if strategy == "dense":
+        if strategy is Strategy.DENSE:
             return dense[:depth]
-        if strategy == "hybrid_rrf":
+        if strategy is Strategy.HYBRID_RRF:
             return reciprocal_rank_fusion([lexical, dense], self._settings.rrf_k)[:depth]
         return weighted_score_fusion(lexical, dense, self._settings.fusion_weight)[:depth]
 
     def _every_strategy(self, lexical: Ranking, dense: Ranking, depth: int) -> list[list[str]]:
         """The ids each strategy would serve, in STRATEGIES order."""
         return [[doc_id for doc_id, _ in self._fuse(strategy, lexical, dense, depth)]
-                for strategy in STRATEGIES]  # type: ignore[arg-type]
+                for strategy in STRATEGIES]
 
     def _decide(self, state_key: str, requested: Strategy | None, use_policy: bool) -> Decision:
         return choose_strategy(
-            state_key, requested, self._settings.default_strategy,  # type: ignore[arg-type]
-            self._current_policy(), use_policy, self._rng,
+            state_key, requested, self._settings.default_strategy, self._current_policy(), use_policy, self._rng,
         )
 
     async def search(
-        self, query: str, final_topk: int, strategy: Strategy | None, session_id: str | None = None
+        self, query: str, final_topk: int, strategy: Strategy | None, session_id: str | None,
+        config: ArmConfig,
     ) -> SearchResponse:
         started = time.perf_counter()
-        flags = self._current_flags()  # one reading per request, so a flip never splits one
         lexical, dense, state_key = await self._candidates(query, final_topk)
-        decision = self._decide(state_key, strategy, flags.get("soft_q_bandit", False))
+        decision = self._decide(state_key, strategy, config.flags.soft_q_bandit)
         ranking = self._fuse(decision.strategy, lexical, dense, final_topk)
         documents = await self._index.fetch([doc_id for doc_id, _ in ranking])
         ranking = [(doc_id, score) for doc_id, score in ranking if doc_id in documents]
         answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
         search_id = uuid.uuid4().hex
-        if self._record_experience and flags.get("experience_replay", False):
-            # What every strategy would have served, so graded feedback can reward each one;
-            # fused later by the experience log's writer, off the response path.
-            alternatives = functools.partial(self._every_strategy, lexical, dense, final_topk)
+        if self._record_experience and config.flags.experience_replay:
             self._record_experience(ServedSearch(
-                search_id, self.arm, session_id, state_key, decision.action, decision.strategy,
-                decision.propensity, decision.policy_version, [doc_id for doc_id, _ in ranking],
-                alternatives, list(decision.probabilities),
+                search_id=search_id, arm=self.arm, session_id=session_id, state_key=state_key,
+                action=decision.action, strategy=decision.strategy, propensity=decision.propensity,
+                policy_version=decision.policy_version, served_doc_ids=[doc_id for doc_id, _ in ranking],
+                # What every strategy would have served, so graded feedback can reward each one;
+                # fused later by the experience log's writer, off the response path.
+                strategy_doc_ids=functools.partial(self._every_strategy, lexical, dense, final_topk),
+                action_probabilities=list(decision.probabilities),
             ))
         return SearchResponse(
             search_id=search_id,
@@ -159,14 +166,15 @@ class SearchPipeline:
             answer=AnswerBody(text=answer.text, citations=answer.citations, mode=answer.mode),
             strategy=decision.strategy,
             arm=self.arm,
+            config_version=config.version,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
-    async def ranked(self, query: str, depth: int, strategy: Strategy | None) -> RankResponse:
+    async def ranked(self, query: str, depth: int, strategy: Strategy | None, config: ArmConfig) -> RankResponse:
         """Ranked ids only; never logged as an experience (evaluation traffic is not feedback)."""
         started = time.perf_counter()
         lexical, dense, state_key = await self._candidates(query, depth)
-        decision = self._decide(state_key, strategy, self._current_flags().get("soft_q_bandit", False))
+        decision = self._decide(state_key, strategy, config.flags.soft_q_bandit)
         ranking = self._fuse(decision.strategy, lexical, dense, depth)
         return RankResponse(
             query=query,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import asyncpg
 import numpy as np
 
-from cluster.database import unavailable_on_connection_errors
+from cluster.platform.database import unavailable_on_connection_errors
 from serve_app.fusion import Ranking
 
 _BM25 = """

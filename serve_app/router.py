@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-CONTROL = "control"
+from cluster.core.vocabulary import Arm
 
 
 def unit_interval_point(caller_key: str) -> float:
@@ -21,7 +21,7 @@ def unit_interval_point(caller_key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def choose_arm(caller_key: str, treatment_weights: Mapping[str, float]) -> str:
+def choose_arm(caller_key: str, treatment_weights: Mapping[Arm, float]) -> Arm:
     """The arm for a caller, given each treatment's share of traffic (the rest is control).
 
     `treatment_weights` is ordered; shares must be in [0, 1] and sum to at most 1.
@@ -32,13 +32,4 @@ def choose_arm(caller_key: str, treatment_weights: Mapping[str, float]) -> str:
         upper += weight
         if point < upper:
             return arm
-    return CONTROL
-
-
-def validate_weights(treatment_weights: Mapping[str, float]) -> None:
-    for arm, weight in treatment_weights.items():
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"weight of arm '{arm}' must be in [0, 1], got {weight}")
-    total = sum(treatment_weights.values())
-    if total > 1.0 + 1e-9:
-        raise ValueError(f"treatment weights sum to {total:.3f}; at most 1 is possible")
+    return Arm.CONTROL

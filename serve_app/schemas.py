@@ -10,18 +10,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.settings import FEATURE_FLAGS
-from learners.reward import judgements_from_clicks
+from cluster.core.vocabulary import Arm, FeatureFlags, Strategy
 
-Strategy = Literal["lexical", "dense", "hybrid_rrf", "hybrid_weighted"]
 MAX_QUERY_CHARS = 1000
+
+# Enums take their JSON value (strictness would demand a Python enum member); nothing else.
+StrategyName = Annotated[Strategy, Field(strict=False)]
+ArmName = Annotated[Arm, Field(strict=False)]
 
 
 class _StrictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The query text.")
-    strategy: Strategy | None = Field(
+    strategy: StrategyName | None = Field(
         None, description="Retrieval strategy; omitted, the arm's policy or default decides."
     )
 
@@ -62,7 +64,7 @@ class SearchResponse(BaseModel):
     answer: AnswerBody
     strategy: Strategy
     arm: str
-    config_version: int = Field(0, description="Version of the live flags and weights the arm used.")
+    config_version: int = Field(description="Version of the live flags and weights the arm used.")
     latency_ms: float
 
 
@@ -104,12 +106,6 @@ class FeedbackRequest(BaseModel):
             raise ValueError("give exactly one of 'judgements' or 'clicks'")
         return self
 
-    def graded(self) -> dict[str, float]:
-        """Grades per doc id; clicks count as grade 1."""
-        if self.judgements is not None:
-            return {doc_id: float(grade) for doc_id, grade in self.judgements.items()}
-        return judgements_from_clicks(self.clicks or [])
-
 
 class FeedbackResponse(BaseModel):
     search_id: str
@@ -125,17 +121,19 @@ class ErrorBody(BaseModel):
     message: str
 
 
-Arm = Literal["control", "treatment"]
-FlagName = Literal[FEATURE_FLAGS]  # type: ignore[valid-type]
-
-
 class _Operation(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class FlagsUpdate(_Operation):
-    arm: Arm = "treatment"
-    flags: dict[FlagName, bool] = Field(min_length=1)
+    arm: ArmName = Arm.TREATMENT
+    flags: dict[str, bool] = Field(min_length=1, description="Flag name to on (true) or off (false).")
+
+    @field_validator("flags")
+    @classmethod
+    def _known_flags(cls, flags: dict[str, bool]) -> dict[str, bool]:
+        FeatureFlags.from_mapping(flags)  # the vocabulary's one check and message
+        return flags
 
 
 class WeightUpdate(_Operation):
@@ -147,5 +145,5 @@ class RollbackRequest(_Operation):
 
 
 class FaultUpdate(_Operation):
-    arm: Arm = "treatment"
+    arm: ArmName = Arm.TREATMENT
     failing: bool

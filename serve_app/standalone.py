@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from cluster.api_keys import ApiKeyVerifier, Principal
-from cluster.database import create_pool
-from cluster.errors import ServiceUnavailable
-from cluster.settings import Settings, SettingsError, load_settings
+from cluster.platform.api_keys import ApiKeyVerifier, Principal
+from cluster.platform.database import create_pool
+from cluster.platform.errors import ServiceUnavailable
+from cluster.core.vocabulary import FeatureFlags
+from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.embedding import TextEmbedder
-from serve_app.pipeline import SearchPipeline
+from serve_app.pipeline import ArmConfig, SearchPipeline
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import (
     FeedbackRequest,
@@ -35,12 +36,14 @@ ARM = "standalone"
 class LocalBackend:
     """A `SearchBackend` that runs the pipeline in-process."""
 
-    def __init__(self, pipeline: SearchPipeline, environment: str):
+    def __init__(self, pipeline: SearchPipeline, environment: str, flags: FeatureFlags):
         self._pipeline = pipeline
         self._environment = environment
+        self._config = ArmConfig(0, flags)  # no control plane: the settings' flags, version 0
 
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
-        return await self._pipeline.search(request.q, request.final_topk, request.strategy, caller.session_id)
+        return await self._pipeline.search(request.q, request.final_topk, request.strategy, caller.session_id,
+                                           self._config)
 
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
         raise ServiceUnavailable("feedback needs the cluster's learning actor; use `dtrag up`")
@@ -49,7 +52,7 @@ class LocalBackend:
         raise ServiceUnavailable("the standalone server has no learning actor; use `dtrag up`")
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
-        return await self._pipeline.ranked(request.q, request.depth, request.strategy)
+        return await self._pipeline.ranked(request.q, request.depth, request.strategy, self._config)
 
     async def health(self) -> Health:
         error = None
@@ -75,7 +78,7 @@ async def serve_standalone(settings: Settings) -> None:
         pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
     )
     app = create_api(
-        LocalBackend(SearchPipeline(index, embed_query, retrieval, ARM), settings.environment),
+        LocalBackend(SearchPipeline(index, embed_query, retrieval, ARM), settings.environment, settings.features),
         ApiKeyVerifier(pool, settings.http.api_key_cache_s),
     )
     config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port,

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from cluster.runtime import loopback_only_environment
+from cluster.platform.runtime import loopback_only_environment
 
 loopback_only_environment()  # before any test module imports ray
 
-from cluster.cli import sample_corpus_dir  # noqa: E402
-from cluster.database import create_pool, resolve_database_url  # noqa: E402
-from cluster.ingest import ingest  # noqa: E402
-from cluster.migrate import migrate  # noqa: E402
-from cluster.settings import Settings, load_settings  # noqa: E402
+from cluster.data.corpus import sample_corpus_dir  # noqa: E402
+from cluster.platform.database import create_pool, resolve_database_url  # noqa: E402
+from cluster.data.ingest import ingest  # noqa: E402
+from cluster.platform.migrate import migrate  # noqa: E402
+from cluster.platform.settings import Settings, load_settings  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -97,7 +100,7 @@ def ray_session(settings: Settings) -> Iterator[None]:
     """One local, loopback-only Ray for every Serve test."""
     import ray
 
-    from cluster.runtime import start_ray
+    from cluster.platform.runtime import start_ray
 
     start_ray(settings.ray)
     yield
@@ -114,21 +117,35 @@ def scifact() -> Path:
 
 
 
+Probe = Callable[[], Awaitable[Any]]
+
+
+@pytest.fixture
+def eventually() -> Callable[..., Awaitable[Any]]:
+    """`await eventually(probe)`: poll the async `probe` until it returns something truthy.
+
+    Tests wait for the condition they assert, never for a fixed time, so a busy machine only
+    makes them slower. Fails with the last value after `timeout_s`.
+    """
+
+    async def wait(probe: Probe, timeout_s: float = 60.0, interval_s: float = 0.1) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not (result := await probe()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout_s} s; last value {result!r}")
+            await asyncio.sleep(interval_s)
+        return result
+
+    return wait
+
+
 @pytest.fixture(scope="session")
 def reset_control_actors(pool):
     """Forget learning and rollout state between Serve test modules (actors and stored state)."""
-    import ray
-
-    from cluster.control_plane import ACTOR_NAME as CONTROL_ACTOR
-    from learners.learner import DRIVER_NAME
-    from learners.learning_state import ACTOR_NAME as LEARNING_ACTOR, NAMESPACE
+    from cluster.actors.start import stop_actors
 
     async def reset() -> None:
-        for name in (DRIVER_NAME, LEARNING_ACTOR, CONTROL_ACTOR):
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
+        stop_actors()
         await pool.execute("DELETE FROM rollout_state")
 
     return reset
@@ -142,8 +159,8 @@ def deployed(ray_session, pool, reset_control_actors):
     """
     import httpx
 
-    from cluster.api_keys import create_key
-    from cluster.runtime import deploy, start_serve
+    from cluster.platform.api_keys import create_key
+    from cluster.platform.runtime import deploy, start_serve
     from serve_app.app import APP_NAME, build_app
 
     @contextlib.asynccontextmanager

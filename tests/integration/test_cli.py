@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.cli import main as dtrag
+from cluster.cli.main import main as dtrag
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_dtrag_up_serves_search_and_stops_cleanly(tmp_path: Path, http_port: int
     env = {**os.environ, "DTRAG_STATE_DIR": str(tmp_path / "state"), "DTRAG_HTTP_PORT": str(port)}
     env.pop("DATABASE_URL", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up"], env=env, text=True,
+        [sys.executable, "-m", "cluster.cli.main", "up"], env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:

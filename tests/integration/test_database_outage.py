@@ -3,12 +3,15 @@
 import httpx
 import pytest
 
-from cluster.api_keys import ApiKeyVerifier, create_key
-from cluster.database import create_pool
+from cluster.core.vocabulary import FeatureFlags
+from cluster.platform.api_keys import ApiKeyVerifier, create_key
+from cluster.platform.database import create_pool
 from serve_app.api import create_api
 from serve_app.pipeline import SearchPipeline
 from serve_app.retrieval import DocumentIndex
 from serve_app.standalone import LocalBackend
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -24,7 +27,8 @@ async def api_over_lost_database(pool, live_settings, embedder):
 
     verifier = ApiKeyVerifier(own_pool, cache_seconds=300)
     assert await verifier.verify(key)
-    app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval, "x"), "test"),
+    app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval, "x"), "test",
+                                  FeatureFlags()),
                      verifier)
     await own_pool.close()
     return app, key

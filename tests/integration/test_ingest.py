@@ -5,10 +5,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from cluster.database import create_pool
-from cluster.ingest import ingest
-from cluster.migrate import migrate
+from cluster.platform.database import create_pool
+from cluster.data.ingest import ingest
+from cluster.platform.migrate import migrate
 from serve_app.retrieval import DocumentIndex
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ async def test_sample_corpus_is_fully_loaded(pool):
 
 
 def test_real_scifact_corpus_parses_cleanly(scifact: Path):
-    from cluster.corpus import Document, read_documents
+    from cluster.data.corpus import Document, read_documents
 
     items = list(read_documents(scifact))
     assert len(items) == 5183

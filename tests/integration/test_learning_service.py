@@ -10,16 +10,20 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from cluster.cli import sample_corpus_dir
-from cluster.train import format_report, plot_learning_curve, train_dataset
-from learners.learning_state import learning_state_handle
+from cluster.actors.start import learning_state
+from cluster.clients.train import train_dataset
+from cluster.clients.train_plot import plot_learning_curve
+from cluster.clients.train_report import format_report, report_json
+from cluster.data.corpus import sample_corpus_dir
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 async def service(live_settings, deployed):
     settings = dataclasses.replace(
         live_settings,
-        features={**live_settings.features, "experience_replay": True, "soft_q_bandit": True},
+        features=live_settings.features.with_changes({"experience_replay": True, "soft_q_bandit": True}),
         learning=dataclasses.replace(live_settings.learning, min_replay_size=4, policy_refresh_s=0.2),
     )
     async with deployed(settings, "learning-tests") as client:
@@ -81,30 +85,30 @@ async def test_feedback_errors(service):
         assert field in [e["field"] for e in response.json()["errors"]], (body, response.json())
 
 
-async def test_learners_update_the_policy_and_replicas_follow(service):
+async def test_learners_update_the_policy_and_replicas_follow(service, eventually):
     for _ in range(12):
         served = await search(service, "black holes")
         await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
                                                       "clicks": [served["hits"][0]["doc_id"]]})
-    learning = {}
-    for _ in range(100):
+
+    async def learned() -> dict | None:
+        """The learning report once the actor applied an update and the driver counted it."""
         learning = (await service.get("/api/v1/admin/learning")).json()
-        if learning["state"]["updates_applied"] > 0:
-            break
-        await asyncio.sleep(0.1)
-    assert learning["state"]["updates_applied"] > 0, learning
-    assert learning["learners"]["applied"] > 0 and learning["learners"]["failed"] == 0
+        applied = learning["state"]["updates_applied"] > 0 and learning["learners"]["applied"] > 0
+        return learning if applied else None
+
+    learning = await eventually(learned)
+    assert learning["learners"]["failed"] == 0
     assert learning["q_table"]["q"], "some state has Q values"
     assert len(learning["q_table"]["pooled"]) == 4
     assert learning["state"]["replay_size"] >= 12
 
 
-async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp_path):
-    actor = learning_state_handle()
+async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp_path, eventually):
+    actor = learning_state()
     for _ in range(6):  # make sure there is something to learn from and to restore
         served = await search(service, "glaciers and climate")
         await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
-    await asyncio.sleep(0.5)
     saved_version = await actor.checkpoint.remote()
     saved = await actor.q_table.remote()
     saved_stats = await actor.stats.remote()
@@ -118,23 +122,22 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
     statuses = await running
     assert statuses == [200] * 30
 
-    restored = None
-    for _ in range(200):
+    async def stats_once_back() -> dict | None:
         try:
-            restored = await learning_state_handle().stats.remote()
-            break
-        except Exception:
-            await asyncio.sleep(0.1)
-    assert restored is not None, "LearningState did not come back"
+            return await learning_state().stats.remote()
+        except ray.exceptions.RayError:  # still restarting
+            return None
+
+    restored = await eventually(stats_once_back)
     assert restored["restored_from_version"] == saved_version
     assert restored["replay_size"] >= saved_stats["replay_size"]
-    q_after = await learning_state_handle().q_table.remote()
+    q_after = await learning_state().q_table.remote()
     for state, values in saved["q"].items():
         assert state in q_after["q"]
     assert q_after["policy_version"] >= saved_version
 
     exported = tmp_path / "replay.parquet"
-    rows = await learning_state_handle().export_parquet.remote(str(exported))
+    rows = await learning_state().export_parquet.remote(str(exported))
     table = pq.read_table(exported)
     assert table.num_rows == rows == restored["replay_size"]
     assert {"state_key", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)
@@ -144,7 +147,7 @@ async def test_dtrag_train_runs_the_simulated_user_and_scores_every_policy(servi
     """`dtrag train` end to end on the sample corpus: no training qrels, so half its queries train."""
     key = service.headers["X-API-Key"]
     report = await asyncio.to_thread(train_dataset, sample_corpus_dir(), str(service.base_url), key,
-                                     epochs=1, concurrency=2, json_path=tmp_path / "train.json")
+                                     epochs=1, concurrency=2)
     train_queries = 20  # of the corpus's 40 judged queries
     assert report.epochs[0].feedbacks == train_queries and report.epochs[0].caught_up
     # graded qrels reward all four strategies per feedback
@@ -157,5 +160,6 @@ async def test_dtrag_train_runs_the_simulated_user_and_scores_every_policy(servi
     assert scores.greedy <= scores.oracle + 1e-12
     assert report.curve()[0][0] == 0 and report.curve()[-1][0] == train_queries
     assert "oracle - learned (greedy)" in format_report(report)
+    assert report_json(report)["scores"]["greedy"] == scores.greedy
     plot_learning_curve(report, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

@@ -1,7 +1,9 @@
 import asyncpg
 import pytest
 
-from cluster.migrate import MigrationError, available_migrations, migrate, migration_status
+from cluster.platform.migrate import MigrationError, available_migrations, migrate, migration_status
+
+pytestmark = pytest.mark.integration
 
 
 async def test_migrate_applies_in_order_once_and_records(fresh_database_url: str):

@@ -2,13 +2,15 @@ import statistics
 
 import pytest
 
-from cluster.cli import sample_corpus_dir
-from cluster.evaluate import load_qrels, load_queries
+from cluster.core.vocabulary import STRATEGIES, FeatureFlags, Strategy
+from cluster.data.beir import load_qrels, load_queries
+from cluster.data.corpus import sample_corpus_dir
 from learners.ranking_metrics import ndcg_at_k
-from serve_app.pipeline import SearchPipeline
+from serve_app.pipeline import ArmConfig, SearchPipeline
 from serve_app.retrieval import DocumentIndex
 
-STRATEGIES = ["lexical", "dense", "hybrid_rrf", "hybrid_weighted"]
+pytestmark = pytest.mark.integration
+CONFIG = ArmConfig(version=3, flags=FeatureFlags())
 
 
 @pytest.fixture
@@ -23,22 +25,22 @@ async def pipeline(pool, embedder, live_settings):
     return SearchPipeline(index, embed_query, retrieval, "test")
 
 
-async def rank(pipeline: SearchPipeline, query: str, strategy: str, depth: int) -> list[tuple[str, float]]:
-    response = await pipeline.ranked(query, depth, strategy)
+async def rank(pipeline: SearchPipeline, query: str, strategy: Strategy, depth: int) -> list[tuple[str, float]]:
+    response = await pipeline.ranked(query, depth, strategy, CONFIG)
     return [(r.doc_id, r.score) for r in response.ranking]
 
 
 async def test_lexical_ranks_by_bm25_and_backfills_from_dense(pipeline):
-    ranking = await rank(pipeline, "photosynthesis chlorophyll", "lexical", 10)
+    ranking = await rank(pipeline, "photosynthesis chlorophyll", Strategy.LEXICAL, 10)
     scores = [s for _, s in ranking]
     assert len(ranking) == 10 and scores == sorted(scores, reverse=True) and scores[0] > 0
-    unmatched = await rank(pipeline, "zzzxqv qqqwv", "lexical", 10)
-    dense = await rank(pipeline, "zzzxqv qqqwv", "dense", 10)
+    unmatched = await rank(pipeline, "zzzxqv qqqwv", Strategy.LEXICAL, 10)
+    dense = await rank(pipeline, "zzzxqv qqqwv", Strategy.DENSE, 10)
     assert [d for d, _ in unmatched] == [d for d, _ in dense] and {s for _, s in unmatched} == {0.0}
 
 
 async def test_dense_finds_a_paraphrase_with_no_shared_words(pipeline):
-    ranking = await rank(pipeline, "powerhouse of the cell", "dense", 5)
+    ranking = await rank(pipeline, "powerhouse of the cell", Strategy.DENSE, 5)
     assert len(ranking) == 5
     assert all(-1.0 <= s <= 1.0 for _, s in ranking)
 
@@ -52,8 +54,8 @@ async def test_every_strategy_honours_depth(pipeline, depth):
 
 
 async def test_search_returns_hits_answer_and_metadata(pipeline, pool):
-    response = await pipeline.search("machine learning", 5, None)
-    assert len(response.hits) == 5
+    response = await pipeline.search("machine learning", 5, None, None, CONFIG)
+    assert len(response.hits) == 5 and response.config_version == 3
     assert [h.rank for h in response.hits] == [1, 2, 3, 4, 5]
     assert response.strategy == "hybrid_rrf" and response.arm == "test"
     assert response.answer.mode == "extractive"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.corpus import CorpusError, Document, LineError, corpus_file, count_lines, read_documents
+from cluster.data.corpus import CorpusError, Document, LineError, corpus_file, count_lines, read_documents
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

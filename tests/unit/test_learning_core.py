@@ -1,16 +1,29 @@
 import numpy as np
 import pytest
 
-from learners.learning_core import Experience, LearningConfig, LearningCore, experiences_from
+import dataclasses
+
+from learners.learning_core import Experience, LearningConfig, LearningCore, RewardedSearch
+from learners.replay import NO_NEXT_STATE
 from learners.reward import judgements_from_clicks, reward
 from learners.soft_q import compute_deltas
+from learners.state_encoder import state_id
 
 ACTIONS = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
-STATE = "len=short|form=keyword|agree=low|digits=no"
-OTHER = "len=long|form=question|agree=high|digits=yes"
+STATE_KEY = "len=short|form=keyword|agree=low|digits=no"
+OTHER_KEY = "len=long|form=question|agree=high|digits=yes"
+STATE, OTHER = state_id(STATE_KEY), state_id(OTHER_KEY)
+# The shipped hyperparameters (configs/settings.yaml); each test changes what it is about.
+CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.001,
+                        gamma=0.0, prior_count=200.0, samples_per_insert=8.0, min_replay_size=32,
+                        max_staleness=8, seed=0)
 
 
-def experiences(n: int, state: str = STATE, action: int = 2, r: float = 1.0) -> list[Experience]:
+def config(**changes) -> LearningConfig:
+    return dataclasses.replace(CONFIG, **changes)
+
+
+def experiences(n: int, state: int = STATE, action: int = 2, r: float = 1.0) -> list[Experience]:
     return [Experience(state, action, r, 0.25, 0) for _ in range(n)]
 
 
@@ -23,7 +36,7 @@ def learn_once(core: LearningCore, batch_size: int = 8) -> bool:
 
 
 def test_rate_limit_and_minimum_size_gate_sampling():
-    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=4, samples_per_insert=2.0))
+    core = LearningCore(ACTIONS, config(min_replay_size=4, samples_per_insert=2.0))
     core.add(experiences(3))
     assert core.sample(2) is None  # below the minimum size
     core.add(experiences(1))
@@ -34,7 +47,7 @@ def test_rate_limit_and_minimum_size_gate_sampling():
 
 
 def test_learning_moves_q_towards_rewards_and_bumps_version():
-    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=1, samples_per_insert=100, lr=0.5))
+    core = LearningCore(ACTIONS, config(min_replay_size=1, samples_per_insert=100, lr=0.5))
     core.add(experiences(20, action=2, r=1.0) + experiences(20, action=0, r=0.0))
     for _ in range(20):
         assert learn_once(core)
@@ -46,7 +59,7 @@ def test_learning_moves_q_towards_rewards_and_bumps_version():
 
 
 def test_stale_updates_are_rejected_and_change_nothing():
-    core = LearningCore(ACTIONS, LearningConfig(min_replay_size=1, samples_per_insert=100, max_staleness=1))
+    core = LearningCore(ACTIONS, config(min_replay_size=1, samples_per_insert=100, max_staleness=1))
     core.add(experiences(10))
     old = core.sample(4)
     for _ in range(2):
@@ -59,17 +72,17 @@ def test_stale_updates_are_rejected_and_change_nothing():
 
 
 def test_bad_action_is_refused():
-    core = LearningCore(ACTIONS)
+    core = LearningCore(ACTIONS, CONFIG)
     with pytest.raises(ValueError, match="action 4"):
         core.add([Experience(STATE, 4, 1.0, 0.5, 0)])
 
 
 def test_state_dict_round_trip_resumes_exactly():
-    config = LearningConfig(min_replay_size=1, samples_per_insert=100)
-    core = LearningCore(ACTIONS, config)
-    core.add(experiences(10) + [Experience(OTHER, 1, 0.3, 0.5, 0, next_state_key=STATE)])
+    resumable = config(min_replay_size=1, samples_per_insert=100)
+    core = LearningCore(ACTIONS, resumable)
+    core.add(experiences(10) + [Experience(OTHER, 1, 0.3, 0.5, 0, next_state=STATE)])
     learn_once(core)
-    restored = LearningCore(ACTIONS, config)
+    restored = LearningCore(ACTIONS, resumable)
     restored.load_state_dict(core.state_dict())
     assert restored.stats() == core.stats()
     assert restored.q_table() == core.q_table()
@@ -86,9 +99,17 @@ def test_reward_is_ndcg_of_the_served_list():
 
 
 def test_graded_feedback_teaches_every_action_and_clicks_only_the_served_one():
-    full = experiences_from(STATE, 2, 0.7, 0.4, 3, None, [0.1, 0.2, 0.7, 0.9], [0.1, 0.2, 0.4, 0.3])
+    full = RewardedSearch(STATE_KEY, 2, 0.7, 0.4, 3, action_rewards=[0.1, 0.2, 0.7, 0.9],
+                          action_probabilities=[0.1, 0.2, 0.4, 0.3]).experiences()
     assert [(e.action, e.reward, e.propensity) for e in full] == [
         (2, 0.7, 0.4), (0, 0.1, 0.1), (1, 0.2, 0.2), (3, 0.9, 0.3)]
-    assert {(e.state_key, e.policy_version) for e in full} == {(STATE, 3)}
-    clicks = experiences_from(STATE, 2, 0.7, 0.4, 3, OTHER, None, [0.1, 0.2, 0.4, 0.3])
+    assert {(e.state, e.policy_version, e.next_state) for e in full} == {(STATE, 3, NO_NEXT_STATE)}
+    clicks = RewardedSearch(STATE_KEY, 2, 0.7, 0.4, 3, next_state_key=OTHER_KEY,
+                            action_probabilities=[0.1, 0.2, 0.4, 0.3]).experiences()
     assert clicks == [Experience(STATE, 2, 0.7, 0.4, 3, OTHER)]
+
+
+def test_a_stored_row_becomes_a_rewarded_search_by_column_name():
+    row = {"state_key": STATE_KEY, "action": 1, "reward": 0.5, "propensity": 0.25, "policy_version": 2,
+           "next_state_key": None, "action_rewards": None, "action_probabilities": None, "arm": "control"}
+    assert RewardedSearch.from_row(row) == RewardedSearch(STATE_KEY, 1, 0.5, 0.25, 2)

@@ -7,6 +7,12 @@ from scipy.special import chdtrc  # chi-square survival function; scipy.stats im
 from learners.replay import FIELDS, PrioritizedReplayBuffer, SumTree
 
 
+def make_buffer(capacity: int, alpha: float = 0.6, beta0: float = 0.4, beta_steps: int = 100_000,
+                **options) -> PrioritizedReplayBuffer:
+    """A buffer with the paper's alpha and beta0 (also the shipped ones) unless a test sets them."""
+    return PrioritizedReplayBuffer(capacity, alpha, beta0, beta_steps, **options)
+
+
 def chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
     """Pearson's goodness-of-fit test, as scipy.stats.chisquare."""
     return chdtrc(len(observed) - 1, ((observed - expected) ** 2 / expected).sum())
@@ -51,7 +57,7 @@ def test_sum_tree_batched_updates_equal_a_rebuild_bit_for_bit():
 
 def test_sampling_frequencies_follow_p_alpha_over_sum():
     alpha, td = 0.6, np.array([0.1, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
-    buffer = PrioritizedReplayBuffer(capacity=8, alpha=alpha, eps=0.0, seed=0)
+    buffer = make_buffer(capacity=8, alpha=alpha, eps=0.0, seed=0)
     buffer.add(experiences(8))
     buffer.update_priorities(np.arange(8), np.arange(8), td)
     counts = np.zeros(8)
@@ -64,7 +70,7 @@ def test_sampling_frequencies_follow_p_alpha_over_sum():
 
 
 def test_fifo_eviction_overwrites_the_oldest_first():
-    buffer = PrioritizedReplayBuffer(capacity=4, seed=0)
+    buffer = make_buffer(capacity=4, seed=0)
     np.testing.assert_array_equal(buffer.add(experiences(3)), [0, 1, 2])
     np.testing.assert_array_equal(buffer.add(experiences(3, start=3)), [3, 0, 1])
     state = buffer.state_dict()
@@ -76,7 +82,7 @@ def test_fifo_eviction_overwrites_the_oldest_first():
 
 
 def test_new_experiences_get_the_max_priority_so_far():
-    buffer = PrioritizedReplayBuffer(capacity=4, alpha=1.0, eps=0.0, seed=0)
+    buffer = make_buffer(capacity=4, alpha=1.0, eps=0.0, seed=0)
     buffer.add(experiences(2))
     np.testing.assert_array_equal(buffer.state_dict()["priorities"][:2], [1.0, 1.0])  # p_1 = 1
     buffer.update_priorities([0, 1], [0, 1], [0.5, 7.0])
@@ -86,7 +92,7 @@ def test_new_experiences_get_the_max_priority_so_far():
 
 def test_importance_weights_match_a_hand_computation():
     # eps = 0, alpha = 0.5: p = sqrt(|delta|) = [1, 2, 3, 4], P = p / 10 = [.1, .2, .3, .4], N = 4.
-    buffer = PrioritizedReplayBuffer(
+    buffer = make_buffer(
         capacity=4, alpha=0.5, beta0=0.5, beta_steps=2, eps=0.0, seed=1
     )
     buffer.add(experiences(4))
@@ -107,7 +113,7 @@ def test_importance_weights_match_a_hand_computation():
 
 
 def test_sample_returns_the_stored_columns():
-    buffer = PrioritizedReplayBuffer(capacity=16, seed=2)
+    buffer = make_buffer(capacity=16, seed=2)
     buffer.add(experiences(10))
     sample = buffer.sample(5)
     for name, dtype in FIELDS.items():
@@ -119,7 +125,7 @@ def test_sample_returns_the_stored_columns():
 
 
 def test_stale_priority_updates_are_ignored():
-    buffer = PrioritizedReplayBuffer(capacity=4, alpha=1.0, eps=0.0, seed=3)
+    buffer = make_buffer(capacity=4, alpha=1.0, eps=0.0, seed=3)
     buffer.add(experiences(4))
     sample = buffer.sample(4)  # equal priorities, one per stratum: slots 0, 1, 2, 3
     np.testing.assert_array_equal(sample.indices, [0, 1, 2, 3])
@@ -133,7 +139,7 @@ def test_stale_priority_updates_are_ignored():
     [(np.nan, 1e-6, "non-finite"), (np.inf, 1e-6, "non-finite"), (0.0, 0.0, "zero")],
 )
 def test_bad_priorities_raise_and_change_nothing(td_error, eps, problem):
-    buffer = PrioritizedReplayBuffer(capacity=4, eps=eps, seed=0)
+    buffer = make_buffer(capacity=4, eps=eps, seed=0)
     buffer.add(experiences(4))
     before = buffer.state_dict()["priorities"]
     with pytest.raises(ValueError, match=problem):
@@ -142,7 +148,7 @@ def test_bad_priorities_raise_and_change_nothing(td_error, eps, problem):
 
 
 def test_bad_input_raises():
-    buffer = PrioritizedReplayBuffer(capacity=4)
+    buffer = make_buffer(capacity=4)
     with pytest.raises(ValueError, match="empty"):
         buffer.sample(1)
     with pytest.raises(ValueError, match="missing fields"):
@@ -150,16 +156,16 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="length"):
         buffer.add({**experiences(3), "reward": [0.0, 1.0]})
     with pytest.raises(ValueError):
-        PrioritizedReplayBuffer(capacity=0)
+        make_buffer(capacity=0)
 
 
 def test_state_dict_round_trip_is_exact():
     rng = np.random.default_rng(4)
-    a = PrioritizedReplayBuffer(capacity=50, seed=5)
+    a = make_buffer(capacity=50, seed=5)
     a.add(experiences(80))
     sample = a.sample(16)
     a.update_priorities(sample.indices, sample.insertion_ids, rng.normal(size=16))
-    b = PrioritizedReplayBuffer(capacity=50, seed=6)
+    b = make_buffer(capacity=50, seed=6)
     b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
     state_a, state_b = a.state_dict(), b.state_dict()
     assert state_a.keys() == state_b.keys()
@@ -169,11 +175,11 @@ def test_state_dict_round_trip_is_exact():
     for x, y in zip(a.sample(16), b.sample(16)):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="capacity"):
-        PrioritizedReplayBuffer(capacity=49).load_state_dict(state_a)
+        make_buffer(capacity=49).load_state_dict(state_a)
 
 
 def test_ten_thousand_experiences_fit_in_well_under_5_mb():
-    buffer = PrioritizedReplayBuffer(capacity=10_000)
+    buffer = make_buffer(capacity=10_000)
     buffer.add(experiences(10_000))
     bytes_per_slot = sum(dtype.itemsize for dtype in FIELDS.values()) + 8 + 2 * 8  # + id, tree
     assert 10_000 * bytes_per_slot <= buffer.nbytes < 1_000_000

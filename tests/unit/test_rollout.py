@@ -3,7 +3,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.rollout import ArmWindow, Gates, GuardSettings, compare_rewards, gate_failures, load_plan
+import yaml
+
+from cluster.core.rollout import (
+    ArmWindow,
+    Gates,
+    GuardSettings,
+    RolloutState,
+    compare_rewards,
+    gate_failures,
+    parse_plan,
+)
+from cluster.core.vocabulary import Arm, FeatureFlags
 
 GATES = Gates(max_error_rate=0.01, max_p95_increase_ms=100, max_replica_memory_mb=800, min_reward_delta=-0.05)
 GUARD = GuardSettings(check_interval_s=1, window_s=60, failures_to_rollback=2, min_requests=10, min_rewards=10)
@@ -20,19 +31,32 @@ def window(latencies, errors=0, rewards=(), memory=None, at=100.0) -> ArmWindow:
     return arm
 
 
+SHIPPED = Path(__file__).parents[2].joinpath("configs/rollout.yaml").read_text()
+
+
 def test_shipped_plan_has_the_four_stages():
-    plan = load_plan()
+    plan = parse_plan(yaml.safe_load(SHIPPED))
     assert [s.name for s in plan.stages] == ["baseline", "replay_10", "softq_replay_50", "full"]
     assert [s.treatment_weight for s in plan.stages] == [0.0, 0.1, 0.5, 1.0]
     assert plan.stage("softq_replay_50").treatment_flags == {"experience_replay": True, "soft_q_bandit": True}
+    assert plan.next_stage("baseline").name == "replay_10"
+    with pytest.raises(ValueError, match="last stage"):
+        plan.next_stage("full")
 
 
-def test_plan_errors_name_the_problem(tmp_path: Path):
-    bad = tmp_path / "plan.yaml"
-    bad.write_text(Path(__file__).parents[2].joinpath("configs/rollout.yaml").read_text()
-                   .replace("{experience_replay: true}", "{time_travel: true}"))
-    with pytest.raises(ValueError, match="time_travel"):
-        load_plan(str(bad))
+def test_plan_errors_name_the_problem():
+    with pytest.raises(ValueError, match="stage 'replay_10': unknown flag 'time_travel'"):
+        parse_plan(yaml.safe_load(SHIPPED.replace("{experience_replay: true}", "{time_travel: true}")))
+    with pytest.raises(ValueError, match="baseline"):
+        parse_plan(yaml.safe_load(SHIPPED.replace("treatment_weight: 0.0", "treatment_weight: 0.3")))
+
+
+def test_rollout_state_starts_at_baseline_and_survives_its_json():
+    plan = parse_plan(yaml.safe_load(SHIPPED))
+    state = RolloutState.initial(plan, FeatureFlags(debate_mode=True))
+    assert (state.version, state.stage, state.treatment_weight) == (1, "baseline", 0.0)
+    assert state.flags[Arm.TREATMENT] == state.flags[Arm.CONTROL] == FeatureFlags(debate_mode=True)
+    assert RolloutState.from_json(state.to_json()) == state
 
 
 def test_summary_trims_the_window_and_computes_percentiles():

@@ -2,16 +2,18 @@ from pathlib import Path
 
 import pytest
 
-from cluster.settings import FEATURE_FLAGS, SettingsError, load_settings, read_env_file
+from cluster.core.vocabulary import FeatureFlags, Strategy
+from cluster.platform.settings import SettingsError, load_settings, read_env_file
 
 
 def test_defaults_come_from_configs():
     settings = load_settings(environ={})
     assert settings.database.url is None
     assert settings.http.host == "127.0.0.1"
-    assert settings.retrieval.default_strategy == "hybrid_rrf"
-    assert set(settings.features) == set(FEATURE_FLAGS)
-    assert not any(settings.features.values())
+    assert settings.retrieval.default_strategy is Strategy.HYBRID_RRF
+    assert settings.features == FeatureFlags()  # every flag off
+    assert settings.client.api_key is None
+    assert [s.name for s in settings.rollout.plan.stages] == ["baseline", "replay_10", "softq_replay_50", "full"]
 
 
 def test_environment_overrides_with_operator_names():
@@ -24,14 +26,17 @@ def test_environment_overrides_with_operator_names():
         "GEMINI_API_KEY": "k",
         "FEATURE_SOFT_Q_BANDIT": "on",
         "FEATURE_DEBATE_MODE": "false",
+        "DTRAG_API_KEY": "dtrag_abc_secret",
     })
     assert settings.environment == "production"
     assert settings.database.url == "postgresql://u:p@db:5432/search"
     assert (settings.database.pool_size, settings.database.max_overflow) == (8, 0)
     assert settings.log_level == "DEBUG"
     assert settings.gemini_api_key == "k"
-    assert settings.features["soft_q_bandit"] is True
-    assert settings.features["debate_mode"] is False
+    assert settings.features.soft_q_bandit is True
+    assert settings.features.debate_mode is False
+    assert settings.client.api_key == "dtrag_abc_secret"
+    assert "'k'" not in repr(settings)  # the provider key never reaches a log line
 
 
 @pytest.mark.parametrize(
@@ -46,6 +51,7 @@ def test_environment_overrides_with_operator_names():
         ("DTRAG_FUSION_WEIGHT", "1.5"),
         ("DTRAG_DEFAULT_STRATEGY", "magic"),
         ("ENVIRONMENT", "  "),
+        ("DTRAG_ROLLOUT_PLAN", "/no/such/plan.yaml"),
     ],
 )
 def test_invalid_value_fails_naming_the_variable(variable, value):
@@ -69,3 +75,13 @@ def test_env_file_errors_name_file_and_line(tmp_path: Path):
     bad.write_text("GOOD=1\nthis line has no equals\n")
     with pytest.raises(SettingsError, match="line 2"):
         load_settings(bad, environ={})
+
+
+def test_rollout_plan_is_read_once_at_start_and_its_errors_name_the_variable(tmp_path: Path):
+    shipped = Path(__file__).parents[2].joinpath("configs/rollout.yaml").read_text()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(shipped.replace("treatment_weight: 0.1", "treatment_weight: 0.2"))
+    assert load_settings(environ={"DTRAG_ROLLOUT_PLAN": str(plan)}).rollout.plan.stages[1].treatment_weight == 0.2
+    plan.write_text(shipped.replace("{experience_replay: true}", "{time_travel: true}"))
+    with pytest.raises(SettingsError, match="DTRAG_ROLLOUT_PLAN.*unknown flag 'time_travel'"):
+        load_settings(environ={"DTRAG_ROLLOUT_PLAN": str(plan)})

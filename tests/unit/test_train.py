@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from cluster.train import expected_ndcg, greedy_actions, mean_ndcg, oracle_actions, split_half
+from cluster.data.beir import split_half
+from learners.policy_scores import expected_ndcg, greedy_actions, mean_ndcg, oracle_actions
 
 # 4 queries x 3 actions; queries 0 and 1 share state "a", 2 and 3 share "b"
 SCORES = np.array([

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import dataclasses
 import json
 import statistics
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from cluster.data.beir import load_qrels, load_queries
 from learners.ranking_metrics import ndcg_at_k, precision_at_k, recall_at_k
 
 DEPTH = 100
@@ -26,27 +26,6 @@ class StrategyResult:
     p_at_5: float
     r_at_100: float
     per_query: dict[str, dict[str, float]]
-
-
-def load_queries(dataset: Path, name: str = "queries.jsonl") -> dict[str, str]:
-    """{query id: text} from a JSONL file of `{"_id", "text"}` in the folder `dataset`."""
-    with (dataset / name).open(encoding="utf-8") as stream:
-        records = [json.loads(line) for line in stream if line.strip()]
-    return {str(r["_id"]): r["text"] for r in records}
-
-
-def load_qrels(path: Path) -> dict[str, dict[str, float]]:
-    """`query-id<TAB>corpus-id<TAB>score` with a header line -> {query: {doc: grade}}."""
-    qrels: dict[str, dict[str, float]] = {}
-    with path.open(encoding="utf-8") as stream:
-        reader = csv.reader(stream, delimiter="\t")
-        header = next(reader)
-        if header[:2] != ["query-id", "corpus-id"]:
-            raise ValueError(f"{path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
-        for row in reader:
-            if row:
-                qrels.setdefault(row[0], {})[row[1]] = float(row[2])
-    return qrels
 
 
 async def _rank_all(

@@ -16,9 +16,9 @@ from datetime import datetime
 
 import asyncpg
 
-from cluster.database import unavailable_on_connection_errors
+from cluster.core.vocabulary import SCOPES
+from cluster.platform.database import unavailable_on_connection_errors
 
-SCOPES = ("search", "admin")
 _PREFIX = "dtrag"
 
 

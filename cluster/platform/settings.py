@@ -16,26 +16,10 @@ from typing import Any
 
 import yaml
 
-FEATURE_FLAGS = (
-    "soft_q_bandit",
-    "debate_mode",
-    "experience_replay",
-    "meta_planner",
-    "mcp_tools",
-    "neural_case_selector",
-    "tools_policy",
-)
-# What each flag does today; None: accepted and rolled out, but no behaviour behind it yet.
-FLAG_BEHAVIOUR: dict[str, str | None] = {
-    "soft_q_bandit": "choose the retrieval strategy from the learned soft-Q policy",
-    "debate_mode": None,
-    "experience_replay": "log every served search as an experience for learning",
-    "meta_planner": None,
-    "mcp_tools": None,
-    "neural_case_selector": None,
-    "tools_policy": None,
-}
-STRATEGIES = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
+from cluster.core.rollout import RolloutPlan, parse_plan
+from cluster.core.vocabulary import Flag, FeatureFlags, Strategy, parse_strategy
+from learners.learning_core import LearningConfig
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -69,12 +53,12 @@ class RaySettings:
 class RolloutSettings:
     live_refresh_s: float
     treatment_replicas: int
-    plan: str | None
+    plan: RolloutPlan
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalSettings:
-    default_strategy: str
+    default_strategy: Strategy
     candidates: int
     ef_search: int
     rrf_k: int
@@ -118,6 +102,20 @@ class LearningSettings:
     experience_queue: int
     experience_flush_s: float
 
+    def core(self) -> LearningConfig:
+        """The hyperparameters of the replay and the soft-Q table."""
+        return LearningConfig(
+            capacity=self.capacity, alpha=self.alpha, beta0=self.beta0, beta_steps=self.beta_steps,
+            tau=self.tau, lr=self.lr, gamma=self.gamma, prior_count=self.prior_count,
+            samples_per_insert=self.samples_per_insert, min_replay_size=self.min_replay_size,
+            max_staleness=self.max_staleness,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    api_key: str | None  # what `dtrag eval`, `train`, `flags` and `rollout` send by default
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -132,8 +130,9 @@ class Settings:
     serve: ServeSettings
     learning: LearningSettings
     rollout: RolloutSettings
-    features: Mapping[str, bool]
-    gemini_api_key: str | None
+    client: ClientSettings
+    features: FeatureFlags
+    gemini_api_key: str | None = dataclasses.field(repr=False)
 
     def with_database_url(self, url: str) -> Settings:
         """The same settings pointing at a concrete database (used once the embedded one is up)."""
@@ -207,6 +206,21 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _rollout_plan(text: str) -> RolloutPlan:
+    """The rollout YAML at the path `text`, or the shipped `configs/rollout.yaml` for null."""
+    if text.strip() in ("", "null", "none"):
+        raw = resources.files("configs").joinpath("rollout.yaml").read_text()
+    else:
+        path = Path(text.strip())
+        if not path.is_file():
+            raise ValueError(f"no such file {path}")
+        raw = path.read_text()
+    try:
+        return parse_plan(yaml.safe_load(raw))
+    except (KeyError, TypeError, yaml.YAMLError) as error:
+        raise ValueError(f"not a rollout plan: {error!r}") from None
+
+
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_optional(text: str) -> Any:
         return None if text.strip() in ("", "null", "none") else parse(text)
@@ -231,8 +245,9 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
     ("rollout.live_refresh_s", "DTRAG_LIVE_REFRESH_S", _positive_float),
     ("rollout.treatment_replicas", "DTRAG_TREATMENT_REPLICAS", _positive_int),
-    ("rollout.plan", "DTRAG_ROLLOUT_PLAN", _optional(_text)),
-    ("retrieval.default_strategy", "DTRAG_DEFAULT_STRATEGY", _choice(STRATEGIES)),
+    ("rollout.plan", "DTRAG_ROLLOUT_PLAN", _rollout_plan),
+    ("client.api_key", "DTRAG_API_KEY", _optional(_text)),
+    ("retrieval.default_strategy", "DTRAG_DEFAULT_STRATEGY", lambda text: parse_strategy(text.strip())),
     ("retrieval.candidates", "DTRAG_CANDIDATES", _positive_int),
     ("retrieval.ef_search", "DTRAG_EF_SEARCH", _positive_int),
     ("retrieval.rrf_k", "DTRAG_RRF_K", _positive_int),
@@ -264,7 +279,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.experience_queue", "DTRAG_EXPERIENCE_QUEUE", _positive_int),
     ("learning.experience_flush_s", "DTRAG_EXPERIENCE_FLUSH_S", _positive_float),
     ("gemini.api_key", "GEMINI_API_KEY", _optional(_text)),
-    *((f"features.{flag}", f"FEATURE_{flag.upper()}", _parse_bool) for flag in FEATURE_FLAGS),
+    *((f"features.{flag}", f"FEATURE_{flag.upper()}", _parse_bool) for flag in Flag),
 )
 
 
@@ -333,6 +348,7 @@ def load_settings(
         serve=ServeSettings(**section("serve")),
         learning=LearningSettings(**section("learning")),
         rollout=RolloutSettings(**section("rollout")),
-        features=section("features"),
+        client=ClientSettings(**section("client")),
+        features=FeatureFlags(**section("features")),
         gemini_api_key=values["gemini.api_key"],
     )

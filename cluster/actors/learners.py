@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from cluster.metrics import LearnerMetrics
+from cluster.platform.metrics import LearnerMetrics
 from learners.learning_core import LearnerBatch
 from learners.soft_q import compute_deltas
 
@@ -95,10 +95,3 @@ class LearnerDriver:
         """Counts of learner steps by outcome: applied, stale, idle, failed."""
         return {key: self._outcomes[key] for key in ("applied", "stale", "idle", "failed")}
 
-
-def get_or_create_driver(state: ray.actor.ActorHandle, learners: int, batch_size: int):
-    from learners.learning_state import NAMESPACE
-
-    return LearnerDriver.options(
-        name=DRIVER_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(state, learners, batch_size)

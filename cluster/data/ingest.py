@@ -17,7 +17,7 @@ import asyncpg
 import numpy as np
 from tqdm import tqdm
 
-from cluster.corpus import Document, LineError, corpus_file, count_lines, read_documents
+from cluster.data.corpus import Document, LineError, corpus_file, count_lines, read_documents
 
 log = logging.getLogger(__name__)
 

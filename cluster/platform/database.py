@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import asyncpg
 from pgvector.asyncpg import register_vector
 
-from cluster.errors import ServiceUnavailable
-from cluster.settings import DatabaseSettings
+from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

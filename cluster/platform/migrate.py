@@ -43,7 +43,7 @@ class MigrationError(RuntimeError):
 def available_migrations() -> list[Migration]:
     """The migration files shipped with the package, in version order."""
     found = []
-    for entry in resources.files("cluster").joinpath("migrations").iterdir():
+    for entry in resources.files("cluster.platform").joinpath("migrations").iterdir():
         match = _FILE_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))

@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,34 +20,18 @@ from typing import Any
 import asyncpg
 import ray
 
-from cluster.database import run_blocking
-from cluster.metrics import LearningMetrics
-from cluster.settings import STRATEGIES, LearningSettings
-from learners.learning_core import (
-    Experience,
-    LearnerBatch,
-    LearningConfig,
-    LearningCore,
-    PolicySnapshot,
-    experiences_from,
-)
+from cluster.core.vocabulary import STRATEGIES
+from cluster.platform.database import run_blocking
+from cluster.platform.metrics import LearningMetrics
+from cluster.platform.settings import LearningSettings
+from learners.learning_core import Experience, LearnerBatch, LearningCore, PolicySnapshot, RewardedSearch
 from learners.soft_q import QDelta
+from learners.state_encoder import state_key
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "dtrag"
 ACTOR_NAME = "learning_state"
 _KEEP_CHECKPOINTS = 5
-
-
-def learning_config(settings: LearningSettings) -> LearningConfig:
-    return LearningConfig(
-        capacity=settings.capacity, alpha=settings.alpha, beta0=settings.beta0,
-        beta_steps=settings.beta_steps, tau=settings.tau, lr=settings.lr, gamma=settings.gamma,
-        prior_count=settings.prior_count,
-        samples_per_insert=settings.samples_per_insert, min_replay_size=settings.min_replay_size,
-        max_staleness=settings.max_staleness,
-    )
 
 
 _REWARDED_SINCE = """
@@ -58,24 +43,17 @@ ORDER BY feedback_at DESC
 LIMIT $2"""
 
 
-def _experiences(row: asyncpg.Record) -> list[Experience]:
-    return experiences_from(row["state_key"], row["action"], row["reward"], row["propensity"],
-                            row["policy_version"], row["next_state_key"], row["action_rewards"],
-                            row["action_probabilities"])
-
-
 @ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
 class LearningState:
     """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
 
     def __init__(self, database_url: str, settings: LearningSettings):
         self._url = database_url
-        self._core = LearningCore(STRATEGIES, learning_config(settings))
+        self._core = LearningCore(STRATEGIES, settings.core())
         self._lock = threading.Lock()  # the checkpoint thread reads the core too
         self._restored_from = run_blocking(self._restore())
         self._metrics = LearningMetrics()
         self._publish()
-        self._stop = threading.Event()
         threading.Thread(
             target=self._checkpoint_every, args=(settings.checkpoint_interval_s,), daemon=True
         ).start()
@@ -100,7 +78,7 @@ class LearningState:
             rows = await connection.fetch(_REWARDED_SINCE, since, self._core.config.capacity)
         finally:
             await connection.close()
-        experiences = [e for row in reversed(rows) for e in _experiences(row)]
+        experiences = [e for row in reversed(rows) for e in RewardedSearch.from_row(row).experiences()]
         self._core.add(experiences[-self._core.config.capacity:])
         return None if checkpoint is None else checkpoint["policy_version"]
 
@@ -137,14 +115,18 @@ class LearningState:
         with self._lock:
             return {"policy_version": self._core.table.version, "actions": list(self._core.actions),
                     "tau": self._core.table.tau, "pooled": self._core.pooled_q(),
-                    "q": self._core.q_table()}
+                    "q": self._q_by_key()}
+
+    def _q_by_key(self) -> dict[str, list[float]]:
+        """Q rows under their readable state keys (JSON for operators and checkpoints)."""
+        return {state_key(state): q for state, q in self._core.q_table().items()}
 
     def checkpoint(self) -> int:
         """Write a checkpoint now; returns the policy version saved."""
         with self._lock:
             version = self._core.table.version
             blob = pickle.dumps(self._core.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
-            q_table = self._core.q_table()
+            q_table = self._q_by_key()
             stats = self._core.stats()
         run_blocking(self._write_checkpoint(version, blob, q_table, stats))
         return version
@@ -167,7 +149,8 @@ class LearningState:
 
     def _checkpoint_every(self, interval_s: float) -> None:
         last_saved = self._core.table.version, self._core.inserted
-        while not self._stop.wait(interval_s):
+        while True:
+            time.sleep(interval_s)
             current = self._core.table.version, self._core.inserted
             if current == last_saved:
                 continue
@@ -181,8 +164,6 @@ class LearningState:
         """Write the buffer's experiences to a Parquet file; returns the row count."""
         import pyarrow as pa
         import pyarrow.parquet as pq
-
-        from learners.state_encoder import state_key
 
         with self._lock:
             state = self._core.buffer.state_dict()
@@ -202,14 +183,3 @@ class LearningState:
         pq.write_table(table, path)
         return table.num_rows
 
-
-def get_or_create_learning_state(database_url: str, settings: LearningSettings) -> ray.actor.ActorHandle:
-    """The cluster's one LearningState, created on first use (detached: it outlives its creator)."""
-    return LearningState.options(
-        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(database_url, settings)
-
-
-def learning_state_handle() -> ray.actor.ActorHandle:
-    """The existing actor; raises ValueError when it was not created yet."""
-    return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)

@@ -1,4 +1,4 @@
-"""Rollout stages, gates and per-arm window statistics (pure Python/numpy, no Ray).
+"""Rollout stages and gates, the rollout state, and per-arm window statistics (pure Python/numpy).
 
 The guard compares the treatment arm with control over a sliding window: error rate, p95
 latency increase, replica memory and the difference of mean reward from feedback, with a 95%
@@ -11,21 +11,18 @@ import collections
 import dataclasses
 import math
 from collections.abc import Mapping
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from cluster.settings import FEATURE_FLAGS
+from cluster.core.vocabulary import ARMS, Arm, FeatureFlags
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
     treatment_weight: float
-    treatment_flags: Mapping[str, bool]
+    treatment_flags: Mapping[str, bool]  # set on top of control's flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +54,94 @@ class RolloutPlan:
                 return stage
         raise ValueError(f"no rollout stage named '{name}'; stages: {[s.name for s in self.stages]}")
 
+    def next_stage(self, name: str) -> Stage:
+        names = [s.name for s in self.stages]
+        index = names.index(name)
+        if index + 1 >= len(names):
+            raise ValueError(f"already at the last stage '{name}'")
+        return self.stages[index + 1]
 
-def load_plan(path: str | None = None) -> RolloutPlan:
-    """Parse the rollout YAML at `path` (default `configs/rollout.yaml`); errors name the problem."""
-    text = (Path(path).read_text() if path
-            else resources.files("configs").joinpath("rollout.yaml").read_text())
-    raw = yaml.safe_load(text)
+
+def parse_plan(raw: Mapping[str, Any]) -> RolloutPlan:
+    """A plan from the parsed rollout YAML; ValueError names what is wrong."""
     stages = []
     for entry in raw["stages"]:
-        unknown = set(entry.get("treatment_flags", {})) - set(FEATURE_FLAGS)
-        if unknown:
-            raise ValueError(f"stage '{entry['name']}' sets unknown flags {sorted(unknown)}")
+        flags = dict(entry.get("treatment_flags", {}))
+        try:
+            FeatureFlags.from_mapping(flags)
+        except ValueError as error:
+            raise ValueError(f"stage '{entry['name']}': {error}") from None
         if not 0.0 <= float(entry["treatment_weight"]) <= 1.0:
             raise ValueError(f"stage '{entry['name']}': treatment_weight must be in [0, 1]")
-        stages.append(Stage(entry["name"], float(entry["treatment_weight"]),
-                            dict(entry.get("treatment_flags", {}))))
+        stages.append(Stage(entry["name"], float(entry["treatment_weight"]), flags))
     if not stages or stages[0].treatment_weight != 0.0:
         raise ValueError("the first rollout stage must be a baseline with treatment_weight 0")
     return RolloutPlan(tuple(stages), Gates(**raw["gates"]), GuardSettings(**raw["guard"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveConfig:
+    """What replicas act on: the treatment's share of callers, each arm's flags and faults."""
+
+    version: int
+    stage: str
+    treatment_weight: float
+    flags: Mapping[Arm, FeatureFlags]
+    faults: Mapping[Arm, bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutEvent:
+    at: float  # Unix time
+    event: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutState:
+    """The rollout as the control actor owns and stores it; each change makes a new version."""
+
+    version: int
+    stage: str
+    treatment_weight: float
+    flags: Mapping[Arm, FeatureFlags]
+    faults: Mapping[Arm, bool]
+    events: tuple[RolloutEvent, ...] = ()
+    rolled_back: str | None = None
+
+    @classmethod
+    def initial(cls, plan: RolloutPlan, default_flags: FeatureFlags) -> RolloutState:
+        baseline = plan.stages[0]
+        return cls(1, baseline.name, baseline.treatment_weight,
+                   {Arm.CONTROL: default_flags,
+                    Arm.TREATMENT: default_flags.with_changes(baseline.treatment_flags)},
+                   {arm: False for arm in ARMS})
+
+    @property
+    def live(self) -> LiveConfig:
+        return LiveConfig(self.version, self.stage, self.treatment_weight, self.flags, self.faults)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "stage": self.stage, "treatment_weight": self.treatment_weight,
+                "flags": {arm.value: flags.as_dict() for arm, flags in self.flags.items()},
+                "faults": {arm.value: failing for arm, failing in self.faults.items()},
+                "events": [dataclasses.asdict(e) for e in self.events], "rolled_back": self.rolled_back}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RolloutState:
+        return cls(raw["version"], raw["stage"], raw["treatment_weight"],
+                   {Arm(arm): FeatureFlags.from_mapping(flags) for arm, flags in raw["flags"].items()},
+                   {Arm(arm): failing for arm, failing in raw["faults"].items()},
+                   tuple(RolloutEvent(**e) for e in raw["events"]), raw.get("rolled_back"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """One routed search, as the ingress reports it to the guard."""
+
+    arm: Arm
+    at: float  # Unix time
+    latency_ms: float
+    error: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +248,3 @@ def gate_failures(
             and rewards.significant and rewards.delta < gates.min_reward_delta):
         failures.append(f"mean reward {rewards.delta:+.3f} < {gates.min_reward_delta:+.3f} (p={rewards.p_value:.3f})")
     return failures
-
-
-def stage_flags(base: Mapping[str, bool], stage: Stage) -> dict[str, bool]:
-    """Treatment flags for a stage: the defaults with the stage's flags set on top."""
-    return {**base, **stage.treatment_flags}
-

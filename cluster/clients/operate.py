@@ -1,4 +1,4 @@
-"""`dtrag flags ...` and `dtrag rollout ...`: operator commands over the admin HTTP API.
+"""Operator requests over the admin HTTP API (`dtrag flags ...`, `dtrag rollout ...`), and their reports.
 
 They talk to the running service with an admin key, like any other client, so they work the
 same against a laptop cluster and a remote one.
@@ -6,12 +6,11 @@ same against a laptop cluster and a remote one.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import httpx
 
-from cluster.settings import FEATURE_FLAGS
+from cluster.core.vocabulary import ARMS, Flag, parse_flag
 
 
 class OperationFailed(RuntimeError):
@@ -39,17 +38,15 @@ def parse_assignments(items: list[str]) -> dict[str, bool]:
         name, sep, value = item.partition("=")
         if not sep or value.lower() not in ("on", "off"):
             raise ValueError(f"'{item}': expected NAME=on or NAME=off")
-        if name not in FEATURE_FLAGS:
-            raise ValueError(f"unknown flag '{name}'; flags: {', '.join(FEATURE_FLAGS)}")
-        flags[name] = value.lower() == "on"
+        flags[parse_flag(name).value] = value.lower() == "on"
     return flags
 
 
 def format_flags(answer: dict[str, Any]) -> str:
     arms = answer["arms"]
     lines = [f"{'flag':<22} {'control':<8} {'treatment':<10} behaviour"]
-    for flag in FEATURE_FLAGS:
-        on = {arm: "on" if arms[arm].get(flag) else "off" for arm in ("control", "treatment")}
+    for flag in Flag:
+        on = {arm: "on" if arms[arm].get(flag) else "off" for arm in ARMS}
         behaviour = answer.get("behaviour", {}).get(flag, "")
         lines.append(f"{flag:<22} {on['control']:<8} {on['treatment']:<10} {behaviour}")
     return "\n".join(lines)
@@ -90,46 +87,28 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_flags(args: argparse.Namespace, url: str, api_key: str) -> str:
-    if args.flags_command == "show":
-        return format_flags(_request(url, api_key, "GET", "/api/v1/admin/flags"))
-    flags = parse_assignments(args.assignments)
-    _request(url, api_key, "PUT", "/api/v1/admin/flags", {"arm": args.arm, "flags": flags})
+def show_flags(url: str, api_key: str) -> str:
     return format_flags(_request(url, api_key, "GET", "/api/v1/admin/flags"))
 
 
-def run_rollout(args: argparse.Namespace, url: str, api_key: str) -> str:
-    action = args.rollout_command
-    if action == "status":
-        status = _request(url, api_key, "GET", "/api/v1/admin/rollout")
-    elif action == "advance":
-        status = _request(url, api_key, "POST", "/api/v1/admin/rollout/advance")
-    elif action == "rollback":
-        status = _request(url, api_key, "POST", "/api/v1/admin/rollout/rollback", {"reason": args.reason})
-    else:
-        status = _request(url, api_key, "PUT", "/api/v1/admin/rollout/weight", {"treatment_weight": args.weight})
-    return format_status(status)
+def set_flags(url: str, api_key: str, arm: str, assignments: list[str]) -> str:
+    flags = parse_assignments(assignments)
+    _request(url, api_key, "PUT", "/api/v1/admin/flags", {"arm": arm, "flags": flags})
+    return show_flags(url, api_key)
 
 
-def add_commands(commands: argparse._SubParsersAction, add_service_options, handler) -> None:
-    """Register `flags` and `rollout`; `add_service_options` adds --url and --api-key."""
-    flags = commands.add_parser("flags", help="show or set feature flags per arm (live, no restart)")
-    flag_commands = flags.add_subparsers(dest="flags_command", required=True)
-    add_service_options(flag_commands.add_parser("show", help="flags of each arm and what they do"))
-    set_flags = flag_commands.add_parser("set", help="e.g. dtrag flags set soft_q_bandit=on --arm treatment")
-    set_flags.add_argument("assignments", nargs="+", metavar="NAME=on|off")
-    set_flags.add_argument("--arm", choices=("control", "treatment"), default="treatment")
-    add_service_options(set_flags)
-    flags.set_defaults(handler=handler, operation=run_flags)
+def rollout_status(url: str, api_key: str) -> str:
+    return format_status(_request(url, api_key, "GET", "/api/v1/admin/rollout"))
 
-    rollout = commands.add_parser("rollout", help="progressive rollout of the treatment arm")
-    rollout_commands = rollout.add_subparsers(dest="rollout_command", required=True)
-    add_service_options(rollout_commands.add_parser("status", help="stage, weights, per-arm gates"))
-    add_service_options(rollout_commands.add_parser("advance", help="move to the next stage"))
-    rollback = rollout_commands.add_parser("rollback", help="treatment to 0% now")
-    rollback.add_argument("--reason", default="rolled back by operator")
-    add_service_options(rollback)
-    weight = rollout_commands.add_parser("set-weight", help="set the treatment's share (0..1)")
-    weight.add_argument("weight", type=float)
-    add_service_options(weight)
-    rollout.set_defaults(handler=handler, operation=run_rollout)
+
+def advance(url: str, api_key: str) -> str:
+    return format_status(_request(url, api_key, "POST", "/api/v1/admin/rollout/advance"))
+
+
+def rollback(url: str, api_key: str, reason: str) -> str:
+    return format_status(_request(url, api_key, "POST", "/api/v1/admin/rollout/rollback", {"reason": reason}))
+
+
+def set_weight(url: str, api_key: str, weight: float) -> str:
+    return format_status(_request(url, api_key, "PUT", "/api/v1/admin/rollout/weight",
+                                  {"treatment_weight": weight}))

@@ -5,11 +5,36 @@ from __future__ import annotations
 import logging
 import os
 
-from cluster.settings import HttpSettings, RaySettings
+from cluster.platform.settings import HttpSettings, RaySettings
 
 log = logging.getLogger(__name__)
 
 SERVE_LOGGING = {"encoding": "JSON", "log_level": "WARNING", "enable_access_log": False}
+
+
+def bind_replica_grpc_to_node_ip() -> None:
+    """Worker setup hook: a Serve replica's inter-deployment gRPC server listens on its node's address.
+
+    Ray 2.60 binds that server to `[::]` (every interface, no setting to change it:
+    ray-project/ray#64544), although callers only ever dial it at the replica's node IP. Binding
+    to that IP changes nothing for them, and on a local cluster (127.0.0.1) nothing listens off
+    loopback. `start_ray` installs it as the job's worker setup hook (Ray ignores one given per
+    actor), so it runs in every worker of a local cluster before a replica starts its servers.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    node_ip = ray.util.get_node_ip_address()
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+    bind = replica.add_port_to_grpc_server
+
+    def bind_to_node_ip(server, address: str) -> int:
+        return bind(server, address.replace("[::]", host, 1))
+
+    replica.add_port_to_grpc_server = bind_to_node_ip
+
+
+_SETUP_HOOK = f"{__name__}.{bind_replica_grpc_to_node_ip.__name__}"
 
 
 def loopback_only_environment() -> None:
@@ -38,7 +63,8 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
         ray.init(address=target, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 _metrics_export_port=settings.metrics_port)
+                 _metrics_export_port=settings.metrics_port,
+                 runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
     log.info("ray ready", extra={"address": target or "local"})
 
 

@@ -11,8 +11,14 @@ import gzip
 import hashlib
 import json
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import IO
+
+
+def sample_corpus_dir() -> Path:
+    """The small collection shipped with the package, served when the database is empty."""
+    return Path(str(resources.files("cluster.data").joinpath("sample_corpus")))
 
 
 @dataclasses.dataclass(frozen=True)

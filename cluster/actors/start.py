@@ -1,0 +1,60 @@
+"""The one place the cluster's actors are created; deployments receive their handles via `.bind()`.
+
+Each actor is named and detached in one namespace, so a restarted deployment, `dtrag up` run
+again, or a Ray job finds the same instances (`get_if_exists`), and Ray restarts a dead one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ray
+from ray.actor import ActorHandle
+
+from cluster.actors import NAMESPACE
+from cluster.actors.learners import DRIVER_NAME, LearnerDriver
+from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, LearningState
+from cluster.actors.rollout_control import ACTOR_NAME as ROLLOUT_CONTROL_NAME, RolloutControl
+from cluster.platform.settings import Settings
+
+ACTOR_NAMES = (DRIVER_NAME, LEARNING_STATE_NAME, ROLLOUT_CONTROL_NAME)  # stop order: users first
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterActors:
+    rollout_control: ActorHandle  # RolloutControl
+    learning_state: ActorHandle  # LearningState
+    learner_driver: ActorHandle  # LearnerDriver
+
+
+def _named(name: str) -> dict:
+    return {"name": name, "namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
+
+
+def start_actors(settings: Settings) -> ClusterActors:
+    """Create the actors, or find the running ones; `settings.database.url` must be resolved."""
+    url = settings.database.url
+    assert url, "the database URL is resolved before the actors start"
+    learning = settings.learning
+    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning)
+    return ClusterActors(
+        rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
+            url, settings.rollout.plan, settings.features, settings.environment == "test"),
+        learning_state=learning_state,
+        learner_driver=LearnerDriver.options(**_named(DRIVER_NAME)).remote(
+            learning_state, learning.learners, learning.batch_size),
+    )
+
+
+def learning_state() -> ActorHandle:
+    """The running LearningState (for jobs and drills); ValueError when it was not started."""
+    return ray.get_actor(LEARNING_STATE_NAME, namespace=NAMESPACE)
+
+
+def stop_actors() -> None:
+    """Kill the actors for good (no restart); absent ones are skipped."""
+    for name in ACTOR_NAMES:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass

@@ -1,0 +1,1 @@
+"""The `dtrag` command: argument parsing and one module per group of commands."""

@@ -1,0 +1,1 @@
+"""Offline clients of a running service, over its HTTP API: evaluation, training, operations."""

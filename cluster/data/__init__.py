@@ -1,0 +1,1 @@
+"""Document collections: reading them (BEIR layout or JSONL) and ingesting them; the sample corpus."""
