@@ -230,7 +230,7 @@ def measure_memory(settings: Settings) -> MemoryResult:
         stats = ray.get(actor.stats.remote())
         rss_after = process.memory_info().rss
         kill_learning_state()
-    return MemoryResult(len(experiences), settings.learning.capacity, stats["replay_size"],
+    return MemoryResult(len(experiences), settings.learning.core.capacity, stats["replay_size"],
                         stats["replay_bytes"], rss_before, rss_after)
 
 

@@ -49,7 +49,7 @@ class LearningState:
 
     def __init__(self, database_url: str, settings: LearningSettings):
         self._url = database_url
-        self._core = LearningCore(STRATEGIES, settings.core())
+        self._core = LearningCore(STRATEGIES, settings.core)
         self._lock = threading.Lock()  # the checkpoint thread reads the core too
         self._restored_from = run_blocking(self._restore())
         self._metrics = LearningMetrics()

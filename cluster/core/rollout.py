@@ -97,14 +97,9 @@ class RolloutEvent:
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutState:
+class RolloutState(LiveConfig):
     """The rollout as the control actor owns and stores it; each change makes a new version."""
 
-    version: int
-    stage: str
-    treatment_weight: float
-    flags: Mapping[Arm, FeatureFlags]
-    faults: Mapping[Arm, bool]
     events: tuple[RolloutEvent, ...] = ()
     rolled_back: str | None = None
 
@@ -118,7 +113,8 @@ class RolloutState:
 
     @property
     def live(self) -> LiveConfig:
-        return LiveConfig(self.version, self.stage, self.treatment_weight, self.flags, self.faults)
+        """What replicas need, without the event history."""
+        return LiveConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(LiveConfig)})
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "stage": self.stage, "treatment_weight": self.treatment_weight,

@@ -84,17 +84,7 @@ class ServeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LearningSettings:
-    capacity: int
-    alpha: float
-    beta0: float
-    beta_steps: int
-    tau: float
-    lr: float
-    prior_count: float
-    gamma: float
-    samples_per_insert: float
-    min_replay_size: int
-    max_staleness: int
+    core: LearningConfig  # replay and soft-Q hyperparameters (the `learning.*` keys it names)
     batch_size: int
     learners: int
     checkpoint_interval_s: float
@@ -102,14 +92,11 @@ class LearningSettings:
     experience_queue: int
     experience_flush_s: float
 
-    def core(self) -> LearningConfig:
-        """The hyperparameters of the replay and the soft-Q table."""
-        return LearningConfig(
-            capacity=self.capacity, alpha=self.alpha, beta0=self.beta0, beta_steps=self.beta_steps,
-            tau=self.tau, lr=self.lr, gamma=self.gamma, prior_count=self.prior_count,
-            samples_per_insert=self.samples_per_insert, min_replay_size=self.min_replay_size,
-            max_staleness=self.max_staleness,
-        )
+    @classmethod
+    def from_section(cls, values: Mapping[str, Any]) -> LearningSettings:
+        core_names = {field.name for field in dataclasses.fields(LearningConfig)}
+        return cls(core=LearningConfig(**{k: v for k, v in values.items() if k in core_names}),
+                   **{k: v for k, v in values.items() if k not in core_names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +333,7 @@ def load_settings(
         retrieval=RetrievalSettings(**section("retrieval")),
         embedding=EmbeddingSettings(**section("embedding")),
         serve=ServeSettings(**section("serve")),
-        learning=LearningSettings(**section("learning")),
+        learning=LearningSettings.from_section(section("learning")),
         rollout=RolloutSettings(**section("rollout")),
         client=ClientSettings(**section("client")),
         features=FeatureFlags(**section("features")),

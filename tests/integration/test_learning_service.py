@@ -24,7 +24,8 @@ async def service(live_settings, deployed):
     settings = dataclasses.replace(
         live_settings,
         features=live_settings.features.with_changes({"experience_replay": True, "soft_q_bandit": True}),
-        learning=dataclasses.replace(live_settings.learning, min_replay_size=4, policy_refresh_s=0.2),
+        learning=dataclasses.replace(live_settings.learning, policy_refresh_s=0.2,
+                                     core=dataclasses.replace(live_settings.learning.core, min_replay_size=4)),
     )
     async with deployed(settings, "learning-tests") as client:
         yield client

@@ -26,7 +26,8 @@ async def service(live_settings, deployed):
     settings = dataclasses.replace(
         live_settings,
         rollout=dataclasses.replace(rollout, plan=dataclasses.replace(rollout.plan, guard=FAST_GUARD)),
-        learning=dataclasses.replace(live_settings.learning, min_replay_size=4),
+        learning=dataclasses.replace(
+            live_settings.learning, core=dataclasses.replace(live_settings.learning.core, min_replay_size=4)),
     )
     async with deployed(settings, "rollout-tests") as client:
         yield client
