@@ -7,11 +7,14 @@ differs (Serve handles to arms, or a pipeline in-process).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,6 +24,7 @@ from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.errors import ServiceUnavailable
 from serve_app.feedback import UnknownSearch
+from serve_app.pipeline import SearchEvent
 from serve_app.schemas import (
     ErrorBody,
     FaultUpdate,
@@ -36,6 +40,7 @@ from serve_app.schemas import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Caller:
 
 class SearchBackend(Protocol):
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse: ...
+
+    def search_events(self, request: SearchRequest, principal: Principal, caller: Caller) -> AsyncIterator[SearchEvent]: ...
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse: ...
 
@@ -132,6 +139,37 @@ async def _conflict(_: Request, exc: Exception) -> JSONResponse:
     return _error(409, "conflict", str(exc.args[0]) if exc.args else str(exc))
 
 
+def _sse(event: SearchEvent) -> bytes:
+    return f"event: {event.name}\ndata: {json.dumps(event.data)}\n\n".encode()
+
+
+async def _event_stream(events: AsyncIterator[SearchEvent]) -> StreamingResponse:
+    """Server-Sent Events from `events`. A failure before the first event is an ordinary error
+    response; once streaming, it becomes a last `error` event. A caller who disconnects closes
+    `events`, which cancels the search and its provider calls."""
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield _sse(first)
+            async for event in events:
+                yield _sse(event)
+        except Exception:
+            log.exception("streamed search failed after it started")
+            yield _sse(SearchEvent("error", {"error": "stream_failed",
+                                             "message": "the search failed after it started; retry"}))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+_STREAM_DOC = ("With `stream: true`: text/event-stream of `hits` (the search without its answer), `delta` "
+               "(`{\"text\"}`, answer text as it is written) and a final `answer` (the answer object, plus "
+               "`search_latency_ms`); `error` if it fails after it started.")
+
+
 class BodySizeLimit:
     """Reject bodies over `limit` bytes with 413 before anything parses them."""
 
@@ -196,14 +234,18 @@ def create_api(
         }
         return JSONResponse(body, status_code=200 if report.database_ready else 503)
 
-    @app.post("/api/v1/search/", response_model=SearchResponse, summary="Search and answer")
+    @app.post("/api/v1/search/", response_model=SearchResponse, summary="Search and answer",
+              responses={200: {"content": {"text/event-stream": {}}, "description": _STREAM_DOC}})
     async def search(
         body: SearchRequest,
         principal: Principal = Depends(require_search),
         x_user_id: str | None = Header(None, max_length=128, description="Keeps a user on one arm."),
         x_session_id: str | None = Header(None, max_length=128, description="Links a session's queries."),
-    ) -> SearchResponse:
-        return await backend.search(body, principal, Caller(x_user_id, x_session_id))
+    ) -> SearchResponse | StreamingResponse:
+        caller = Caller(x_user_id, x_session_id)
+        if body.stream:
+            return await _event_stream(backend.search_events(body, principal, caller))
+        return await backend.search(body, principal, caller)
 
     @app.post("/api/v1/feedback", response_model=FeedbackResponse,
               summary="Judge a served result list; its nDCG becomes the reward")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 
 import numpy as np
 import psutil
@@ -19,13 +20,14 @@ from ray.serve.handle import DeploymentHandle
 from cluster.core.rollout import LiveConfig
 from cluster.core.vocabulary import Arm
 from cluster.platform.database import create_pool
-from cluster.platform.metrics import ArmMetrics
+from cluster.platform.metrics import AnswerMetrics, ArmMetrics
 from cluster.platform.settings import Settings
 from learners.learning_core import PolicySnapshot
 from serve_app.experience_log import ExperienceLog
-from serve_app.pipeline import ArmConfig, SearchPipeline
+from serve_app.answers.from_settings import composer_from_settings
+from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
 from serve_app.retrieval import DocumentIndex
-from serve_app.schemas import RankRequest, RankResponse, SearchRequest, SearchResponse
+from serve_app.schemas import AnswerBody, RankRequest, RankResponse, SearchRequest, SearchResponse
 from serve_app.versioned_cache import VersionedCache
 
 _REPORT_INTERVAL_S = 5.0
@@ -53,13 +55,14 @@ class PipelineArm:
         self._default = ArmConfig(0, settings.features)
         self._control = rollout_control
         self._metrics = ArmMetrics()
+        self._answer_metrics = AnswerMetrics()
         self._experiences = ExperienceLog(pool, learning.experience_queue, learning.experience_flush_s)
         self._policy: VersionedCache[PolicySnapshot] = VersionedCache(
             "policy", learning_state.policy_if_newer.remote, learning.policy_refresh_s)
         self._live: VersionedCache[LiveConfig] = VersionedCache(
             "live config", rollout_control.live_if_newer.remote, settings.rollout.live_refresh_s)
         self._pipeline = SearchPipeline(
-            index, embed_query, retrieval, arm,
+            index, embed_query, retrieval, composer_from_settings(settings), arm,
             current_policy=lambda: self._policy.current,
             record_experience=self._experiences.record,
         )
@@ -72,15 +75,32 @@ class PipelineArm:
         live = self._live.current
         return ArmConfig(live.version, live.flags[self._arm]) if live else self._default
 
-    async def search(self, request: SearchRequest, session_id: str | None) -> SearchResponse:
+    def _check_fault(self) -> None:
         live = self._live.current
         if live and live.faults.get(self._arm):
             raise InjectedFault(f"fault injected into arm '{self._arm}' (ENVIRONMENT=test)")
-        response = await self._pipeline.search(request.q, request.final_topk, request.strategy, session_id,
-                                               self._config())
+
+    def _record_answer(self, answer: AnswerBody) -> None:
+        usage = answer.usage
+        self._answer_metrics.record(answer.provider, answer.mode, answer.latency_ms,
+                                    usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,
+                                    answer.fallback, answer.dropped_citations)
+
+    async def search(self, request: SearchRequest, session_id: str | None) -> SearchResponse:
+        self._check_fault()
+        response = await self._pipeline.search(request, session_id, self._config())
         self._metrics.latency.observe(response.latency_ms / 1000,
                                       tags={"arm": self._arm, "strategy": response.strategy})
+        self._record_answer(response.answer)
         return response
+
+    async def search_events(self, request: SearchRequest, session_id: str | None) -> AsyncIterator[SearchEvent]:
+        """The search as Server-Sent Events; the caller's disconnect cancels it, provider calls included."""
+        self._check_fault()
+        async for event in self._pipeline.search_events(request, session_id, self._config()):
+            if event.name == "answer":
+                self._record_answer(AnswerBody.model_validate(event.data))
+            yield event
 
     async def ranked(self, request: RankRequest) -> RankResponse:
         return await self._pipeline.ranked(request.q, request.depth, request.strategy, self._config())

@@ -34,6 +34,7 @@ class ServedSearch:
     # fusing every strategy costs more than the search's own response can wait for.
     strategy_doc_ids: Callable[[], list[list[str]]]
     action_probabilities: list[float]  # pi(.|s) of the behaviour policy, in action order
+    answer_mode: str  # extractive, generated or debate, as resolved for this search
 
     def record(self) -> tuple[object, ...]:
         """The row in column order, with every strategy's list fused now."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
@@ -29,6 +29,7 @@ from cluster.platform.metrics import IngressMetrics
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.feedback import FeedbackStore
+from serve_app.pipeline import SearchEvent
 from serve_app.router import choose_arm
 from serve_app.schemas import (
     FeedbackRequest,
@@ -94,11 +95,31 @@ class Ingress:
             failed = False
             return response
         finally:
-            latency_ms = (time.perf_counter() - started) * 1000
-            self._observations.append(Observation(arm, time.time(), latency_ms, failed))
-            self._metrics.requests.inc(tags={"arm": arm})
-            if failed:
-                self._metrics.errors.inc(tags={"arm": arm})
+            self._observe(arm, started, failed)
+
+    async def search_events(self, request: SearchRequest, principal: Principal,
+                            caller: Caller) -> AsyncIterator[SearchEvent]:
+        arm = self._arm_for(principal, caller)
+        started, failed = time.perf_counter(), True
+        stream = self._arms[arm].options(stream=True).search_events.remote(request, caller.session_id)
+        try:
+            async for event in stream:
+                yield event
+            failed = False
+        except (RayActorError, BackPressureError, DeploymentUnavailableError) as error:
+            raise ServiceUnavailable(f"arm '{arm}' is unavailable: {error}") from error
+        except (GeneratorExit, asyncio.CancelledError):
+            failed = False  # the caller went away: not the arm's failure
+            raise
+        finally:
+            stream.cancel()  # stops the arm's search, and its provider calls, if it is still running
+            self._observe(arm, started, failed)
+
+    def _observe(self, arm: Arm, started: float, failed: bool) -> None:
+        self._observations.append(Observation(arm, time.time(), (time.perf_counter() - started) * 1000, failed))
+        self._metrics.requests.inc(tags={"arm": arm})
+        if failed:
+            self._metrics.errors.inc(tags={"arm": arm})
 
     async def _flush_observations(self) -> None:
         """Hand request observations to the guard in batches; never on the request path."""
@@ -128,6 +149,7 @@ class Ingress:
         return FeedbackResponse(
             search_id=outcome.search_id, reward=outcome.reward, duplicate=outcome.duplicate,
             strategy_rewards=None if rewards is None else dict(zip(STRATEGIES, rewards, strict=True)),
+            answer_rating=outcome.answer_rating,
         )
 
     async def _ask(self, *calls: Awaitable[Any]) -> list[Any]:

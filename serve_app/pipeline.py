@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +24,44 @@ from cluster.platform.settings import RetrievalSettings
 from learners.learning_core import PolicySnapshot
 from learners.soft_q import policy_from_q
 from learners.state_encoder import encode_state, state_id
-from serve_app.answer import extractive_answer, snippet
+from serve_app.answers.composer import AnswerComposer, AnswerMode, ComposedAnswer
+from serve_app.answers.extractive import snippet
 from serve_app.experience_log import ServedSearch
 from serve_app.fusion import Ranking, reciprocal_rank_fusion, weighted_score_fusion
-from serve_app.retrieval import DocumentIndex
-from serve_app.schemas import AnswerBody, Hit, RankedId, RankResponse, SearchResponse
+from serve_app.retrieval import DocumentIndex, StoredDocument
+from serve_app.schemas import (
+    AnswerBody,
+    Draft,
+    Hit,
+    RankedId,
+    RankResponse,
+    SearchHits,
+    SearchRequest,
+    SearchResponse,
+    Usage,
+)
 
 EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
 CurrentPolicy = Callable[[], PolicySnapshot | None]
 RecordExperience = Callable[[ServedSearch], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchEvent:
+    """One Server-Sent Event of a streamed search: `hits`, `delta` or `answer`, with its JSON data."""
+
+    name: str
+    data: dict[str, Any]
+
+
+def answer_body(answer: ComposedAnswer) -> AnswerBody:
+    return AnswerBody(
+        text=answer.text, citations=answer.citations, mode=answer.mode, provider=answer.provider,
+        model=answer.model, latency_ms=answer.latency_ms, fallback=answer.fallback,  # type: ignore[arg-type]
+        usage=Usage(**dataclasses.asdict(answer.usage)) if answer.usage else None,
+        dropped_citations=answer.dropped_citations,
+        drafts=[Draft(**dataclasses.asdict(d)) for d in answer.drafts] if answer.drafts is not None else None,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +115,7 @@ class SearchPipeline:
         index: DocumentIndex,
         embed_query: EmbedQuery,
         settings: RetrievalSettings,
+        composer: AnswerComposer,
         arm: str,
         *,
         current_policy: CurrentPolicy = lambda: None,
@@ -94,6 +125,7 @@ class SearchPipeline:
         self._index = index
         self._embed_query = embed_query
         self._settings = settings
+        self._composer = composer
         self.arm = arm
         self._current_policy = current_policy
         self._record_experience = record_experience
@@ -133,17 +165,15 @@ class SearchPipeline:
             state_key, requested, self._settings.default_strategy, self._current_policy(), use_policy, self._rng,
         )
 
-    async def search(
-        self, query: str, final_topk: int, strategy: Strategy | None, session_id: str | None,
-        config: ArmConfig,
-    ) -> SearchResponse:
-        started = time.perf_counter()
+    async def _retrieve(self, request: SearchRequest, session_id: str | None, config: ArmConfig,
+                        answer_mode: AnswerMode) -> tuple[SearchHits, list[StoredDocument]]:
+        """Candidates, the strategy, the fused hits; the served search goes to the experience log."""
+        query, final_topk = request.q, request.final_topk
         lexical, dense, state_key = await self._candidates(query, final_topk)
-        decision = self._decide(state_key, strategy, config.flags.soft_q_bandit)
+        decision = self._decide(state_key, request.strategy, config.flags.soft_q_bandit)
         ranking = self._fuse(decision.strategy, lexical, dense, final_topk)
         documents = await self._index.fetch([doc_id for doc_id, _ in ranking])
         ranking = [(doc_id, score) for doc_id, score in ranking if doc_id in documents]
-        answer = extractive_answer(query, [documents[doc_id] for doc_id, _ in ranking])
         search_id = uuid.uuid4().hex
         if self._record_experience and config.flags.experience_replay:
             self._record_experience(ServedSearch(
@@ -154,8 +184,9 @@ class SearchPipeline:
                 # fused later by the experience log's writer, off the response path.
                 strategy_doc_ids=functools.partial(self._every_strategy, lexical, dense, final_topk),
                 action_probabilities=list(decision.probabilities),
+                answer_mode=answer_mode,
             ))
-        return SearchResponse(
+        hits = SearchHits(
             search_id=search_id,
             query=query,
             hits=[
@@ -163,12 +194,36 @@ class SearchPipeline:
                     snippet=snippet(query, documents[doc_id].text), score=score, rank=rank)
                 for rank, (doc_id, score) in enumerate(ranking, start=1)
             ],
-            answer=AnswerBody(text=answer.text, citations=answer.citations, mode=answer.mode),
             strategy=decision.strategy,
             arm=self.arm,
             config_version=config.version,
-            latency_ms=(time.perf_counter() - started) * 1000,
         )
+        return hits, [documents[doc_id] for doc_id, _ in ranking]
+
+    async def search(self, request: SearchRequest, session_id: str | None, config: ArmConfig) -> SearchResponse:
+        started = time.perf_counter()
+        deadline = self._composer.deadline()
+        mode = self._composer.resolve(request.answer_mode, config.flags.debate_mode)
+        found, documents = await self._retrieve(request, session_id, config, mode)
+        answer = await self._composer.compose(request.q, documents, mode, deadline, request.debug)
+        return SearchResponse(**dict(found), answer=answer_body(answer),
+                              latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def search_events(self, request: SearchRequest, session_id: str | None,
+                            config: ArmConfig) -> AsyncIterator[SearchEvent]:
+        """The search as events: `hits`, then `delta`s of answer text, then `answer`."""
+        started = time.perf_counter()
+        deadline = self._composer.deadline()
+        mode = self._composer.resolve(request.answer_mode, config.flags.debate_mode)
+        found, documents = await self._retrieve(request, session_id, config, mode)
+        yield SearchEvent("hits", found.model_dump(mode="json"))
+        async for piece in self._composer.stream(request.q, documents, mode, deadline, request.debug):
+            if isinstance(piece, str):
+                if piece:
+                    yield SearchEvent("delta", {"text": piece})
+            else:
+                yield SearchEvent("answer", {**answer_body(piece).model_dump(mode="json"),
+                                             "search_latency_ms": (time.perf_counter() - started) * 1000})
 
     async def ranked(self, query: str, depth: int, strategy: Strategy | None, config: ArmConfig) -> RankResponse:
         """Ranked ids only; never logged as an experience (evaluation traffic is not feedback)."""

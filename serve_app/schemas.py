@@ -37,6 +37,13 @@ class _StrictRequest(BaseModel):
 
 class SearchRequest(_StrictRequest):
     final_topk: int = Field(5, ge=1, le=50, description="How many hits to return (1..50).")
+    answer_mode: Literal["extractive", "generated", "debate", "auto"] | None = Field(
+        None, description="How to answer: quote passages (extractive), write with the configured model "
+        "(generated), two stances then a synthesis (debate), or let the service choose (auto). Omitted: "
+        "the configured default.")
+    stream: bool = Field(False, description="Answer as Server-Sent Events: `hits`, then `delta` events with "
+                         "answer text, then `answer` with citations, usage and fallback.")
+    debug: bool = Field(False, description="Include a debate's drafts in the answer.")
 
 
 class RankRequest(_StrictRequest):
@@ -51,20 +58,48 @@ class Hit(BaseModel):
     rank: int
 
 
-class AnswerBody(BaseModel):
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class Draft(BaseModel):
+    stance: Literal["supporting", "critical"]
     text: str
     citations: list[str]
-    mode: Literal["extractive", "generative", "debate"]
 
 
-class SearchResponse(BaseModel):
+Fallback = Literal["no_provider", "timeout", "provider_error", "budget", "refused"]
+
+
+class AnswerBody(BaseModel):
+    text: str = Field(description="The answer; each claim cites a hit as [doc_id].")
+    citations: list[str] = Field(description="Doc ids the answer cites, all among the retrieved documents.")
+    mode: Literal["extractive", "generated", "debate"]
+    provider: str | None = Field(description="gemini or openai; null for an extractive answer.")
+    model: str | None
+    usage: Usage | None = Field(description="Tokens in and out, over every provider call of this answer.")
+    latency_ms: float = Field(description="Time spent composing the answer.")
+    fallback: Fallback | None = Field(
+        description="Why the answer is not what was asked for: no provider configured, a call timed out, "
+        "the provider failed, the request's budget ran out, or the model declined. Null when it is.")
+    dropped_citations: int = Field(0, description="Citations of passages the model was not given, removed.")
+    drafts: list[Draft] | None = Field(None, description="A debate's drafts, with `debug`.")
+
+
+class SearchHits(BaseModel):
+    """A search before its answer: the first event of a streamed search."""
+
     search_id: str
     query: str
     hits: list[Hit]
-    answer: AnswerBody
     strategy: Strategy
     arm: str
     config_version: int = Field(description="Version of the live flags and weights the arm used.")
+
+
+class SearchResponse(SearchHits):
+    answer: AnswerBody
     latency_ms: float
 
 
@@ -86,8 +121,11 @@ Grade = Annotated[int, Field(ge=0, le=4)]
 DocId = Annotated[str, Field(min_length=1, max_length=512)]
 
 
+AnswerGrade = Annotated[int, Field(ge=0, le=4)]
+
+
 class FeedbackRequest(BaseModel):
-    """Exactly one of graded `judgements` or `clicks` (which count as grade 1 each)."""
+    """Graded `judgements` or `clicks` (grade 1 each) of the documents, and/or a rating of the answer."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -99,21 +137,35 @@ class FeedbackRequest(BaseModel):
     clicks: list[DocId] | None = Field(
         None, max_length=50, description="Doc ids the user clicked; [] for none."
     )
+    answer_rating: bool | AnswerGrade | None = Field(
+        None, description="The answer itself: helpful (true) or not (false), or a grade 0..4.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> FeedbackRequest:
-        if (self.judgements is None) == (self.clicks is None):
-            raise ValueError("give exactly one of 'judgements' or 'clicks'")
+    def _documents_or_answer(self) -> FeedbackRequest:
+        if self.judgements is not None and self.clicks is not None:
+            raise ValueError("give 'judgements' or 'clicks', not both")
+        if self.judgements is None and self.clicks is None and self.answer_rating is None:
+            raise ValueError("give 'judgements', 'clicks' or 'answer_rating'")
         return self
+
+    def answer_score(self) -> float | None:
+        """The rating on [0, 1]: helpful 1, not 0; a grade g is g / 4."""
+        if self.answer_rating is None:
+            return None
+        return float(self.answer_rating) if isinstance(self.answer_rating, bool) else self.answer_rating / 4
 
 
 class FeedbackResponse(BaseModel):
     search_id: str
-    reward: float = Field(description="nDCG of the served list under this feedback, in [0, 1].")
+    reward: float | None = Field(description="nDCG of the served list under the document feedback, in "
+                                 "[0, 1]; null while only the answer was rated.")
     strategy_rewards: dict[Strategy, float] | None = Field(
         None, description="For graded judgements: the reward of the list each strategy would have "
         "served for this search (all of them teach the policy). None for clicks.")
-    duplicate: bool = Field(description="True when feedback for this search was already recorded.")
+    answer_rating: float | None = Field(None, description="The answer's rating on [0, 1] (helpful 1, a "
+                                        "grade g as g / 4), as recorded; null while unrated.")
+    duplicate: bool = Field(description="True when every part of this feedback was already recorded (the "
+                            "first feedback for each part is kept).")
 
 
 class ErrorBody(BaseModel):

@@ -7,6 +7,7 @@ A baseline for the load benchmark, and a way to debug the pipeline without a clu
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,8 @@ from cluster.core.vocabulary import FeatureFlags
 from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.embedding import TextEmbedder
-from serve_app.pipeline import ArmConfig, SearchPipeline
+from serve_app.answers.from_settings import composer_from_settings
+from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import (
     FeedbackRequest,
@@ -42,8 +44,10 @@ class LocalBackend:
         self._config = ArmConfig(0, flags)  # no control plane: the settings' flags, version 0
 
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
-        return await self._pipeline.search(request.q, request.final_topk, request.strategy, caller.session_id,
-                                           self._config)
+        return await self._pipeline.search(request, caller.session_id, self._config)
+
+    def search_events(self, request: SearchRequest, principal: Principal, caller: Caller) -> AsyncIterator[SearchEvent]:
+        return self._pipeline.search_events(request, caller.session_id, self._config)
 
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
         raise ServiceUnavailable("feedback needs the cluster's learning actor; use `dtrag up`")
@@ -78,7 +82,8 @@ async def serve_standalone(settings: Settings) -> None:
         pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
     )
     app = create_api(
-        LocalBackend(SearchPipeline(index, embed_query, retrieval, ARM), settings.environment, settings.features),
+        LocalBackend(SearchPipeline(index, embed_query, retrieval, composer_from_settings(settings), ARM),
+                     settings.environment, settings.features),
         ApiKeyVerifier(pool, settings.http.api_key_cache_s),
     )
     config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port,

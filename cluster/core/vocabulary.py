@@ -56,6 +56,7 @@ class Flag(enum.StrEnum):
 _BEHAVIOUR = {
     Flag.SOFT_Q_BANDIT: "choose the retrieval strategy from the learned soft-Q policy",
     Flag.EXPERIENCE_REPLAY: "log every served search as an experience for learning",
+    Flag.DEBATE_MODE: "answer_mode auto debates: two drafts at once, then a cited synthesis",
 }
 
 SCOPES = ("search", "admin")

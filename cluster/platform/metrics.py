@@ -28,6 +28,31 @@ class ArmMetrics:
         self.policy_version = Gauge("policy_version", "Policy version a replica acts on", ("arm",))
 
 
+class AnswerMetrics:
+    """Per answer: time by provider and mode, tokens, fallbacks by reason, citations dropped."""
+
+    def __init__(self) -> None:
+        self.latency = Histogram("answer_latency_seconds", "Time to compose an answer",
+                                 LATENCY_BOUNDARIES_S, ("provider", "mode"))
+        self.tokens = Counter("answer_tokens_total", "Provider tokens, by direction (in, out)",
+                              ("provider", "direction"))
+        self.fallbacks = Counter("answer_fallbacks_total", "Answers that fell back, by reason", ("reason", "mode"))
+        self.dropped_citations = Counter("answer_dropped_citations_total",
+                                         "Citations of passages the model was not given", ("provider",))
+
+    def record(self, provider: str | None, mode: str, latency_ms: float, input_tokens: int, output_tokens: int,
+               fallback: str | None, dropped_citations: int) -> None:
+        name = provider or "extractive"
+        self.latency.observe(latency_ms / 1000, tags={"provider": name, "mode": mode})
+        if input_tokens or output_tokens:
+            self.tokens.inc(input_tokens, tags={"provider": name, "direction": "in"})
+            self.tokens.inc(output_tokens, tags={"provider": name, "direction": "out"})
+        if fallback:
+            self.fallbacks.inc(tags={"reason": fallback, "mode": mode})
+        if dropped_citations:
+            self.dropped_citations.inc(dropped_citations, tags={"provider": name})
+
+
 class LearningMetrics:
     def __init__(self) -> None:
         self.replay_buffer_size = Gauge("replay_buffer_size", "Experiences in the prioritized replay")

@@ -100,6 +100,34 @@ class LearningSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class AnswerSettings:
+    provider: str  # extractive, gemini or openai (`auto` is resolved at load)
+    default_mode: str  # auto, extractive, generated or debate
+    budget_s: float  # one hard deadline per search, retrieval included
+    call_timeout_s: float
+    attempts: int
+    backoff_s: float
+    max_backoff_s: float
+    passages: int
+    max_prompt_chars: int
+    max_output_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GeminiSettings:
+    api_key: str | None = dataclasses.field(repr=False)
+    model: str
+    base_url: str | None  # a server that speaks the Gemini REST API; None: Google's
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAISettings:
+    base_url: str | None  # an OpenAI-compatible server, e.g. http://localhost:8000/v1
+    model: str | None
+    api_key: str | None = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientSettings:
     api_key: str | None  # what `dtrag eval`, `train`, `flags` and `rollout` send by default
 
@@ -119,7 +147,9 @@ class Settings:
     rollout: RolloutSettings
     client: ClientSettings
     features: FeatureFlags
-    gemini_api_key: str | None = dataclasses.field(repr=False)
+    answers: AnswerSettings
+    gemini: GeminiSettings
+    openai: OpenAISettings
 
     def with_database_url(self, url: str) -> Settings:
         """The same settings pointing at a concrete database (used once the embedded one is up)."""
@@ -265,7 +295,22 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.policy_refresh_s", "DTRAG_POLICY_REFRESH_S", _positive_float),
     ("learning.experience_queue", "DTRAG_EXPERIENCE_QUEUE", _positive_int),
     ("learning.experience_flush_s", "DTRAG_EXPERIENCE_FLUSH_S", _positive_float),
+    ("answers.provider", "DTRAG_ANSWER_PROVIDER", _choice(("auto", "extractive", "gemini", "openai"))),
+    ("answers.default_mode", "DTRAG_ANSWER_MODE", _choice(("auto", "extractive", "generated", "debate"))),
+    ("answers.budget_s", "DTRAG_ANSWER_BUDGET_S", _positive_float),
+    ("answers.call_timeout_s", "DTRAG_ANSWER_CALL_TIMEOUT_S", _positive_float),
+    ("answers.attempts", "DTRAG_ANSWER_ATTEMPTS", _positive_int),
+    ("answers.backoff_s", "DTRAG_ANSWER_BACKOFF_S", _non_negative_float),
+    ("answers.max_backoff_s", "DTRAG_ANSWER_MAX_BACKOFF_S", _non_negative_float),
+    ("answers.passages", "DTRAG_ANSWER_PASSAGES", _positive_int),
+    ("answers.max_prompt_chars", "DTRAG_ANSWER_MAX_PROMPT_CHARS", _positive_int),
+    ("answers.max_output_tokens", "DTRAG_ANSWER_MAX_OUTPUT_TOKENS", _positive_int),
     ("gemini.api_key", "GEMINI_API_KEY", _optional(_text)),
+    ("gemini.model", "DTRAG_GEMINI_MODEL", _text),
+    ("gemini.base_url", "DTRAG_GEMINI_BASE_URL", _optional(_text)),
+    ("openai.base_url", "DTRAG_OPENAI_BASE_URL", _optional(_text)),
+    ("openai.model", "DTRAG_OPENAI_MODEL", _optional(_text)),
+    ("openai.api_key", "DTRAG_OPENAI_API_KEY", _optional(_text)),
     *((f"features.{flag}", f"FEATURE_{flag.upper()}", _parse_bool) for flag in Flag),
 )
 
@@ -337,5 +382,20 @@ def load_settings(
         rollout=RolloutSettings(**section("rollout")),
         client=ClientSettings(**section("client")),
         features=FeatureFlags(**section("features")),
-        gemini_api_key=values["gemini.api_key"],
+        answers=_answer_settings(section("answers"), section("gemini"), section("openai")),
+        gemini=GeminiSettings(**section("gemini")),
+        openai=OpenAISettings(**section("openai")),
     )
+
+
+def _answer_settings(answers: dict[str, Any], gemini: Mapping[str, Any], openai: Mapping[str, Any]) -> AnswerSettings:
+    """Resolve `auto` (Gemini with a key, else an OpenAI-compatible server with a URL, else extractive)
+    and check that the chosen provider has what it needs."""
+    provider = answers["provider"]
+    if provider == "auto":
+        provider = "gemini" if gemini["api_key"] else "openai" if openai["base_url"] else "extractive"
+    if provider == "gemini" and not gemini["api_key"]:
+        raise SettingsError("DTRAG_ANSWER_PROVIDER=gemini needs GEMINI_API_KEY")
+    if provider == "openai" and not (openai["base_url"] and openai["model"]):
+        raise SettingsError("DTRAG_ANSWER_PROVIDER=openai needs DTRAG_OPENAI_BASE_URL and DTRAG_OPENAI_MODEL")
+    return AnswerSettings(**{**answers, "provider": provider})

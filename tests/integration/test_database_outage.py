@@ -7,6 +7,7 @@ from cluster.core.vocabulary import FeatureFlags
 from cluster.platform.api_keys import ApiKeyVerifier, create_key
 from cluster.platform.database import create_pool
 from serve_app.api import create_api
+from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import SearchPipeline
 from serve_app.retrieval import DocumentIndex
 from serve_app.standalone import LocalBackend
@@ -27,7 +28,8 @@ async def api_over_lost_database(pool, live_settings, embedder):
 
     verifier = ApiKeyVerifier(own_pool, cache_seconds=300)
     assert await verifier.verify(key)
-    app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval, "x"), "test",
+    app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval,
+                                                 composer_from_settings(live_settings), "x"), "test",
                                   FeatureFlags()),
                      verifier)
     await own_pool.close()

@@ -6,7 +6,9 @@ from cluster.core.vocabulary import STRATEGIES, FeatureFlags, Strategy
 from cluster.data.beir import load_qrels, load_queries
 from cluster.data.corpus import sample_corpus_dir
 from learners.ranking_metrics import ndcg_at_k
+from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import ArmConfig, SearchPipeline
+from serve_app.schemas import SearchRequest
 from serve_app.retrieval import DocumentIndex
 
 pytestmark = pytest.mark.integration
@@ -22,7 +24,7 @@ async def pipeline(pool, embedder, live_settings):
     async def embed_query(query: str):
         return embedder.encode([query])[0]
 
-    return SearchPipeline(index, embed_query, retrieval, "test")
+    return SearchPipeline(index, embed_query, retrieval, composer_from_settings(live_settings), "test")
 
 
 async def rank(pipeline: SearchPipeline, query: str, strategy: Strategy, depth: int) -> list[tuple[str, float]]:
@@ -54,11 +56,11 @@ async def test_every_strategy_honours_depth(pipeline, depth):
 
 
 async def test_search_returns_hits_answer_and_metadata(pipeline, pool):
-    response = await pipeline.search("machine learning", 5, None, None, CONFIG)
+    response = await pipeline.search(SearchRequest(q="machine learning", final_topk=5), None, CONFIG)
     assert len(response.hits) == 5 and response.config_version == 3
     assert [h.rank for h in response.hits] == [1, 2, 3, 4, 5]
     assert response.strategy == "hybrid_rrf" and response.arm == "test"
-    assert response.answer.mode == "extractive"
+    assert response.answer.mode == "extractive" and response.answer.fallback is None  # no provider: asked for
     assert set(response.answer.citations) <= {h.doc_id for h in response.hits}
     assert all(f"[{c}]" in response.answer.text for c in response.answer.citations)
     texts = dict(await pool.fetch("SELECT id, text FROM documents WHERE id = ANY($1::text[])",

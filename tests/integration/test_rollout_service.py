@@ -77,7 +77,7 @@ async def set_flags(client: httpx.AsyncClient, eventually, arm: str, flags: dict
 async def test_flags_show_and_set(service):
     shown = (await service.get("/api/v1/admin/flags")).json()
     assert set(shown["arms"]) == {"control", "treatment"}
-    assert shown["behaviour"]["debate_mode"] == "no behaviour yet"
+    assert shown["behaviour"]["meta_planner"] == "no behaviour yet" and "debate" in shown["behaviour"]["debate_mode"]
     assert "soft-Q" in shown["behaviour"]["soft_q_bandit"]
     changed = await service.put("/api/v1/admin/flags", json={"arm": "treatment", "flags": {"debate_mode": True}})
     assert changed.status_code == 200 and changed.json()["arms"]["treatment"]["debate_mode"] is True

@@ -1,4 +1,4 @@
-from serve_app.answer import extractive_answer, snippet, split_sentences
+from serve_app.answers.extractive import extractive_answer, snippet, split_sentences
 from serve_app.retrieval import StoredDocument
 
 

@@ -13,14 +13,16 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 EXPORTED = {"ray_arm_requests_total", "ray_arm_errors_total", "ray_pipeline_latency_seconds_bucket",
             "ray_pipeline_latency_seconds_count",
             "ray_replay_buffer_size", "ray_rollout_weight", "ray_q_table_size", "ray_policy_version",
-            "ray_batch_learning_success_total", "ray_experiences_dropped_total", "ray_component_rss_mb"}
+            "ray_batch_learning_success_total", "ray_experiences_dropped_total", "ray_component_rss_mb",
+            "ray_answer_fallbacks_total", "ray_answer_latency_seconds_count"}
 
 
 def test_alert_rules_have_the_operators_thresholds():
     rules = {r["alert"]: r for g in yaml.safe_load((CONFIGS / "alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     expected = {"ReplicaMemoryHigh": ("> 800", "5m"), "SearchLatencyP95High": ("> 5", "5m"),
-                "SearchErrorRateHigh": ("> 0.01", "2m"), "ReplayBufferOverfull": ("> 12000", "10m")}
+                "SearchErrorRateHigh": ("> 0.01", "2m"), "ReplayBufferOverfull": ("> 12000", "10m"),
+                "AnswerFallbackRateHigh": ("> 0.2", "10m")}
     assert set(rules) == set(expected)
     for name, (threshold, duration) in expected.items():
         assert rules[name]["expr"].strip().endswith(threshold), name

@@ -32,7 +32,7 @@ def test_environment_overrides_with_operator_names():
     assert settings.database.url == "postgresql://u:p@db:5432/search"
     assert (settings.database.pool_size, settings.database.max_overflow) == (8, 0)
     assert settings.log_level == "DEBUG"
-    assert settings.gemini_api_key == "k"
+    assert settings.gemini.api_key == "k" and settings.answers.provider == "gemini"  # auto: a key chooses Gemini
     assert settings.features.soft_q_bandit is True
     assert settings.features.debate_mode is False
     assert settings.client.api_key == "dtrag_abc_secret"
@@ -85,3 +85,17 @@ def test_rollout_plan_is_read_once_at_start_and_its_errors_name_the_variable(tmp
     plan.write_text(shipped.replace("{experience_replay: true}", "{time_travel: true}"))
     with pytest.raises(SettingsError, match="DTRAG_ROLLOUT_PLAN.*unknown flag 'time_travel'"):
         load_settings(environ={"DTRAG_ROLLOUT_PLAN": str(plan)})
+
+
+def test_the_answer_provider_follows_what_is_configured_and_needs_what_it_names():
+    assert load_settings(environ={}).answers.provider == "extractive"
+    openai = load_settings(environ={"DTRAG_OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "DTRAG_OPENAI_MODEL": "m"})
+    assert openai.answers.provider == "openai" and openai.openai.model == "m"
+    with pytest.raises(SettingsError, match="GEMINI_API_KEY"):
+        load_settings(environ={"DTRAG_ANSWER_PROVIDER": "gemini"})
+    with pytest.raises(SettingsError, match="DTRAG_OPENAI_BASE_URL"):
+        load_settings(environ={"DTRAG_ANSWER_PROVIDER": "openai"})
+    with pytest.raises(SettingsError, match="DTRAG_ANSWER_MODE"):
+        load_settings(environ={"DTRAG_ANSWER_MODE": "poem"})
+    secret = load_settings(environ={"GEMINI_API_KEY": "g-secret", "DTRAG_OPENAI_API_KEY": "o-secret"})
+    assert "g-secret" not in repr(secret) and "o-secret" not in repr(secret)

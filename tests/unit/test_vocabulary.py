@@ -47,4 +47,5 @@ def test_strategies_are_actions_in_a_fixed_order():
 
 
 def test_only_working_flags_claim_a_behaviour():
-    assert {flag for flag in Flag if flag.behaviour} == {Flag.SOFT_Q_BANDIT, Flag.EXPERIENCE_REPLAY}
+    assert {flag for flag in Flag if flag.behaviour} == {Flag.SOFT_Q_BANDIT, Flag.EXPERIENCE_REPLAY,
+                                                         Flag.DEBATE_MODE}

@@ -72,3 +72,30 @@ def extractive_answer(query: str, documents: Sequence[StoredDocument], max_sourc
         citations=[doc_id for doc_id, _ in picked],
         mode="extractive",
     )
+
+
+_CONTRAST = frozenset(
+    "not no never however but although though yet despite whereas nevertheless unlike contrary "
+    "fail failed fails unclear inconsistent conflicting limited little".split()
+)
+
+
+def contrary_sentences(query: str, documents: Sequence[StoredDocument], max_sources: int = 3) -> Answer:
+    """Sentences on the query's topic that contrast, negate or qualify: the critical side of a debate.
+
+    From each top document, the on-topic sentence with a contrast or negation cue that shares most
+    words with the query; empty when none has one.
+    """
+    query_stems = _stems(query)
+    picked: list[tuple[str, str]] = []
+    for document in documents[:max_sources]:
+        candidates = [(len(query_stems & _stems(s)), s) for s in split_sentences(document.text)
+                      if _CONTRAST.intersection(_WORD.findall(s.lower()))]
+        candidates = [(overlap, s) for overlap, s in candidates if overlap > 0]
+        if candidates:
+            picked.append((document.id, max(candidates, key=lambda c: c[0])[1]))
+    return Answer(
+        text=" ".join(f"{sentence} [{doc_id}]" for doc_id, sentence in picked),
+        citations=[doc_id for doc_id, _ in picked],
+        mode="extractive",
+    )
