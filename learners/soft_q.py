@@ -219,9 +219,6 @@ class SoftQTable:
         """Q(s, .), shape (n_actions,)."""
         return self._snapshot.values([state])[0]
 
-    def soft_value(self, state: int) -> float:
-        return float(soft_value_from_q(self.q_values(state), self.tau))
-
     def update(
         self, batch: Transitions, weights: ArrayLike | None = None
     ) -> tuple[QDelta, np.ndarray]:

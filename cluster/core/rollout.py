@@ -48,12 +48,6 @@ class RolloutPlan:
     gates: Gates
     guard: GuardSettings
 
-    def stage(self, name: str) -> Stage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise ValueError(f"no rollout stage named '{name}'; stages: {[s.name for s in self.stages]}")
-
     def next_stage(self, name: str) -> Stage:
         names = [s.name for s in self.stages]
         index = names.index(name)

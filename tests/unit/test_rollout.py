@@ -38,7 +38,7 @@ def test_shipped_plan_has_the_four_stages():
     plan = parse_plan(yaml.safe_load(SHIPPED))
     assert [s.name for s in plan.stages] == ["baseline", "replay_10", "softq_replay_50", "full"]
     assert [s.treatment_weight for s in plan.stages] == [0.0, 0.1, 0.5, 1.0]
-    assert plan.stage("softq_replay_50").treatment_flags == {"experience_replay": True, "soft_q_bandit": True}
+    assert plan.stages[2].treatment_flags == {"experience_replay": True, "soft_q_bandit": True}
     assert plan.next_stage("baseline").name == "replay_10"
     with pytest.raises(ValueError, match="last stage"):
         plan.next_stage("full")

@@ -47,7 +47,7 @@ def test_update_matches_a_hand_computed_pooled_soft_q_step():
               means={S0: [0.0, 0.0, 0.1]}, weights={S0: [0.0, 0.0, 1.2]})
     # s1 never seen: Q(s1) = b = [1, 0, -1]; V(s1) = tau * log(e^2 + e^0 + e^-2)
     #   = 0.5 * log(8.524391) = 1.0714658
-    assert table.soft_value(S1) == pytest.approx(1.0714658142, abs=1e-9)
+    assert soft_value_from_q(table.q_values(S1), table.tau) == pytest.approx(1.0714658142, abs=1e-9)
     # Q(s0, 2) = (n * m + k * b) / (n + k) = (1.2 * 0.1 + 2 * -1) / 3.2 = -0.5875
     np.testing.assert_allclose(table.q_values(S0), [1.0, 0.0, -0.5875])  # n = 0: Q = b
     # y = r + gamma * V(s1) = 0.5 + 0.9 * 1.0714658 = 1.4643192
