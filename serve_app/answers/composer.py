@@ -186,7 +186,8 @@ class AnswerComposer:
                         yield citer.add(piece)
                 return
             except TimeoutError:
-                raise ProviderError("no answer in time", reason="budget" if deadline.expired else "timeout") from None
+                raise ProviderError("no answer in time",
+                                    reason=Deadline.overrun_reason(timeout_s, limits.call_timeout_s)) from None
             except ProviderError as error:
                 wait = limits.retry.delay(attempt, error.retry_after_s, self._rng)
                 if written or not error.retryable or attempt >= limits.retry.attempts or wait >= deadline.remaining():

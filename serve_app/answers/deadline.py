@@ -35,6 +35,15 @@ class Deadline:
         """What one call may take: the time that remains, at most `cap_s`."""
         return min(self.remaining(), cap_s)
 
+    @staticmethod
+    def overrun_reason(timeout_s: float, cap_s: float) -> str:
+        """Why a call given `timeout_s` ran out: the deadline (`budget`) set it, or the call's cap.
+
+        Decided by which bound set the timeout, not by reading the clock afterwards: a timer may
+        fire a hair before the deadline reads as expired.
+        """
+        return "budget" if timeout_s < cap_s else "timeout"
+
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:

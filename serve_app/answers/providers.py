@@ -214,8 +214,8 @@ async def with_retries(call: Callable[[float], Awaitable[T]], deadline: Deadline
         try:
             return await asyncio.wait_for(call(timeout_s), timeout_s)
         except TimeoutError:
-            reason = "budget" if deadline.expired else "timeout"
-            raise ProviderError(f"no answer within {timeout_s:.2f} s", reason=reason) from None
+            raise ProviderError(f"no answer within {timeout_s:.2f} s",
+                                reason=Deadline.overrun_reason(timeout_s, call_cap_s)) from None
         except ProviderError as error:
             if not error.retryable or attempt >= policy.attempts:
                 raise

@@ -25,6 +25,11 @@ def test_each_call_gets_what_remains_of_the_deadline_up_to_its_cap():
     assert deadline.remaining() == 0.0 and deadline.expired and deadline.call_timeout(5.0) == 0.0
 
 
+def test_an_overrun_is_the_budgets_when_the_deadline_set_the_timeout():
+    assert Deadline.overrun_reason(timeout_s=0.4, cap_s=5.0) == "budget"
+    assert Deadline.overrun_reason(timeout_s=5.0, cap_s=5.0) == "timeout"
+
+
 def test_backoff_is_full_jitter_under_a_doubling_cap_unless_the_server_says():
     policy = RetryPolicy(attempts=4, base_delay_s=0.1, max_delay_s=0.3)
     rng = random.Random(0)
