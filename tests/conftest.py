@@ -120,6 +120,22 @@ def scifact() -> Path:
 Probe = Callable[[], Awaitable[Any]]
 
 
+@pytest.fixture(scope="module")
+def model_server():
+    """A local server speaking the Gemini and OpenAI protocols, one per test module."""
+    from support.model_servers import ModelServer
+
+    with ModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(model_server):
+    """The module's model server, reset to its default behaviour for each test."""
+    model_server.reset()
+    return model_server
+
+
 @pytest.fixture
 def eventually() -> Callable[..., Awaitable[Any]]:
     """`await eventually(probe)`: poll the async `probe` until it returns something truthy.

@@ -7,12 +7,9 @@ provider would have answered, with an answer and `fallback: budget`.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
-
-from support.model_servers import ModelServer
 
 pytestmark = pytest.mark.integration
 
@@ -21,20 +18,8 @@ PROVIDER_DELAY_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def model_server():
-    with ModelServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 async def service(live_settings, deployed, model_server):
-    settings = dataclasses.replace(
-        live_settings,
-        answers=dataclasses.replace(live_settings.answers, provider="gemini", budget_s=BUDGET_S,
-                                    call_timeout_s=BUDGET_S),
-        gemini=dataclasses.replace(live_settings.gemini, api_key="budget-test-key",
-                                   base_url=model_server.gemini_base_url),
-    )
+    settings = model_server.answering(live_settings, "budget-test-key", BUDGET_S)
     async with deployed(settings, "answer-budget-tests") as client:
         yield client
 

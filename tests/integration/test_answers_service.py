@@ -10,8 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.model_servers import ModelServer
-
 pytestmark = pytest.mark.integration
 
 GEMINI_KEY = "AIzaLocalTestKey-6b1d0e4f93a2c7"
@@ -19,28 +17,12 @@ BUDGET_S = 30.0  # ample, so a busy machine never turns these answers into budge
 
 
 @pytest.fixture(scope="module")
-def model_server():
-    with ModelServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 async def service(live_settings, deployed, model_server):
-    settings = dataclasses.replace(
-        live_settings,
-        features=live_settings.features.with_changes({"experience_replay": True}),
-        answers=dataclasses.replace(live_settings.answers, provider="gemini", budget_s=BUDGET_S,
-                                    call_timeout_s=BUDGET_S, backoff_s=0.05, max_backoff_s=0.1),
-        gemini=dataclasses.replace(live_settings.gemini, api_key=GEMINI_KEY, base_url=model_server.gemini_base_url),
-    )
+    settings = model_server.answering(
+        dataclasses.replace(live_settings, features=live_settings.features.with_changes({"experience_replay": True})),
+        GEMINI_KEY, BUDGET_S, backoff_s=0.05, max_backoff_s=0.1)
     async with deployed(settings, "answers-tests") as client:
         yield client
-
-
-@pytest.fixture
-def server(model_server):
-    model_server.reset()
-    return model_server
 
 
 async def search(client: httpx.AsyncClient, **body) -> dict:

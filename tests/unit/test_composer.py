@@ -8,7 +8,6 @@ from serve_app.answers.composer import AnswerComposer, AnswerLimits
 from serve_app.answers.deadline import Deadline, RetryPolicy
 from serve_app.answers.providers import OpenAIProvider, Usage
 from serve_app.retrieval import StoredDocument
-from support.model_servers import ModelServer
 
 DOCS = [StoredDocument("d1", "Tides", "The moon's gravity raises the tides. Tides are not caused by wind."),
         StoredDocument("d2", "Spring tides", "Spring tides follow the full and new moon."),
@@ -17,15 +16,8 @@ LIMITS = AnswerLimits(default_mode="auto", budget_s=5.0, passages=3, max_prompt_
                       call_timeout_s=5.0, retry=RetryPolicy(attempts=2, base_delay_s=0.05, max_delay_s=0.1))
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ModelServer() as running:
-        yield running
-
-
 @pytest.fixture
 def composer(server):
-    server.reset()
     return AnswerComposer(OpenAIProvider(server.openai_base_url, "local-model"), LIMITS, seed=0)
 
 

@@ -7,21 +7,13 @@ import pytest
 
 from serve_app.answers.deadline import Deadline, RetryPolicy
 from serve_app.answers.providers import GeminiProvider, OpenAIProvider, ProviderError, Usage, with_retries
-from support.model_servers import ModelServer
 
 KEY = "sk-test-7f3a9c2e55d1b0aa"
 RETRY = RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.2)
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ModelServer() as running:
-        yield running
-
-
 @pytest.fixture(params=["gemini", "openai"])
 def provider(request, server):
-    server.reset()
     if request.param == "gemini":
         return GeminiProvider(KEY, "gemini-flash-latest", base_url=server.gemini_base_url)
     return OpenAIProvider(server.openai_base_url, "local-model", api_key=KEY)
