@@ -94,4 +94,3 @@ class LearnerDriver:
     def stats(self) -> dict[str, int]:
         """Counts of learner steps by outcome: applied, stale, idle, failed."""
         return {key: self._outcomes[key] for key in ("applied", "stale", "idle", "failed")}
-

@@ -182,4 +182,3 @@ class LearningState:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
         return table.num_rows
-

@@ -280,5 +280,3 @@ def train_dataset(
             return await _train(client, split, epochs, concurrency, seed, dataset.resolve().name)
 
     return asyncio.run(run())
-
-

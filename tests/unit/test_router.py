@@ -27,4 +27,3 @@ def test_points_are_the_same_in_another_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert other.stdout.split() == [repr(unit_interval_point("alice")), repr(unit_interval_point("bob"))]
-
