@@ -165,46 +165,24 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected one of on/off, true/false, 1/0, yes/no")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a whole number >= 1")
-    return value
+def _number(kind: Callable[[str], float], accept: Callable[[float], bool], rule: str) -> Callable[[str], Any]:
+    """A parser of `kind` (int or float) that refuses values `accept` rejects; NaN fails every rule."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not accept(value):
+            raise ValueError(f"must be {rule}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be a whole number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a number > 0")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("must be a number between 0 and 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError("must be a number >= 0")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a TCP port between 1 and 65535")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a number > 0")
+_unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_port = _number(int, lambda v: 1 <= v <= 65535, "a TCP port between 1 and 65535")
 
 
 def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
