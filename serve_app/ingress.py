@@ -47,6 +47,11 @@ _OBSERVATION_FLUSH_S = 0.5
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_ARM_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)  # a 503, not the arm's error
+
+
+def _arm_unavailable(arm: Arm, error: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"arm '{arm}' is unavailable: {error}")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -84,8 +89,8 @@ class Ingress:
         """Await an arm's answer; a dead or overloaded arm is a 503, its own errors pass through."""
         try:
             return await call
-        except (RayActorError, BackPressureError, DeploymentUnavailableError) as error:
-            raise ServiceUnavailable(f"arm '{arm}' is unavailable: {error}") from error
+        except _ARM_UNAVAILABLE as error:
+            raise _arm_unavailable(arm, error) from error
 
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
         arm = self._arm_for(principal, caller)
@@ -106,8 +111,8 @@ class Ingress:
             async for event in stream:
                 yield event
             failed = False
-        except (RayActorError, BackPressureError, DeploymentUnavailableError) as error:
-            raise ServiceUnavailable(f"arm '{arm}' is unavailable: {error}") from error
+        except _ARM_UNAVAILABLE as error:
+            raise _arm_unavailable(arm, error) from error
         except (GeneratorExit, asyncio.CancelledError):
             failed = False  # the caller went away: not the arm's failure
             raise

@@ -19,7 +19,16 @@ from typing import Literal
 from serve_app.answers.deadline import Deadline, RetryPolicy
 from serve_app.answers.extractive import contrary_sentences, extractive_answer
 from serve_app.answers.grounding import INSTRUCTIONS, CitedText, Prompt, StreamingCiter, build_prompt, cite
-from serve_app.answers.providers import Generation, Provider, ProviderError, Usage, with_retries
+from serve_app.answers.providers import (
+    Generation,
+    Provider,
+    ProviderError,
+    Usage,
+    attempt_timeout,
+    overrun,
+    wait_to_retry,
+    with_retries,
+)
 from serve_app.retrieval import StoredDocument
 
 AnswerMode = Literal["extractive", "generated", "debate"]
@@ -173,9 +182,7 @@ class AnswerComposer:
         attempt = 0
         while True:
             attempt += 1
-            timeout_s = deadline.call_timeout(limits.call_timeout_s)
-            if timeout_s <= 0:
-                raise ProviderError("the answer budget ran out", reason="budget")
+            timeout_s = attempt_timeout(deadline, limits.call_timeout_s)
             written = False
             try:
                 async for piece in provider.stream(prompt.system, prompt.user, limits.max_output_tokens, timeout_s):
@@ -186,13 +193,11 @@ class AnswerComposer:
                         yield citer.add(piece)
                 return
             except TimeoutError:
-                raise ProviderError("no answer in time",
-                                    reason=Deadline.overrun_reason(timeout_s, limits.call_timeout_s)) from None
+                raise overrun(timeout_s, limits.call_timeout_s) from None
             except ProviderError as error:
-                wait = limits.retry.delay(attempt, error.retry_after_s, self._rng)
-                if written or not error.retryable or attempt >= limits.retry.attempts or wait >= deadline.remaining():
+                if written:  # text already shown cannot be taken back: no retry
                     raise
-                await asyncio.sleep(wait)
+                await wait_to_retry(error, attempt, deadline, limits.retry, self._rng)
 
     async def _generated(self, query: str, documents: Sequence[StoredDocument], deadline: Deadline,
                          started: float) -> ComposedAnswer:

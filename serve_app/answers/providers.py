@@ -198,6 +198,33 @@ class OpenAIProvider:
         yield usage
 
 
+def attempt_timeout(deadline: Deadline, call_cap_s: float) -> float:
+    """The next call's timeout; ProviderError (`budget`) when nothing of the deadline remains."""
+    timeout_s = deadline.call_timeout(call_cap_s)
+    if timeout_s <= 0:
+        raise ProviderError("the answer budget ran out", reason="budget")
+    return timeout_s
+
+
+def overrun(timeout_s: float, call_cap_s: float) -> ProviderError:
+    """The error for a call that ran out of its `timeout_s`."""
+    return ProviderError(f"no answer within {timeout_s:.2f} s",
+                         reason=Deadline.overrun_reason(timeout_s, call_cap_s))
+
+
+async def wait_to_retry(error: ProviderError, attempt: int, deadline: Deadline, policy: RetryPolicy,
+                        rng: random.Random) -> None:
+    """Sleep before call `attempt + 1`, or raise: `error` itself when it is not retryable or the
+    attempts are spent, ProviderError (`budget`) when the wait would end after the deadline."""
+    if not error.retryable or attempt >= policy.attempts:
+        raise error
+    wait = policy.delay(attempt, error.retry_after_s, rng)
+    if wait >= deadline.remaining():
+        raise ProviderError(f"{error}; no time left to retry after {wait:.2f} s",
+                            reason="budget", status=error.status) from None
+    await asyncio.sleep(wait)
+
+
 async def with_retries(call: Callable[[float], Awaitable[T]], deadline: Deadline, policy: RetryPolicy,
                        call_cap_s: float, rng: random.Random) -> T:
     """`call(timeout_s)` until it succeeds, retrying 429 and 5xx while the deadline allows.
@@ -208,19 +235,10 @@ async def with_retries(call: Callable[[float], Awaitable[T]], deadline: Deadline
     attempt = 0
     while True:
         attempt += 1
-        timeout_s = deadline.call_timeout(call_cap_s)
-        if timeout_s <= 0:
-            raise ProviderError("the answer budget ran out", reason="budget")
+        timeout_s = attempt_timeout(deadline, call_cap_s)
         try:
             return await asyncio.wait_for(call(timeout_s), timeout_s)
         except TimeoutError:
-            raise ProviderError(f"no answer within {timeout_s:.2f} s",
-                                reason=Deadline.overrun_reason(timeout_s, call_cap_s)) from None
+            raise overrun(timeout_s, call_cap_s) from None
         except ProviderError as error:
-            if not error.retryable or attempt >= policy.attempts:
-                raise
-            wait = policy.delay(attempt, error.retry_after_s, rng)
-            if wait >= deadline.remaining():
-                raise ProviderError(f"{error}; no time left to retry after {wait:.2f} s",
-                                    reason="budget", status=error.status) from None
-            await asyncio.sleep(wait)
+            await wait_to_retry(error, attempt, deadline, policy, rng)
