@@ -71,18 +71,19 @@ from _harness import (  # noqa: E402
 from cluster.actors import NAMESPACE  # noqa: E402
 from cluster.actors.learning_state import ACTOR_NAME, LearningState  # noqa: E402
 from cluster.actors.start import learning_state  # noqa: E402
-from cluster.core.vocabulary import STRATEGIES, Arm, Flag  # noqa: E402
+from cluster.core.vocabulary import Arm, Flag  # noqa: E402
 from cluster.data.beir import load_queries  # noqa: E402
 from cluster.data.corpus import sample_corpus_dir  # noqa: E402
 from cluster.platform.database import resolve_database_url  # noqa: E402
 from cluster.platform.runtime import deploy, start_ray, start_serve  # noqa: E402
 from cluster.platform.settings import Settings, load_settings  # noqa: E402
-from learners.learning_core import Experience  # noqa: E402
-from learners.state_encoder import ALL_STATE_KEYS, state_id  # noqa: E402
+from learners.context import FEATURES  # noqa: E402
+from learners.learning_core import RewardedSearch  # noqa: E402
 from serve_app.app import APP_NAME, build_app  # noqa: E402
 from serve_app.router import choose_arm  # noqa: E402
 
 SECTION = "## Learning on the request path"
+DEFAULT_ACTION = "hybrid@0.5"  # complete-score fusion at the default weight
 FLAGS = (Flag.EXPERIENCE_REPLAY, Flag.SOFT_Q_BANDIT)
 ARMS = {"off": Arm.CONTROL, "on": Arm.TREATMENT}  # side (the flags) -> the arm that serves it
 SIDES = tuple(ARMS)
@@ -171,15 +172,15 @@ def scratch_database(url: str) -> Iterator[str]:
 # --- memory of the learning actor -------------------------------------------------------------
 
 
-def synthetic_experiences(count: int, seed: int = 0) -> list[Experience]:
-    """Rewarded experiences over every state key and action, as feedback would produce them."""
+def synthetic_experiences(count: int, actions: int, seed: int = 0) -> list[RewardedSearch]:
+    """Rewarded searches with random contexts, each rewarding only its action (as clicks would)."""
     rng = np.random.default_rng(seed)
-    states = rng.integers(len(ALL_STATE_KEYS), size=count)
-    actions = rng.integers(len(STRATEGIES), size=count)
+    contexts = rng.random((count, len(FEATURES)))
+    chosen = rng.integers(actions, size=count)
     rewards = rng.random(count)
     return [
-        Experience(state_id(ALL_STATE_KEYS[s]), int(a), float(r), 1.0 / len(STRATEGIES), 0)
-        for s, a, r in zip(states, actions, rewards, strict=True)
+        RewardedSearch(x.tolist(), int(a), float(r), 1.0 / actions, 0)
+        for x, a, r in zip(contexts, chosen, rewards, strict=True)
     ]
 
 
@@ -202,7 +203,8 @@ def create_learning_state(database_url: str, settings: Settings) -> ray.actor.Ac
     """
     return LearningState.options(
         name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(database_url, settings.learning)
+    ).remote(database_url, settings.learning, [a.name for a in settings.retrieval.actions],
+              settings.retrieval.default_action)
 
 
 def kill_learning_state() -> None:
@@ -219,7 +221,7 @@ def kill_learning_state() -> None:
 def measure_memory(settings: Settings) -> MemoryResult:
     """RSS of a fresh `LearningState` before and after `MEMORY_EXPERIENCES` experiences."""
     assert settings.database.url
-    experiences = synthetic_experiences(MEMORY_EXPERIENCES)
+    experiences = synthetic_experiences(MEMORY_EXPERIENCES, len(settings.retrieval.actions))
     with scratch_database(settings.database.url) as url:
         actor = create_learning_state(url, settings)
         ray.get(actor.stats.remote())  # constructed and restored (from nothing)
@@ -359,8 +361,8 @@ def flag_problems(run: LatencyRun, requests: int) -> list[str]:
     if run.logged["off"]:
         problems.append(f"flags off: {run.logged['off']} experiences logged")
     if len(run.sides["on"].strategies) < 2:
-        problems.append(f"flags on: the bandit never varied the strategy ({dict(run.sides['on'].strategies)})")
-    if set(run.sides["off"].strategies) - {"hybrid_rrf"}:
+        problems.append(f"flags on: the policy never explored ({dict(run.sides['on'].strategies)})")
+    if set(run.sides["off"].strategies) - {DEFAULT_ACTION}:
         problems.append(f"flags off: strategies other than the default ({dict(run.sides['off'].strategies)})")
     if run.rollout["treatment_weight"] != TREATMENT_WEIGHT:
         problems.append(f"treatment weight is {run.rollout['treatment_weight']} "
@@ -475,7 +477,7 @@ def section_body(run: LatencyRun, memory: MemoryResult, loads: tuple[float, floa
                  args: argparse.Namespace, seconds: float) -> str:
     command = shlex.join([".venv/bin/python", "bench/learning_overhead.py", *sys.argv[1:]])
     sides = run.sides
-    mix = ", ".join(f"{s} {sides['on'].strategies[s]}" for s in STRATEGIES)
+    mix = ", ".join(f"{s} {n}" for s, n in sides["on"].strategies.most_common())
     short = +sides["on"].short_lists
     return f"""
 Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()} cores, Python
@@ -501,12 +503,12 @@ hops). The interval is a bootstrap over request pairs.
 
 {verdicts(sides, memory)}
 
-With the flags on, the bandit picked: {mix} (no feedback was sent, so it acted on the uniform
-policy, version {run.policy_version}); the treatment arm logged {run.logged['on']} experiences for
-the measured searches. {short.total()} lexical searches ({len(short)} distinct queries) returned
-fewer than {FINAL_TOPK} hits, since BM25 leaves out documents sharing no term with the query:
-counted, not failed. With the flags off, every search used hybrid_rrf and returned {FINAL_TOPK}
-hits, and the control arm logged {run.logged['off']} experiences. The treatment weight was still
+With the flags on, the policy picked: {mix} (no feedback was sent, so it acted on a fresh model,
+version {run.policy_version}: the default action, and the exploration share of a policy that has
+seen no graded feedback); the treatment arm logged {run.logged['on']} experiences for the measured
+searches. {short.total()} searches ({len(short)} distinct queries) returned fewer than
+{FINAL_TOPK} hits: counted, not failed. With the flags off, every search used {DEFAULT_ACTION}
+and returned {FINAL_TOPK} hits, and the control arm logged {run.logged['off']} experiences. The treatment weight was still
 {run.rollout['treatment_weight']:.0%} at the end (no rollback by the guard).
 
 Memory: a fresh `LearningState` actor (against a scratch database, so nothing was restored),

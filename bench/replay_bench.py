@@ -33,9 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from learners.replay import PrioritizedReplayBuffer  # noqa: E402
+from learners.replay import PrioritizedReplayBuffer, experience_columns  # noqa: E402
 
 ALPHA, BETA, EPS = 0.6, 0.4, 1e-6
+CONTEXT_DIM = 14  # len(learners.context.FEATURES)
 BETA_STEPS = 100_000  # samples over which beta0 anneals to 1: the buffer's former default
 ADD_BATCH = 256
 SAMPLE_BATCHES = (32, 256)
@@ -111,14 +112,16 @@ class PythonSumTreeBuffer:
 
 
 def columns(n: int, start: int = 0) -> dict[str, np.ndarray]:
-    """n synthetic experiences, as columns."""
+    """n synthetic experiences, as columns: the service's, with a context of CONTEXT_DIM numbers."""
     k = np.arange(start, start + n)
+    context = ((k[:, None] + np.arange(CONTEXT_DIM)) % 97 / 97).astype(np.float32)
     return {
-        "state": k % 72,
-        "action": k % 4,
+        "context": context,
+        "action": k % 7,
         "reward": (k % 10) / 10,
-        "propensity": np.full(n, 0.25),
-        "next_state": np.full(n, -1),
+        "propensity": np.full(n, 1 / 7),
+        "next_context": np.zeros_like(context),
+        "has_next": np.zeros(n, bool),
         "policy_version": k // 1000,
     }
 
@@ -128,7 +131,8 @@ class Ours:
 
     def __init__(self, capacity: int) -> None:
         self.buffer = PrioritizedReplayBuffer(
-            capacity, alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS, eps=EPS, seed=0
+            capacity, experience_columns(CONTEXT_DIM), alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS, eps=EPS,
+            seed=0,
         )
 
     def fill(self, start: int, n: int) -> None:
@@ -166,11 +170,11 @@ class RLlib:
         c = columns(n, start)
         return SampleBatch(
             {
-                "obs": c["state"].astype(np.int32),
+                "obs": c["context"],
                 "actions": c["action"].astype(np.int16),
                 "rewards": c["reward"].astype(np.float32),
                 "action_prob": c["propensity"].astype(np.float32),
-                "new_obs": c["next_state"].astype(np.int32),
+                "new_obs": c["next_context"],
                 "policy_version": c["policy_version"].astype(np.int32),
             }
         )
@@ -345,7 +349,8 @@ def main() -> int:
     for capacity in args.capacities:
         all_results[capacity], fills[capacity] = bench_capacity(capacity)
         gc.collect()
-    memory = PrioritizedReplayBuffer(10_000, alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS)
+    memory = PrioritizedReplayBuffer(10_000, experience_columns(CONTEXT_DIM), alpha=ALPHA, beta0=BETA,
+                                     beta_steps=BETA_STEPS)
     memory.add(columns(10_000))
     failures = check_targets(all_results)
     command = f"{os.path.relpath(sys.executable)} {shlex.join(sys.argv)}"

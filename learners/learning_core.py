@@ -1,16 +1,17 @@
-"""What the `LearningState` actor holds, without Ray or a database: replay, Q-table, rate limit.
+"""What the `LearningState` actor holds, without Ray or a database: replay, value model, rate limit.
 
-Flow: rewarded experiences are `add`ed to the prioritized replay; a learner `sample`s a batch
-together with the Q snapshot it must compute against, computes deltas and TD errors elsewhere
-(`learners.soft_q.compute_deltas`), and hands them back to `apply_update`, which applies the
-deltas, bumps the version and re-prioritises the sampled slots.
+Flow: rewarded experiences are `add`ed: the value model first scores itself on them (the gate's
+prequential evidence, `ValueModel.observe`), then they enter the prioritized replay. A learner
+`sample`s a batch together with the snapshot it must compute against, computes the batch's
+statistics and TD errors elsewhere (`learners.value_model.compute_deltas`), and hands them back
+to `apply_update`, which adds them, refits, bumps the version and re-prioritises the sampled slots.
 
 Samples per insert (as in Reverb's rate limiter): sampling is refused while the experiences
 drawn so far exceed `samples_per_insert` times those inserted, so a fast learner cannot fit the
 same few experiences over and over while traffic is slow.
 
 Staleness: a delta computed on a snapshot more than `max_staleness` versions old is rejected,
-since it was computed from Q values that later updates have already moved.
+since its TD targets and priorities came from values that later updates have already moved.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from learners.replay import NO_NEXT_STATE, PrioritizedReplayBuffer
-from learners.soft_q import QDelta, QSnapshot, SoftQTable, Transitions
-from learners.state_encoder import state_id
+from learners.replay import PrioritizedReplayBuffer, experience_columns
+from learners.value_model import Transitions, ValueDelta, ValueModel, ValueSnapshot, fold_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,8 @@ class LearningConfig:
     lr: float
     gamma: float
     prior_count: float
+    margin: float
+    explore_max: float
     samples_per_insert: float
     min_replay_size: int
     max_staleness: int
@@ -46,28 +48,33 @@ class LearningConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Experience:
-    """One (s, a, r, s') with what the behaviour policy knew; states are state ids."""
+    """One (x, a, r, x') with what the behaviour policy knew; x is the context vector."""
 
-    state: int
+    context: Sequence[float]
     action: int
     reward: float
     propensity: float
     policy_version: int
-    next_state: int = NO_NEXT_STATE
+    next_context: Sequence[float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardedSearch:
-    """A served search joined with its feedback, as the `experiences` table stores it."""
+    """A served search joined with its feedback, as the `experiences` table stores it.
 
-    state_key: str
+    With graded feedback every action's reward is known (`action_rewards`, computed at feedback
+    time), so one search teaches every action, each with the probability the behaviour policy
+    gave it; with clicks only the served action's reward is.
+    """
+
+    context: Sequence[float]
     action: int
-    reward: float  # of the served list
+    reward: float  # of the served action: quality - cost_weight * CPU ms
     propensity: float
     policy_version: int
-    next_state_key: str | None = None
-    action_rewards: Sequence[float] | None = None  # every action's reward (graded feedback)
-    action_probabilities: Sequence[float] | None = None  # pi(.|s) of the behaviour policy
+    next_context: Sequence[float] | None = None
+    action_rewards: Sequence[float] | None = None
+    action_probabilities: Sequence[float] | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RewardedSearch:
@@ -75,13 +82,12 @@ class RewardedSearch:
 
     def experiences(self) -> list[Experience]:
         """The served action's experience, then one per other action when all were rewarded."""
-        state = state_id(self.state_key)
-        next_state = NO_NEXT_STATE if self.next_state_key is None else state_id(self.next_state_key)
-        served = Experience(state, self.action, self.reward, self.propensity, self.policy_version, next_state)
+        served = Experience(self.context, self.action, self.reward, self.propensity, self.policy_version,
+                            self.next_context)
         if self.action_rewards is None or self.action_probabilities is None:
             return [served]
         others = [
-            Experience(state, a, r, self.action_probabilities[a], self.policy_version, next_state)
+            Experience(self.context, a, r, self.action_probabilities[a], self.policy_version, self.next_context)
             for a, r in enumerate(self.action_rewards) if a != self.action
         ]
         return [served, *others]
@@ -95,34 +101,74 @@ class LearnerBatch:
     insertion_ids: np.ndarray  # (B,) to skip slots overwritten meanwhile
     weights: np.ndarray  # (B,) importance weights, max 1
     transitions: Transitions
-    snapshot: QSnapshot
-    tau: float
+    snapshot: ValueSnapshot
     gamma: float
-    lr: float
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:
-    """What a serving replica needs to act: Q rows by state id, the actions, tau, a version."""
+    """One head's policy as a serving replica acts on it: the value model at a version, and its actions."""
 
     version: int
     actions: tuple[str, ...]
-    tau: float
-    q: QSnapshot
+    features: tuple[str, ...]
+    model: ValueSnapshot
+
+
+@dataclasses.dataclass(frozen=True)
+class Policies:
+    """What a serving replica acts on: each head's policy; `version` changes whenever one does."""
+
+    version: int
+    retrieval: PolicySnapshot
+    answer: PolicySnapshot
 
 
 class LearningCore:
-    def __init__(self, actions: Sequence[str], config: LearningConfig):
+    def __init__(self, actions: Sequence[str], features: Sequence[str], default_action: int,
+                 config: LearningConfig):
+        self._default_action = default_action
         self.actions = tuple(actions)
+        self.features = tuple(features)
         self.config = config
-        self.buffer = PrioritizedReplayBuffer(
-            config.capacity, config.alpha, config.beta0, config.beta_steps, seed=config.seed
+        self.model = ValueModel(
+            len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
+            tau=config.tau, margin=config.margin, explore_max=config.explore_max, default_action=default_action,
         )
-        self.table = SoftQTable(len(self.actions), config.tau, config.lr, config.gamma, config.prior_count)
+        self._empty_replay()
+
+    def _new_buffer(self) -> PrioritizedReplayBuffer:
+        return PrioritizedReplayBuffer(
+            self.config.capacity, experience_columns(len(self.features)), self.config.alpha, self.config.beta0,
+            self.config.beta_steps, seed=self.config.seed,
+        )
+
+    def _empty_replay(self) -> None:
+        self.buffer = self._new_buffer()
         self.inserted = 0
         self.sampled = 0
         self.updates_applied = 0
         self.updates_rejected = 0
+        self.last_context: list[float] | None = None  # the sample context of `model_report`
+
+    def fresh(self) -> LearningCore:
+        """A new core with the same actions, features and configuration, at version 0."""
+        return LearningCore(self.actions, self.features, self._default_action, self.config)
+
+    def forget(self) -> None:
+        """Start learning afresh: an empty replay and a fresh model at a new version."""
+        self._empty_replay()
+        self.model.forget()
+
+    def add_searches(self, searches: Sequence[RewardedSearch]) -> int:
+        """Score the model on each new search (the gate), then insert its experiences; the buffer size."""
+        for search in searches:
+            self.model.observe(search.context, search.action, search.action_rewards, search.reward,
+                               search.propensity)
+        if searches:
+            self.model.refresh()
+            self.last_context = list(searches[-1].context)
+        return self.add([e for search in searches for e in search.experiences()])
 
     def add(self, experiences: Sequence[Experience]) -> int:
         """Insert rewarded experiences at max priority; returns the buffer size."""
@@ -131,13 +177,18 @@ class LearningCore:
         for e in experiences:
             if not 0 <= e.action < len(self.actions):
                 raise ValueError(f"action {e.action} is not in [0, {len(self.actions)})")
+            if len(e.context) != len(self.features):
+                raise ValueError(f"context has {len(e.context)} features, the model {len(self.features)}")
         self.buffer.add({
-            "state": [e.state for e in experiences],
+            "context": [e.context for e in experiences],
+            "fold": [fold_of(e.context) for e in experiences],
             "action": [e.action for e in experiences],
             "reward": [e.reward for e in experiences],
             "propensity": [e.propensity for e in experiences],
             "policy_version": [e.policy_version for e in experiences],
-            "next_state": [e.next_state for e in experiences],
+            "next_context": [e.next_context if e.next_context is not None else np.zeros(len(self.features))
+                             for e in experiences],
+            "has_next": [e.next_context is not None for e in experiences],
         })
         self.inserted += len(experiences)
         return len(self.buffer)
@@ -154,33 +205,32 @@ class LearningCore:
             return None
         drawn = self.buffer.sample(batch_size)
         self.sampled += batch_size
-        transitions = Transitions(drawn.state, drawn.action, drawn.reward.astype(np.float64), drawn.next_state)
-        return LearnerBatch(
-            drawn.indices, drawn.insertion_ids, drawn.weights, transitions, self.table.snapshot(),
-            self.table.tau, self.table.gamma, self.table.lr,
-        )
+        c = drawn.columns
+        transitions = Transitions(c["context"].astype(np.float64), c["fold"], c["action"],
+                                  c["reward"].astype(np.float64), c["next_context"].astype(np.float64), c["has_next"])
+        return LearnerBatch(drawn.indices, drawn.insertion_ids, drawn.weights, transitions,
+                            self.model.snapshot(), self.config.gamma)
 
     def apply_update(
-        self, delta: QDelta, indices: np.ndarray, insertion_ids: np.ndarray, td_errors: np.ndarray
+        self, delta: ValueDelta, indices: np.ndarray, insertion_ids: np.ndarray, td_errors: np.ndarray
     ) -> bool:
         """Apply a learner's delta and priorities; False (nothing changed) when it is too stale."""
-        if self.table.version - delta.base_version > self.config.max_staleness:
+        if self.model.version - delta.base_version > self.config.max_staleness:
             self.updates_rejected += 1
             return False
         self.buffer.update_priorities(indices, insertion_ids, td_errors)
-        self.table.apply_deltas(delta)
+        self.model.apply_deltas(delta)
         self.updates_applied += 1
         return True
 
     def policy(self) -> PolicySnapshot:
-        return PolicySnapshot(self.table.version, self.actions, self.table.tau, self.table.snapshot())
+        return PolicySnapshot(self.model.version, self.actions, self.features, self.model.snapshot())
 
     def stats(self) -> dict[str, Any]:
         return {
-            "policy_version": self.table.version,
+            "policy_version": self.model.version,
             "replay_size": len(self.buffer),
             "replay_bytes": self.buffer.nbytes,
-            "q_table_states": len(self.table.snapshot().rows),
             "inserted": self.inserted,
             "sampled": self.sampled,
             "updates_applied": self.updates_applied,
@@ -188,31 +238,75 @@ class LearningCore:
             "beta": self.buffer.beta,
         }
 
-    def q_table(self) -> dict[int, list[float]]:
-        """Q as {state id: [Q(s, a) for a in actions]}, states seen so far."""
-        snapshot = self.table.snapshot()
-        return dict(zip(snapshot.rows, snapshot.values(list(snapshot.rows)).tolist(), strict=True))
-
-    def pooled_q(self) -> list[float]:
-        """b(a) for a in actions: Q of a state never seen."""
-        return self.table.snapshot().pooled.tolist()
+    def model_report(self) -> dict[str, Any]:
+        """The model for people: parameters, gate, exploration, per-action averages, and its values
+        for a sample context (the last search learned from)."""
+        s = self.model.snapshot()
+        sample_context = self.last_context
+        report: dict[str, Any] = {
+            "policy_version": s.version,
+            "actions": list(self.actions),
+            "features": list(self.features),
+            "theta": {a: dict(zip(("intercept", *self.features), row.tolist(), strict=True))
+                      for a, row in zip(self.actions, s.theta, strict=True)},
+            "pooled": dict(zip(self.actions, s.pooled.tolist(), strict=True)),
+            "experiences_per_action": dict(zip(self.actions, s.seen.tolist(), strict=True)),
+            "pooled_choice": self.actions[s.pooled_action()],
+            "default_action": self.actions[s.default_action],
+            "gate": {**self.model.gate(), "open": s.gate_open},
+            "margin": s.margin,
+            "exploration_rate": s.epsilon,
+            "tau": s.tau,
+        }
+        if sample_context is not None:
+            values = s.values(np.asarray(sample_context, np.float64))[0]
+            report["sample"] = {
+                "context": dict(zip(self.features, list(sample_context), strict=True)),
+                "values": dict(zip(self.actions, values.tolist(), strict=True)),
+                "greedy": self.actions[int(s.greedy_actions(np.asarray(sample_context))[0])],
+                "probabilities": dict(zip(self.actions, s.probabilities(np.asarray(sample_context))[0].tolist(),
+                                          strict=True)),
+            }
+        return report
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: buffer, table and counters (plain values)."""
+        """Everything needed to resume exactly: buffer, model and counters (plain values)."""
         return {
+            "actions": list(self.actions),
+            "features": list(self.features),
             "buffer": self.buffer.state_dict(),
-            "table": self.table.state_dict(),
+            "model": self.model.state_dict(),
             "counters": {"inserted": self.inserted, "sampled": self.sampled,
                          "updates_applied": self.updates_applied,
                          "updates_rejected": self.updates_rejected},
+            "last_context": self.last_context,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict`; the table first, so a layout it refuses changes nothing."""
-        self.table.load_state_dict(state["table"])
-        self.buffer.load_state_dict(state["buffer"])
+        """Restore a `state_dict`; ValueError (nothing changed) for other actions, features or layout."""
+        if list(state.get("actions", ())) != list(self.actions) or list(state.get("features", ())) != list(self.features):
+            raise ValueError(f"state is for actions {state.get('actions')} and features {state.get('features')}, "
+                             f"this model has {list(self.actions)} and {list(self.features)}")
+        buffer = self._new_buffer()
+        buffer.load_state_dict(state["buffer"])  # into a new buffer: a bad state leaves this core as it was
+        self.model.load_state_dict(state["model"])
+        self.buffer = buffer
         counters = state["counters"]
         self.inserted = counters["inserted"]
         self.sampled = counters["sampled"]
         self.updates_applied = counters["updates_applied"]
         self.updates_rejected = counters["updates_rejected"]
+        self.last_context = state.get("last_context")
+
+
+def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
+    """The acting policy of a `LearningCore.model_report` (e.g. fetched over HTTP), to score offline."""
+    actions, features = report["actions"], report["features"]
+    theta = np.array([[report["theta"][a][name] for name in ("intercept", *features)] for a in actions])
+    return ValueSnapshot(
+        version=report["policy_version"], theta=theta,
+        pooled=np.array([report["pooled"][a] for a in actions]),
+        seen=np.array([report["experiences_per_action"][a] for a in actions]),
+        default_action=actions.index(report["default_action"]), margin=report["margin"],
+        gate_open=report["gate"]["open"], epsilon=report["exploration_rate"], tau=report["tau"],
+    )

@@ -30,30 +30,43 @@ The price is paid on writes: `add` and `update_priorities` are about fifteen num
 us. Adding one experience costs about what RLlib's does (a Python tree: 3 us), updating 32
 priorities is 0.8-1x the speed of the Python tree, and batches of 256 are 4-7x faster than it.
 
-Memory: 30 bytes per slot for the columns and insertion id plus ~16 for the tree, so `nbytes`
-of a 10_000-slot buffer is 0.46 MB.
+Memory: the columns' bytes per slot (128 for the service's experiences with 14 context features)
+plus 8 for the insertion id and ~16 for the tree, so `nbytes` of a 10_000-slot buffer is 1.5 MB.
 
-States are int32 ids; `learners.state_encoder.state_id` / `state_key` map the service's string
-state keys to ids and back, stably across processes, so this module needs no vocabulary.
+Columns are declared by the owner (`experience_columns` for the service's experiences), each with
+a per-experience shape, so a context vector is one row of a (capacity, d) array.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-FIELDS: dict[str, np.dtype] = {
-    "state": np.dtype(np.int32),  # id of the query's state key
-    "action": np.dtype(np.int16),  # retrieval strategy chosen
-    "reward": np.dtype(np.float32),
-    "propensity": np.dtype(np.float32),  # probability the behaviour policy gave `action`
-    "next_state": np.dtype(np.int32),  # -1 when the episode ended with this step
-    "policy_version": np.dtype(np.int32),  # version of the policy that acted
-}
-NO_NEXT_STATE = -1
+@dataclass(frozen=True)
+class Column:
+    """One stored field: its dtype, its shape per experience, and its value when `add` omits it."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...] = ()
+    default: float | None = None  # None: required
+
+
+def experience_columns(context_dim: int) -> dict[str, Column]:
+    """The columns of a contextual-bandit experience (x, a, r, x') with what the behaviour policy knew."""
+    return {
+        "context": Column(np.dtype(np.float32), (context_dim,)),  # the policy's input x
+        "fold": Column(np.dtype(np.int8)),  # its cross-fitting fold
+        "action": Column(np.dtype(np.int16)),
+        "reward": Column(np.dtype(np.float32)),
+        "propensity": Column(np.dtype(np.float32)),  # probability the behaviour policy gave `action`
+        "policy_version": Column(np.dtype(np.int32)),  # version of the policy that acted
+        "next_context": Column(np.dtype(np.float32), (context_dim,), 0.0),  # x' of the session's next search
+        "has_next": Column(np.dtype(np.bool_), (), False),  # False: the episode ended with this step
+    }
 
 
 class SumTree:
@@ -119,21 +132,16 @@ class SumTree:
 
 
 class Sample(NamedTuple):
-    """A prioritized batch; every field has shape (batch_size,)."""
+    """A prioritized batch of B experiences."""
 
-    indices: np.ndarray  # int64 slots, for update_priorities
-    insertion_ids: np.ndarray  # int64, for update_priorities to skip overwritten slots
-    weights: np.ndarray  # float64 importance-sampling weights, max 1
-    state: np.ndarray
-    action: np.ndarray
-    reward: np.ndarray
-    propensity: np.ndarray
-    next_state: np.ndarray
-    policy_version: np.ndarray
+    indices: np.ndarray  # (B,) int64 slots, for update_priorities
+    insertion_ids: np.ndarray  # (B,) int64, for update_priorities to skip overwritten slots
+    weights: np.ndarray  # (B,) float64 importance-sampling weights, max 1
+    columns: dict[str, np.ndarray]  # name -> (B, *shape)
 
 
 class PrioritizedReplayBuffer:
-    """FIFO ring of experiences in columnar numpy arrays (dtypes in FIELDS), sampled by priority.
+    """FIFO ring of experiences in columnar numpy arrays (one per `Column`), sampled by priority.
 
     The k-th experience ever added (k = 0, 1, ...) has insertion id k and lives in slot
     k % capacity, so the oldest is overwritten first and a changed id reveals an overwrite.
@@ -142,6 +150,7 @@ class PrioritizedReplayBuffer:
     def __init__(
         self,
         capacity: int,
+        columns: Mapping[str, Column],
         alpha: float,
         beta0: float,
         beta_steps: int,
@@ -160,7 +169,8 @@ class PrioritizedReplayBuffer:
         self.beta_steps = beta_steps
         self.eps = eps
         self._rng = np.random.default_rng(seed)
-        self._columns = {name: np.zeros(capacity, dtype) for name, dtype in FIELDS.items()}
+        self._spec = dict(columns)
+        self._columns = {name: np.zeros((capacity, *c.shape), c.dtype) for name, c in self._spec.items()}
         self._insertion_id = np.full(capacity, -1, np.int64)  # -1: slot never written
         self._tree = SumTree(capacity)
         self._max_priority = 1.0  # p_1 = 1 in the paper's Algorithm 1
@@ -185,22 +195,22 @@ class PrioritizedReplayBuffer:
     def add(self, batch: Mapping[str, ArrayLike]) -> np.ndarray:
         """Append n experiences at max priority; returns their slots, shape (n,).
 
-        `batch` maps every name in FIELDS (`next_state` may be left out: NO_NEXT_STATE) to an
-        array-like of length n or a scalar. Of a batch longer than the capacity only the last
-        `capacity` experiences are kept, as if added one by one.
+        `batch` maps every column name (those with a default may be left out) to an array-like of
+        shape (n, *shape), or one value for all n. Of a batch longer than the capacity only the
+        last `capacity` experiences are kept, as if added one by one.
         """
-        unknown = set(batch) - set(FIELDS)
-        missing = set(FIELDS) - set(batch) - {"next_state"}
+        unknown = set(batch) - set(self._spec)
+        missing = {name for name, c in self._spec.items() if c.default is None} - set(batch)
         if unknown or missing:
             raise ValueError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
-        columns = {
-            name: np.asarray(batch.get(name, NO_NEXT_STATE), dtype).reshape(-1)
-            for name, dtype in FIELDS.items()
-        }
-        n = max(len(columns[name]) for name in batch)
-        for name, column in columns.items():
-            if len(column) not in (1, n):
-                raise ValueError(f"field {name!r} has length {len(column)}, others {n}")
+        n = max(len(np.atleast_1d(np.asarray(value))) if not self._spec[name].shape
+                else len(np.atleast_2d(np.asarray(value))) for name, value in batch.items())
+        columns = {}
+        for name, c in self._spec.items():
+            value = np.asarray(batch[name], c.dtype) if name in batch else np.full(c.shape, c.default, c.dtype)
+            if value.shape not in ((n, *c.shape), c.shape):
+                raise ValueError(f"field {name!r} has shape {value.shape}, expected {(n, *c.shape)} or {c.shape}")
+            columns[name] = np.broadcast_to(value, (n, *c.shape))
         keep = min(n, self.capacity)
         insertion_ids = np.arange(self._num_added + n - keep, self._num_added + n)
         slots = insertion_ids % self.capacity
@@ -224,12 +234,8 @@ class PrioritizedReplayBuffer:
         priorities = self._tree.values[indices]
         weights = (priorities / priorities.min()) ** -self.beta
         self._num_sample_calls += 1
-        return Sample(
-            indices=indices,
-            insertion_ids=self._insertion_id[indices],
-            weights=weights,
-            **{name: column[indices] for name, column in self._columns.items()},
-        )
+        return Sample(indices, self._insertion_id[indices], weights,
+                      {name: column[indices] for name, column in self._columns.items()})
 
     def update_priorities(
         self, indices: ArrayLike, insertion_ids: ArrayLike, td_errors: ArrayLike

@@ -1,9 +1,10 @@
-"""Stable, human-readable state keys for a query, from features any search collection has.
+"""Stable, human-readable state keys for a query: labels that group searches in logs and reports.
 
     >>> encode_state("Who wrote Hamlet?", ["d1", "d2", "d3"], ["d3", "d4", "d5", "d6", "d7"])
     'len=short|form=question|agree=mid|digits=no'
 
-Features, each a small closed set of values so Q can be learned per key from little traffic:
+Features, each a small closed set of values, so a report can break results down by key (the
+policy itself reads the continuous `learners.context` features):
     len     word tokens: short <= 3, medium <= 8, long > 8
     form    question (ends with '?' or starts with a question word or auxiliary verb),
             statement (has a function word: a sentence or claim), else keyword
@@ -12,13 +13,11 @@ Features, each a small closed set of values so Q can be learned per key from lit
     digits  whether a token has a digit (codes, years, versions favour exact lexical matching)
 
 The word lists are English. Keys depend only on the inputs (no hash(), no randomness), so every
-process agrees; `ALL_STATE_KEYS` lists every possible key (STATE_SPACE_SIZE = 3 * 3 * 4 * 2 = 72)
-in a fixed order, which gives stable integer ids (`state_id` / `state_key`) for the replay buffer.
+process agrees. There are 3 * 3 * 4 * 2 = 72 possible keys.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Sequence
 
@@ -40,38 +39,24 @@ FUNCTION_WORDS = frozenset(
 )
 _TOKEN = re.compile(r"\w+")
 
-ALL_STATE_KEYS: tuple[str, ...] = tuple(
-    f"len={n}|form={f}|agree={a}|digits={d}"
-    for n, f, a, d in itertools.product(LENGTHS, FORMS, AGREEMENTS, DIGITS)
-)
-STATE_SPACE_SIZE = len(ALL_STATE_KEYS)
-_STATE_IDS = {key: i for i, key in enumerate(ALL_STATE_KEYS)}
 
 
 def encode_state(query: str, lexical_ids: Sequence[str], dense_ids: Sequence[str]) -> str:
     """The state key of a query and the ranked ids its lexical and dense retrievers returned."""
     tokens = _TOKEN.findall(query.casefold())
     return (
-        f"len={_length(tokens)}|form={_form(query, tokens)}"
+        f"len={_length(tokens)}|form={question_or_statement(query, tokens)}"
         f"|agree={_agreement(lexical_ids, dense_ids)}"
         f"|digits={'yes' if any(c.isdigit() for c in query) else 'no'}"
     )
-
-
-def state_id(key: str) -> int:
-    """Index of a key in ALL_STATE_KEYS; KeyError for a key encode_state cannot produce."""
-    return _STATE_IDS[key]
-
-
-def state_key(state_id: int) -> str:
-    return ALL_STATE_KEYS[state_id]
 
 
 def _length(tokens: list[str]) -> str:
     return "short" if len(tokens) <= 3 else "medium" if len(tokens) <= 8 else "long"
 
 
-def _form(query: str, tokens: list[str]) -> str:
+def question_or_statement(query: str, tokens: Sequence[str]) -> str:
+    """The query's form: question, statement or keyword; `tokens` are its casefolded words."""
     if query.rstrip().endswith("?") or (tokens and tokens[0] in QUESTION_WORDS):
         return "question"
     return "statement" if FUNCTION_WORDS.intersection(tokens) else "keyword"

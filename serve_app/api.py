@@ -74,6 +74,8 @@ class SearchBackend(Protocol):
 
     async def learning(self) -> dict[str, Any]: ...
 
+    async def reset_learning(self) -> dict[str, Any]: ...
+
     async def health(self) -> Health: ...
 
 
@@ -252,9 +254,13 @@ def create_api(
     async def feedback(body: FeedbackRequest, principal: Principal = Depends(require_search)) -> FeedbackResponse:
         return await backend.feedback(body, principal)
 
-    @app.get("/api/v1/admin/learning", summary="Replay, Q-table and learner counters")
+    @app.get("/api/v1/admin/learning", summary="The policy's model, replay and learner counters")
     async def learning(principal: Principal = Depends(require_admin)) -> dict[str, Any]:
         return await backend.learning()
+
+    @app.post("/api/v1/admin/learning/reset", summary="Forget what the policy learned (a fresh model)")
+    async def reset_learning(principal: Principal = Depends(require_admin)) -> dict[str, Any]:
+        return await backend.reset_learning()
 
     @app.post("/api/v1/rank", response_model=RankResponse,
               summary="Ranked document ids only (deeper than search; for evaluation)")

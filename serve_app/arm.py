@@ -22,10 +22,10 @@ from cluster.core.vocabulary import Arm
 from cluster.platform.database import create_pool
 from cluster.platform.metrics import AnswerMetrics, ArmMetrics
 from cluster.platform.settings import Settings
-from learners.learning_core import PolicySnapshot
+from learners.learning_core import Policies
 from serve_app.experience_log import ExperienceLog
 from serve_app.answers.from_settings import composer_from_settings
-from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
+from serve_app.pipeline import ArmConfig, Cost, SearchEvent, SearchPipeline
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import AnswerBody, RankRequest, RankResponse, SearchRequest, SearchResponse
 from serve_app.versioned_cache import VersionedCache
@@ -48,7 +48,7 @@ class PipelineArm:
             pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
         )
 
-        async def embed_query(query: str) -> np.ndarray:
+        async def embed_query(query: str) -> tuple[np.ndarray, float]:
             return await embedder.embed.remote(query)
 
         self._arm = arm
@@ -57,13 +57,13 @@ class PipelineArm:
         self._metrics = ArmMetrics()
         self._answer_metrics = AnswerMetrics()
         self._experiences = ExperienceLog(pool, learning.experience_queue, learning.experience_flush_s)
-        self._policy: VersionedCache[PolicySnapshot] = VersionedCache(
+        self._policy: VersionedCache[Policies] = VersionedCache(
             "policy", learning_state.policy_if_newer.remote, learning.policy_refresh_s)
         self._live: VersionedCache[LiveConfig] = VersionedCache(
             "live config", rollout_control.live_if_newer.remote, settings.rollout.live_refresh_s)
         self._pipeline = SearchPipeline(
             index, embed_query, retrieval, composer_from_settings(settings), arm,
-            current_policy=lambda: self._policy.current,
+            answer_modes=settings.answers.modes, current_policy=lambda: self._policy.current,
             record_experience=self._experiences.record,
         )
         # Held so they are not garbage-collected; they live as long as the replica.
@@ -103,7 +103,11 @@ class PipelineArm:
             yield event
 
     async def ranked(self, request: RankRequest) -> RankResponse:
-        return await self._pipeline.ranked(request.q, request.depth, request.strategy, self._config())
+        return await self._pipeline.ranked(request, self._config())
+
+    async def every_action(self, query: str, depth: int) -> tuple[list[float], list[tuple[list[str], Cost]]]:
+        """Every policy action's ids and cost for a query: graded feedback rewards them all."""
+        return await self._pipeline.every_action(query, depth)
 
     async def ping(self) -> bool:
         await self._pipeline.ping_database()

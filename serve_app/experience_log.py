@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-from collections.abc import Callable
 
 import asyncpg
 
@@ -24,22 +22,30 @@ class ServedSearch:
     search_id: str
     arm: str
     session_id: str | None
-    state_key: str
-    action: int
-    strategy: str
+    state_key: str  # readable label (`learners.state_encoder`), for reports
+    query: str  # graded feedback ranks it again under every action
+    depth: int  # hits asked for
+    context: list[float]  # the policy's input (`learners.context`)
+    action: int  # index in the policy's actions
+    strategy: str  # the action's name
     propensity: float
     policy_version: int
     served_doc_ids: list[str]
-    # The list each action would have served, in action order; computed when written, since
-    # fusing every strategy costs more than the search's own response can wait for.
-    strategy_doc_ids: Callable[[], list[list[str]]]
-    action_probabilities: list[float]  # pi(.|s) of the behaviour policy, in action order
+    action_probabilities: list[float]  # pi(.|x) of the behaviour policy, in action order
     answer_mode: str  # extractive, generated or debate, as resolved for this search
+    cost_cpu_ms: float  # of the stages the action ran after the lexical one
+    cost_wall_ms: float
+    # The answer mode, when the answer policy (or its rule, for `auto`) chose it: index in the
+    # answer modes, pi(.|x), and what composing the answer cost (None: not learned from).
+    answer_action: int | None
+    answer_propensity: float | None
+    answer_probabilities: list[float] | None
+    answer_cost_cpu_ms: float | None
+    answer_wall_ms: float | None
 
     def record(self) -> tuple[object, ...]:
-        """The row in column order, with every strategy's list fused now."""
-        return tuple(json.dumps(self.strategy_doc_ids()) if name == "strategy_doc_ids" else getattr(self, name)
-                     for name in COLUMNS)
+        """The row in column order."""
+        return tuple(getattr(self, name) for name in COLUMNS)
 
 
 COLUMNS = tuple(field.name for field in dataclasses.fields(ServedSearch))

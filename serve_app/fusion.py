@@ -5,7 +5,7 @@ A ranking is a list of `(doc_id, score)` pairs, best first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 Ranking = list[tuple[str, float]]
 
@@ -44,4 +44,20 @@ def weighted_score_fusion(lexical: Ranking, dense: Ranking, weight: float = 0.5)
         doc_id: weight * dense_norm.get(doc_id, 0.0) + (1 - weight) * lexical_norm.get(doc_id, 0.0)
         for doc_id in lexical_norm.keys() | dense_norm.keys()
     }
+    return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
+
+
+def complete_score_fusion(lexical: Mapping[str, float], dense: Mapping[str, float], weight: float) -> Ranking:
+    """weight * dense + (1 - weight) * lexical over min-max normalised *complete* scores.
+
+    Both mappings score every candidate of either list: a candidate one retriever did not
+    return gets its real score from that side (its cosine, or its BM25, which is 0 only when it
+    shares no term with the query), instead of the 0 that partial-list fusion gives it.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    candidates = lexical.keys() | dense.keys()
+    lexical_norm = _min_max([(d, lexical.get(d, 0.0)) for d in candidates])
+    dense_norm = _min_max([(d, dense[d]) for d in candidates if d in dense])
+    fused = {d: weight * dense_norm.get(d, 0.0) + (1 - weight) * lexical_norm[d] for d in candidates}
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.actors.start import ClusterActors
 from cluster.core.rollout import LiveConfig, Observation
-from cluster.core.vocabulary import ARMS, STRATEGIES, Arm, Flag
+from cluster.core.vocabulary import ARMS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.database import create_pool
 from cluster.platform.errors import ServiceUnavailable
@@ -63,8 +63,10 @@ class Ingress:
         self._environment = settings.environment
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
-        self._feedback = FeedbackStore(self._pool)
+        self._cost_weight = settings.learning.cost_weight
+        self._feedback = FeedbackStore(self._pool, self._cost_weight, self._rank_every_action)
         self._arms = arms
+        self._actions = [action.name for action in settings.retrieval.actions]
         self._control = actors.rollout_control
         self._learning = actors.learning_state
         self._learners = actors.learner_driver
@@ -142,19 +144,29 @@ class Ingress:
         return await self._from_arm(Arm.CONTROL, self._arms[Arm.CONTROL].ranked.remote(request))
 
     # -- learning --------------------------------------------------------------------------
+    async def _rank_every_action(self, arm: str, query: str, depth: int) -> tuple[list[float], list[tuple[list[str], float]]]:
+        """Every action's ids and CPU ms for a query, ranked by the arm that served it."""
+        context, outcomes = await self._from_arm(Arm(arm), self._arms[Arm(arm)].every_action.remote(query, depth))
+        return context, [(ids, cost.cpu_ms) for ids, cost in outcomes]
+
     async def feedback(self, request: FeedbackRequest, principal: Principal) -> FeedbackResponse:
         outcome = await self._feedback.record(request)
-        if outcome.experiences:
-            self._control.observe_reward.remote(Arm(outcome.arm), outcome.reward)
+        if outcome.searches:
+            self._control.observe_reward.remote(Arm(outcome.arm), outcome.quality)
+        for head, searches in (("retrieval", outcome.searches), ("answer", outcome.answer_searches)):
+            if not searches:
+                continue
             try:  # the row is stored; a restarting actor replays it from the database
-                await asyncio.wait_for(self._learning.add.remote(outcome.experiences), _ACTOR_TIMEOUT_S)
+                await asyncio.wait_for(self._learning.add.remote(head, searches), _ACTOR_TIMEOUT_S)
             except Exception as error:
-                log.warning("experience not handed to the learning actor", extra={"error": repr(error)})
-        rewards = outcome.action_rewards
+                log.warning("experience not handed to the learning actor", extra={"head": head, "error": repr(error)})
+        def by_action(values: list[float] | None) -> dict[str, float] | None:
+            return None if values is None else dict(zip(self._actions, values, strict=True))
+
         return FeedbackResponse(
-            search_id=outcome.search_id, reward=outcome.reward, duplicate=outcome.duplicate,
-            strategy_rewards=None if rewards is None else dict(zip(STRATEGIES, rewards, strict=True)),
-            answer_rating=outcome.answer_rating,
+            search_id=outcome.search_id, reward=outcome.quality, cost_cpu_ms=outcome.cost_cpu_ms,
+            duplicate=outcome.duplicate, answer_rating=outcome.answer_rating,
+            action_quality=by_action(outcome.action_quality), action_rewards=by_action(outcome.action_rewards),
         )
 
     async def _ask(self, *calls: Awaitable[Any]) -> list[Any]:
@@ -167,9 +179,16 @@ class Ingress:
             ) from error
 
     async def learning(self) -> dict[str, Any]:
-        state, q_table, learners = await self._ask(
-            self._learning.stats.remote(), self._learning.q_table.remote(), self._learners.stats.remote())
-        return {"state": state, "learners": learners, "q_table": q_table}
+        state, models, learners = await self._ask(
+            self._learning.stats.remote(), self._learning.model.remote(), self._learners.stats.remote())
+        averages = await self._feedback.action_averages(self._actions)
+        return {"state": state, "learners": learners, "model": models["retrieval"], "answer_model": models["answer"],
+                "cost_weight": self._cost_weight, "graded_averages": averages}
+
+    async def reset_learning(self) -> dict[str, Any]:
+        (version,) = await self._ask(self._learning.reset.remote())
+        log.warning("learning reset by an operator", extra={"policy_version": version})
+        return {"policy_version": version, "reset": True}
 
     # -- operations (admin scope) ----------------------------------------------------------
     async def flags(self) -> dict[str, Any]:

@@ -16,29 +16,51 @@ import numpy as np
 from cluster.platform.database import unavailable_on_connection_errors
 from serve_app.fusion import Ranking
 
-_BM25 = """
+_QUERY_TERMS = """
 WITH query_terms AS (
     SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS qtf
     FROM unnest(to_tsvector('english', $1)) u
-)
-SELECT p.doc_id,
-       sum(q.qtf
-           * ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))
-           * p.tf * ($3::float8 + 1)
-           / (p.tf + $3::float8 * (1 - $4::float8 + $4::float8 * p.doc_len / greatest(s.avg_doc_len, 1e-9)))) AS score
+)"""
+
+_BM25_SCORE = """
+sum(q.qtf
+    * ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))
+    * p.tf * ($2::float8 + 1)
+    / (p.tf + $2::float8 * (1 - $3::float8 + $3::float8 * p.doc_len / greatest(s.avg_doc_len, 1e-9))))"""
+
+_BM25_FROM = """
 FROM query_terms q
 JOIN lexeme_stats l ON l.lexeme = q.lexeme
 JOIN postings p ON p.lexeme = q.lexeme
-CROSS JOIN corpus_stats s
+CROSS JOIN corpus_stats s"""
+
+_BM25 = f"""{_QUERY_TERMS}
+SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
 GROUP BY p.doc_id
 ORDER BY score DESC, p.doc_id
-LIMIT $2"""
+LIMIT $4"""
+
+_BM25_OF = f"""{_QUERY_TERMS}
+SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
+WHERE p.doc_id = ANY($4::text[])
+GROUP BY p.doc_id"""
+
+# Inverse document frequency of each query term the corpus has, with the collection size.
+_TERM_IDF = f"""{_QUERY_TERMS}
+SELECT ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf
+FROM query_terms q
+JOIN lexeme_stats l ON l.lexeme = q.lexeme
+CROSS JOIN corpus_stats s"""
 
 _KNN = """
 SELECT id, 1 - (embedding <=> $1) AS score
 FROM documents
 ORDER BY embedding <=> $1
 LIMIT $2"""
+
+_COSINE_OF = "SELECT id, 1 - (embedding <=> $1) AS score FROM documents WHERE id = ANY($2::text[])"
+
+_VECTORS_OF = "SELECT id, embedding FROM documents WHERE id = ANY($1::text[])"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +82,23 @@ class DocumentIndex:
     async def lexical(self, query: str, k: int) -> Ranking:
         """Top `k` documents by BM25; documents sharing no term with the query are absent."""
         async with unavailable_on_connection_errors("lexical retrieval"):
-            rows = await self._pool.fetch(_BM25, query, k, self._k1, self._b)
+            rows = await self._pool.fetch(_BM25, query, self._k1, self._b, k)
         return [(row["doc_id"], float(row["score"])) for row in rows]
+
+    async def lexical_with_idf(self, query: str, k: int) -> tuple[Ranking, list[float]]:
+        """`lexical`, and the idf of each query term the corpus has, on one connection."""
+        async with unavailable_on_connection_errors("lexical retrieval"), self._pool.acquire() as connection:
+            rows = await connection.fetch(_BM25, query, self._k1, self._b, k)
+            idf = await connection.fetch(_TERM_IDF, query)
+        return [(row["doc_id"], float(row["score"])) for row in rows], [float(row["idf"]) for row in idf]
+
+    async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
+        """BM25 of the given documents (absent: no query term, a real score of 0)."""
+        if not ids:
+            return {}
+        async with unavailable_on_connection_errors("lexical scores"):
+            rows = await self._pool.fetch(_BM25_OF, query, self._k1, self._b, list(ids))
+        return {row["doc_id"]: float(row["score"]) for row in rows}
 
     async def dense(self, query_vector: np.ndarray, k: int) -> Ranking:
         """Top `k` documents by cosine similarity to a unit-length query vector."""
@@ -76,6 +113,20 @@ class DocumentIndex:
             )
             rows = await connection.fetch(_KNN, query_vector, k)
         return [(row["id"], float(row["score"])) for row in rows]
+
+    async def dense_scores(self, query_vector: np.ndarray, ids: Sequence[str]) -> dict[str, float]:
+        """Cosine similarity of the given documents to a unit-length query vector."""
+        if not ids:
+            return {}
+        async with unavailable_on_connection_errors("dense scores"):
+            rows = await self._pool.fetch(_COSINE_OF, query_vector, list(ids))
+        return {row["id"]: float(row["score"]) for row in rows}
+
+    async def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored embeddings of the given documents."""
+        async with unavailable_on_connection_errors("document vectors"):
+            rows = await self._pool.fetch(_VECTORS_OF, list(ids))
+        return {row["id"]: row["embedding"].to_numpy().astype(np.float32) for row in rows}
 
     async def fetch(self, ids: Sequence[str]) -> dict[str, StoredDocument]:
         async with unavailable_on_connection_errors("document fetch"):

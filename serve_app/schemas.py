@@ -48,6 +48,8 @@ class SearchRequest(_StrictRequest):
 
 class RankRequest(_StrictRequest):
     depth: int = Field(100, ge=1, le=1000, description="How many ranked ids to return (1..1000).")
+    every_action: bool = Field(False, description="Also rank under every action of the learning policy, "
+                               "with each one's cost (for offline scoring of policies).")
 
 
 class Hit(BaseModel):
@@ -93,7 +95,8 @@ class SearchHits(BaseModel):
     search_id: str
     query: str
     hits: list[Hit]
-    strategy: Strategy
+    strategy: str = Field(description="The fixed strategy asked for, or the policy action served (e.g. "
+                          "`lexical`, `hybrid@0.5`, `hybrid@0.5+prf`).")
     arm: str
     config_version: int = Field(description="Version of the live flags and weights the arm used.")
 
@@ -108,11 +111,21 @@ class RankedId(BaseModel):
     score: float
 
 
+class ActionRanking(BaseModel):
+    name: str
+    doc_ids: list[str]
+    cpu_ms: float = Field(description="CPU of the stages the action runs after the lexical one, fusion included.")
+    wall_ms: float
+
+
 class RankResponse(BaseModel):
     query: str
-    strategy: Strategy
+    strategy: str
     state_key: str
+    context: list[float] = Field(description="The policy's context features (`learners.context.FEATURES`).")
     ranking: list[RankedId]
+    cost_cpu_ms: float = Field(description="CPU of the served action's stages after the lexical one.")
+    actions: list[ActionRanking] | None = None
     arm: str
     latency_ms: float
 
@@ -159,9 +172,12 @@ class FeedbackResponse(BaseModel):
     search_id: str
     reward: float | None = Field(description="nDCG of the served list under the document feedback, in "
                                  "[0, 1]; null while only the answer was rated.")
-    strategy_rewards: dict[Strategy, float] | None = Field(
-        None, description="For graded judgements: the reward of the list each strategy would have "
-        "served for this search (all of them teach the policy). None for clicks.")
+    cost_cpu_ms: float | None = Field(None, description="CPU the served action's stages took.")
+    action_quality: dict[str, float] | None = Field(
+        None, description="For graded judgements: nDCG of the list each policy action serves for this query.")
+    action_rewards: dict[str, float] | None = Field(
+        None, description="For graded judgements: each policy action's reward, nDCG of its list minus "
+        "cost_weight times its CPU ms (all of them teach the policy). None for clicks.")
     answer_rating: float | None = Field(None, description="The answer's rating on [0, 1] (helpful 1, a "
                                         "grade g as g / 4), as recorded; null while unrated.")
     duplicate: bool = Field(description="True when every part of this feedback was already recorded (the "

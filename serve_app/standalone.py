@@ -55,8 +55,11 @@ class LocalBackend:
     async def learning(self) -> dict[str, Any]:
         raise ServiceUnavailable("the standalone server has no learning actor; use `dtrag up`")
 
+    async def reset_learning(self) -> dict[str, Any]:
+        raise ServiceUnavailable("the standalone server has no learning actor; use `dtrag up`")
+
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
-        return await self._pipeline.ranked(request.q, request.depth, request.strategy, self._config)
+        return await self._pipeline.ranked(request, self._config)
 
     async def health(self) -> Health:
         error = None
@@ -73,8 +76,9 @@ async def serve_standalone(settings: Settings) -> None:
         raise SettingsError("DATABASE_URL is not set: the standalone server needs a database")
     model = TextEmbedder()
 
-    async def embed_query(query: str) -> np.ndarray:
-        return (await asyncio.to_thread(model.encode, [query]))[0]
+    async def embed_query(query: str) -> tuple[np.ndarray, float]:
+        vectors, cpu_ms = await asyncio.to_thread(model.encode_with_cpu, [query])
+        return vectors[0], cpu_ms
 
     pool = await create_pool(settings.database.url, settings.database)
     retrieval = settings.retrieval
@@ -82,7 +86,8 @@ async def serve_standalone(settings: Settings) -> None:
         pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
     )
     app = create_api(
-        LocalBackend(SearchPipeline(index, embed_query, retrieval, composer_from_settings(settings), ARM),
+        LocalBackend(SearchPipeline(index, embed_query, retrieval, composer_from_settings(settings), ARM,
+                                    answer_modes=settings.answers.modes),
                      settings.environment, settings.features),
         ApiKeyVerifier(pool, settings.http.api_key_cache_s),
     )

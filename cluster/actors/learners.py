@@ -1,7 +1,7 @@
-"""Remote learners: a pool of Ray actors that turn a prioritized sample into a Q delta and priorities.
+"""Remote learners: a pool of Ray actors that turn a prioritized sample into a model delta and priorities.
 
 `LearnerDriver` keeps one step in flight on each `Learner` of its pool against the
-`LearningState` actor, and counts how each ended; the math is `learners.soft_q.compute_deltas`,
+`LearningState` actor, and counts how each ended; the math is `learners.value_model.compute_deltas`,
 so a learner is a thin shell. Learners are actors rather than tasks because they live on: a
 task that comes every couple of seconds finds its worker process retired (Ray stops idle
 workers after about a second) and pays for a new Python process each time, which cost an idle
@@ -19,7 +19,7 @@ import ray
 
 from cluster.platform.metrics import LearnerMetrics
 from learners.learning_core import LearnerBatch
-from learners.soft_q import compute_deltas
+from learners.value_model import compute_deltas
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,10 @@ _IDLE_WAIT_S = 0.2  # after the first step that found nothing to learn
 _MAX_IDLE_WAIT_S = 2.0  # doubling up to this while nothing comes: an idle service stays cheap
 
 
-def learn(state: ray.actor.ActorHandle, batch: LearnerBatch) -> bool:
-    """Compute the update for `batch` and send it back; False when the actor rejected it as stale."""
-    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights,
-                               batch.tau, batch.gamma, batch.lr)
-    return ray.get(state.apply_update.remote(delta, batch.indices, batch.insertion_ids, td))
+def learn(state: ray.actor.ActorHandle, head: str, batch: LearnerBatch) -> bool:
+    """Compute the update for a head's `batch` and send it back; False when the actor rejected it as stale."""
+    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights, batch.gamma)
+    return ray.get(state.apply_update.remote(head, delta, batch.indices, batch.insertion_ids, td))
 
 
 @ray.remote(max_restarts=-1, num_cpus=0)
@@ -44,10 +43,10 @@ class Learner:
 
     def step(self, batch_size: int) -> str:
         """One learning step: 'applied', 'stale', or 'idle' (rate limit or too little data)."""
-        batch = ray.get(self._state.sample.remote(batch_size))
-        if batch is None:
+        sampled = ray.get(self._state.sample.remote(batch_size))
+        if sampled is None:
             return "idle"
-        return "applied" if learn(self._state, batch) else "stale"
+        return "applied" if learn(self._state, *sampled) else "stale"
 
 
 @ray.remote(max_restarts=-1, num_cpus=0)

@@ -1,13 +1,17 @@
-"""`LearningState`: the named, restartable Ray actor that owns the replay buffer and the Q-table.
+"""`LearningState`: the named, restartable Ray actor that owns the replay buffers and value models.
 
-It wraps `LearningCore` with persistence: a checkpoint (Q-table as JSON, the whole state as a
-blob) goes to PostgreSQL on a schedule and on request; on (re)start the latest checkpoint is
-loaded and rewarded experiences that arrived after it are replayed in, so a killed actor comes
-back with what it had, less only the Q updates since its last checkpoint.
+Two heads learn side by side, each a `LearningCore` over the same context features: `retrieval`
+(what runs after the lexical stage, rewarded by nDCG - lambda x CPU ms) and `answer` (the answer
+mode, rewarded by the user's rating of the answer - lambda x CPU ms). It wraps them with persistence: a checkpoint (the model's parameters as JSON, the whole
+state as a blob) goes to PostgreSQL on a schedule and on request; on (re)start the latest
+checkpoint is loaded and rewarded experiences that arrived after it are replayed in, so a killed
+actor comes back with what it had, less only the updates since its last checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import pickle
@@ -20,13 +24,12 @@ from typing import Any
 import asyncpg
 import ray
 
-from cluster.core.vocabulary import STRATEGIES
 from cluster.platform.database import run_blocking
 from cluster.platform.metrics import LearningMetrics
 from cluster.platform.settings import LearningSettings
-from learners.learning_core import Experience, LearnerBatch, LearningCore, PolicySnapshot, RewardedSearch
-from learners.soft_q import QDelta
-from learners.state_encoder import state_key
+from learners.context import FEATURES
+from learners.learning_core import LearnerBatch, LearningCore, Policies, RewardedSearch
+from learners.value_model import ValueDelta
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +37,46 @@ ACTOR_NAME = "learning_state"
 _KEEP_CHECKPOINTS = 5
 
 
-_REWARDED_SINCE = """
-SELECT state_key, action, reward, propensity, policy_version, next_state_key, action_rewards,
+HEADS = ("retrieval", "answer")
+
+# Per head, the rewarded searches recorded after a checkpoint, in the columns of RewardedSearch.
+_REWARDED_SINCE = {
+    "retrieval": """
+SELECT context, action, reward, propensity, policy_version, next_context, action_rewards,
        action_probabilities
 FROM experiences
-WHERE reward IS NOT NULL AND ($1::timestamptz IS NULL OR feedback_at > $1)
+WHERE reward IS NOT NULL AND context IS NOT NULL AND ($1::timestamptz IS NULL OR feedback_at > $1)
 ORDER BY feedback_at DESC
-LIMIT $2"""
+LIMIT $2""",
+    "answer": """
+SELECT context, answer_action AS action, answer_reward AS reward, answer_propensity AS propensity,
+       policy_version, NULL::real[] AS next_context, NULL::double precision[] AS action_rewards,
+       answer_probabilities AS action_probabilities
+FROM experiences
+WHERE answer_reward IS NOT NULL AND ($1::timestamptz IS NULL OR answer_rated_at > $1)
+ORDER BY answer_rated_at DESC
+LIMIT $2""",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What a head chooses among, and what it serves until it has learned otherwise."""
+
+    actions: tuple[str, ...]
+    default_action: int
 
 
 @ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
 class LearningState:
     """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
 
-    def __init__(self, database_url: str, settings: LearningSettings):
+    def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head]):
         self._url = database_url
-        self._core = LearningCore(STRATEGIES, settings.core)
-        self._lock = threading.Lock()  # the checkpoint thread reads the core too
+        self._cores = {name: LearningCore(heads[name].actions, FEATURES, heads[name].default_action, settings.core)
+                       for name in HEADS}
+        self._next_head = itertools.cycle(HEADS)  # learners take turns between the heads
+        self._lock = threading.Lock()  # the checkpoint thread reads the cores too
         self._restored_from = run_blocking(self._restore())
         self._metrics = LearningMetrics()
         self._publish()
@@ -69,65 +95,91 @@ class LearningState:
             since = None
             if checkpoint is not None:
                 try:
-                    self._core.load_state_dict(pickle.loads(checkpoint["replay_state"]))
+                    state = pickle.loads(checkpoint["replay_state"])
+                    for name in HEADS:  # each refuses another layout before changing anything
+                        self._cores[name].load_state_dict(state[name])
                     since = checkpoint["created_at"]
-                except ValueError as error:  # written by an older version: learn again from the rewards
+                except (ValueError, KeyError, TypeError) as error:  # an older layout: learn again from the rewards
                     log.warning("checkpoint not restored; rebuilding from the recorded rewards",
-                                extra={"policy_version": checkpoint["policy_version"], "error": str(error)})
+                                extra={"policy_version": checkpoint["policy_version"], "error": repr(error)})
                     checkpoint = None
-            rows = await connection.fetch(_REWARDED_SINCE, since, self._core.config.capacity)
+                    self._cores = {name: core.fresh() for name, core in self._cores.items()}
+            rows = {name: await connection.fetch(_REWARDED_SINCE[name], since, core.config.capacity)
+                    for name, core in self._cores.items()}
         finally:
             await connection.close()
-        experiences = [e for row in reversed(rows) for e in RewardedSearch.from_row(row).experiences()]
-        self._core.add(experiences[-self._core.config.capacity:])
+        for name, core in self._cores.items():
+            core.add_searches([RewardedSearch.from_row(row) for row in reversed(rows[name])])
         return None if checkpoint is None else checkpoint["policy_version"]
 
     def _publish(self) -> None:
-        self._metrics.replay_buffer_size.set(len(self._core.buffer))
-        self._metrics.q_table_size.set(len(self._core.table.snapshot().rows))
+        policy = self._cores["retrieval"].model.snapshot()
+        self._metrics.replay_buffer_size.set(sum(len(core.buffer) for core in self._cores.values()))
+        self._metrics.context_model_active.set(float(policy.gate_open))
+        self._metrics.exploration_rate.set(policy.epsilon)
 
-    def add(self, experiences: Sequence[Experience]) -> int:
+    def _version(self) -> int:
+        """Changes whenever either head's policy does."""
+        return sum(core.model.version for core in self._cores.values())
+
+    def add(self, head: str, searches: Sequence[RewardedSearch]) -> int:
+        """Learn from rewarded searches (each scores the model first, then enters the replay)."""
         with self._lock:
-            size = self._core.add(experiences)
+            size = self._cores[head].add_searches(searches)
             self._publish()
             return size
 
-    def sample(self, batch_size: int) -> LearnerBatch | None:
+    def sample(self, batch_size: int) -> tuple[str, LearnerBatch] | None:
+        """A batch of the next head that has one to give, and that head's name."""
         with self._lock:
-            return self._core.sample(batch_size)
+            for _ in HEADS:
+                head = next(self._next_head)
+                batch = self._cores[head].sample(batch_size)
+                if batch is not None:
+                    return head, batch
+            return None
 
-    def apply_update(self, delta: QDelta, indices, insertion_ids, td_errors) -> bool:
+    def apply_update(self, head: str, delta: ValueDelta, indices, insertion_ids, td_errors) -> bool:
         with self._lock:
-            applied = self._core.apply_update(delta, indices, insertion_ids, td_errors)
+            applied = self._cores[head].apply_update(delta, indices, insertion_ids, td_errors)
             self._publish()
             return applied
 
-    def policy_if_newer(self, version: int) -> PolicySnapshot | None:
-        """The policy when its version differs from `version` (cheap to poll), else None."""
+    def policy_if_newer(self, version: int) -> Policies | None:
+        """Both heads' policies when their version differs from `version` (cheap to poll), else None."""
         with self._lock:
-            return None if self._core.table.version == version else self._core.policy()
+            if self._version() == version:
+                return None
+            return Policies(self._version(), self._cores["retrieval"].policy(), self._cores["answer"].policy())
 
     def stats(self) -> dict[str, Any]:
+        """The retrieval head's counters (the answer head's are in `model`)."""
         with self._lock:
-            return {**self._core.stats(), "restored_from_version": self._restored_from}
+            return {**self._cores["retrieval"].stats(), "policy_version": self._version(),
+                    "restored_from_version": self._restored_from}
 
-    def q_table(self) -> dict[str, Any]:
+    def model(self) -> dict[str, Any]:
+        """Per head: the model's parameters, gate, exploration, counters and its values for the last
+        search learned from."""
         with self._lock:
-            return {"policy_version": self._core.table.version, "actions": list(self._core.actions),
-                    "tau": self._core.table.tau, "pooled": self._core.pooled_q(),
-                    "q": self._q_by_key()}
+            return {name: {**core.model_report(), "counters": core.stats()} for name, core in self._cores.items()}
 
-    def _q_by_key(self) -> dict[str, list[float]]:
-        """Q rows under their readable state keys (JSON for operators and checkpoints)."""
-        return {state_key(state): q for state, q in self._core.q_table().items()}
+    def reset(self) -> int:
+        """Forget what was learned, and checkpoint at once so a restart does not replay older rewards."""
+        with self._lock:
+            for core in self._cores.values():
+                core.forget()
+            self._publish()
+        return self.checkpoint()
 
     def checkpoint(self) -> int:
         """Write a checkpoint now; returns the policy version saved."""
         with self._lock:
-            version = self._core.table.version
-            blob = pickle.dumps(self._core.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
-            q_table = self._q_by_key()
-            stats = self._core.stats()
+            version = self._version()
+            blob = pickle.dumps({name: core.state_dict() for name, core in self._cores.items()},
+                                protocol=pickle.HIGHEST_PROTOCOL)
+            q_table = {name: core.model_report() for name, core in self._cores.items()}
+            stats = {name: core.stats() for name, core in self._cores.items()}
         run_blocking(self._write_checkpoint(version, blob, q_table, stats))
         return version
 
@@ -138,7 +190,7 @@ class LearningState:
                 await connection.execute(
                     "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
                     "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
-                    version, list(self._core.actions), json.dumps(q_table), blob, json.dumps(stats),
+                    version, list(self._cores["retrieval"].actions), json.dumps(q_table), blob, json.dumps(stats),
                 )
                 await connection.execute(
                     "DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
@@ -148,10 +200,13 @@ class LearningState:
             await connection.close()
 
     def _checkpoint_every(self, interval_s: float) -> None:
-        last_saved = self._core.table.version, self._core.inserted
+        def progress() -> tuple[int, int]:
+            return self._version(), sum(core.inserted for core in self._cores.values())
+
+        last_saved = progress()
         while True:
             time.sleep(interval_s)
-            current = self._core.table.version, self._core.inserted
+            current = progress()
             if current == last_saved:
                 continue
             try:
@@ -161,22 +216,24 @@ class LearningState:
                 log.exception("checkpoint failed")
 
     def export_parquet(self, path: str) -> int:
-        """Write the buffer's experiences to a Parquet file; returns the row count."""
+        """Write the retrieval head's replay to a Parquet file; returns the row count."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        core = self._cores["retrieval"]
         with self._lock:
-            state = self._core.buffer.state_dict()
+            state = core.buffer.state_dict()
             filled = state["insertion_id"] >= 0
+        has_next = state["has_next"][filled]
         table = pa.table({
             "insertion_id": state["insertion_id"][filled],
-            "state_key": [state_key(s) for s in state["state"][filled]],
+            "context": list(state["context"][filled]),
             "action": state["action"][filled],
-            "strategy": [self._core.actions[a] for a in state["action"][filled]],
+            "strategy": [core.actions[a] for a in state["action"][filled]],
             "reward": state["reward"][filled],
             "propensity": state["propensity"][filled],
             "policy_version": state["policy_version"][filled],
-            "next_state_key": [None if s < 0 else state_key(s) for s in state["next_state"][filled]],
+            "next_context": [c if n else None for c, n in zip(state["next_context"][filled], has_next, strict=True)],
             "priority": state["priorities"][: len(filled)][filled],
         }).sort_by("insertion_id")
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from ray.actor import ActorHandle
 
 from cluster.actors import NAMESPACE
 from cluster.actors.learners import DRIVER_NAME, LearnerDriver
-from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, LearningState
+from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, Head, LearningState
 from cluster.actors.rollout_control import ACTOR_NAME as ROLLOUT_CONTROL_NAME, RolloutControl
 from cluster.platform.settings import Settings
 
@@ -36,7 +36,10 @@ def start_actors(settings: Settings) -> ClusterActors:
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
-    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning)
+    retrieval, answers = settings.retrieval, settings.answers
+    heads = {"retrieval": Head(tuple(action.name for action in retrieval.actions), retrieval.default_action),
+             "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
+    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning, heads)
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),

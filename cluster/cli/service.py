@@ -44,23 +44,23 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.clients.train import TrainingError, train_dataset
-    from cluster.clients.train_plot import plot_learning_curve
+    from cluster.clients.train_plot import plot_cost_quality
     from cluster.clients.train_report import format_report, report_json
 
     url, key = _target(args, settings)
     dataset = Path(args.dataset)
-    plot = args.plot or Path("bench/results") / f"learning_curve_{dataset.resolve().name}.png"
+    plot = args.plot or Path("bench/results") / f"cost_quality_{dataset.resolve().name}.png"
     try:
-        report = train_dataset(dataset, url, key, epochs=args.epochs, concurrency=args.concurrency,
-                               seed=args.seed)
+        report = train_dataset(dataset, url, key, seeds=list(range(args.seeds)), judged=args.judged,
+                               concurrency=args.concurrency)
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report_json(report), indent=1))
-    print(format_report(report))
-    plot_learning_curve(report, plot)
-    print(f"\nlearning curve: {plot}")
+    plot_cost_quality(report, plot)
+    print(f"\ncost and quality: {plot}")
     return 0
 
 
@@ -97,15 +97,17 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=cmd_eval)
 
     train = _add_target_options(commands.add_parser(  # the key needs the search and admin scopes
-        "train", help="teach the bandit with a simulated user on training queries, score it on test queries"))
+        "train", help="reset and teach the policy with a simulated user on training queries, per seed; "
+        "score it on test queries"))
     train.add_argument("dataset", help="BEIR folder; extra/queries_all.jsonl + extra/qrels_train.tsv "
                        "train when present, else half of the judged test queries")
-    train.add_argument("--epochs", type=int, default=3, help="passes over the training queries")
+    train.add_argument("--judged", type=int, default=1000,
+                       help="judged queries per seed (passes over the training queries as needed)")
+    train.add_argument("--seeds", type=int, default=5, help="runs from a fresh model, seeds 0..N-1")
     train.add_argument("--concurrency", type=int, default=4)
-    train.add_argument("--plot", type=Path, help="learning curve PNG "
-                       "(default: bench/results/learning_curve_<dataset>.png)")
-    train.add_argument("--json", type=Path, help="also write scores, curve, Q-table, per-query results")
-    train.add_argument("--seed", type=int, default=0, help="query order; without training qrels, the split")
+    train.add_argument("--plot", type=Path, help="cost-quality and learning-curve PNG "
+                       "(default: bench/results/cost_quality_<dataset>.png)")
+    train.add_argument("--json", type=Path, help="also write tables, checks, model snapshots, per-query results")
     train.set_defaults(handler=cmd_train)
 
     flags = commands.add_parser("flags", help="show or set feature flags per arm (live, no restart)")

@@ -1,16 +1,18 @@
-"""`dtrag train`: teach the live soft-Q bandit with a simulated user, then score what it learned.
+"""`dtrag train`: teach the live policy with a simulated user, score it offline, over several seeds.
 
-The simulated user searches each training query with no strategy, so the service's bandit picks
-one from softmax(Q(s,.)/tau), and sends the query's qrels as graded judgements; the service turns
-them into rewards (nDCG of the served list, and of the list each other strategy would have
-served) and its learners update Q in the background.
+Per seed the service's learning is reset (a fresh model), then:
+1. Every test query is ranked once under every action (`/api/v1/rank` with `every_action`, which
+   is not logged as an experience): each action's list, its CPU cost, and the query's context.
+   That matrix scores any model offline (`learners.policy_scores`).
+2. A simulated user searches training queries (the policy, or the default when the bandit flag
+   is off, picks each action) and sends their qrels as graded judgements; the service rewards
+   every action (nDCG - cost_weight * CPU ms) and its learners fit the model in the background.
+3. At milestones (200 and 500 judged queries, the end) and along a curve, learning is let to
+   catch up and the model is fetched; the snapshots are scored on the test matrix.
 
-Scoring never goes through the bandit: every test query is ranked once under every fixed strategy
-(`/api/v1/rank`, which is not logged as an experience). That gives a (queries x strategies) matrix
-of nDCG@10 and each query's state key, so any Q-table (the final one, or the snapshots taken
-during training for the learning curve) is scored offline (`learners.policy_scores`). The
-rankings name their strategy, so they do not depend on the policy: they are fetched after
-training, which lets a service with the learning flags off fail at the first feedback.
+An item the service refuses (a 4xx for one search or feedback) is counted and skipped, and a
+query judged on more documents than the API takes is trimmed to its highest grades: one bad item
+never ends a run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import math
 import random
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,19 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from cluster.core.vocabulary import STRATEGIES
+from cluster.core.actions import LEXICAL_ONLY
 from cluster.data.beir import QuerySplit, load_split
-from learners.policy_scores import expected_ndcg, greedy_actions, mean_ndcg, oracle_actions
+from learners.learning_core import policy_from_report
+from learners.policy_scores import TestMatrix
 from learners.ranking_metrics import ndcg_at_k
+from learners.value_model import ValueSnapshot
 
 FINAL_TOPK = 10
 EVAL_DEPTH = 10
-POINTS_PER_EPOCH = 10
+MILESTONES = (200, 500)  # judged queries at which the checks look at the policy
+CURVE_POINTS = 10  # snapshots along the run, at least MIN_CURVE_STEP judged queries apart
+MIN_CURVE_STEP = 10
+MAX_JUDGEMENTS = 1000  # what /api/v1/feedback accepts per request
 SETTLE_S = 2.0
 CATCH_UP_TIMEOUT_S = 120.0
 POLL_S = 0.5
@@ -46,80 +51,57 @@ FLAGS_OFF = (
     "FEATURE_EXPERIENCE_REPLAY=on FEATURE_SOFT_Q_BANDIT=on dtrag up"
 )
 
+
 class TrainingError(Exception):
     """The service cannot be trained as asked; the message says what to do."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TestRankings:
-    """Every test query under every fixed strategy, computed once."""
-
-    query_ids: list[str]
-    states: list[str]
-    scores: np.ndarray  # (queries, len(STRATEGIES)): nDCG@10
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyScores:
-    fixed: dict[str, float]
-    greedy: float
-    served: float
-    oracle: float
-
-    @property
-    def best_fixed(self) -> str:
-        return max(self.fixed, key=self.fixed.__getitem__)
-
-
-def score_policies(test: TestRankings, snapshot: Snapshot) -> PolicyScores:
-    fixed = {s: float(test.scores[:, a].mean()) for a, s in enumerate(STRATEGIES)}
-    return PolicyScores(
-        fixed=fixed,
-        greedy=mean_ndcg(test.scores, greedy_actions(test.states, snapshot.q, snapshot.pooled)),
-        served=expected_ndcg(test.scores, test.states, snapshot.q, snapshot.pooled, snapshot.tau),
-        oracle=mean_ndcg(test.scores, oracle_actions(test.scores, test.states)),
-    )
+class ItemRejected(Exception):
+    """The service refused one search or feedback (HTTP 4xx): counted, and the run goes on."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """The service's Q-table after `feedbacks` feedbacks."""
+    """The service's model after `judged` judged queries."""
 
-    feedbacks: int
-    q: dict[str, list[float]]
-    pooled: list[float]  # Q of a state not in `q`
-    tau: float
+    judged: int
+    policy: ValueSnapshot
+    report: dict[str, Any]  # the model as /api/v1/admin/learning shows it
 
 
-@dataclasses.dataclass(frozen=True)
-class EpochSummary:
-    feedbacks: int
-    mean_reward: float
-    strategies: dict[str, int]
-    learning: dict[str, Any]  # /api/v1/admin/learning "state" once learning caught up
-    caught_up: bool
+@dataclasses.dataclass
+class SeedRun:
+    seed: int
+    split: str
+    test: TestMatrix
+    snapshots: list[Snapshot]
+    train_quality: list[list[float]]  # per judged training query, every action's nDCG
+    train_reward: list[list[float]]  # and its reward
+    served: collections.Counter[str]  # actions the policy served during training
+    skipped: collections.Counter[str]  # items the service refused, by reason
+    trimmed: int  # queries whose judgements were cut to MAX_JUDGEMENTS
+
+    def snapshot_at(self, judged: int) -> Snapshot:
+        """The first snapshot taken once `judged` queries were judged (the last one if never)."""
+        return next((s for s in self.snapshots if s.judged >= judged), self.snapshots[-1])
+
+    def best_fixed(self, judged: int, by_reward: bool) -> int:
+        """The action with the best mean over the first `judged` training queries (what a person would pick)."""
+        rows = np.asarray((self.train_reward if by_reward else self.train_quality)[:judged])
+        return int(rows.mean(axis=0).argmax())
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingReport:
     dataset: str
-    split: str
-    started_from: dict[str, Any]  # learning "state" before training
-    epochs: list[EpochSummary]
-    test: TestRankings
-    snapshots: list[Snapshot]
-    scores: PolicyScores
+    actions: list[str]
+    cost_weight: float
+    judged: int
+    runs: list[SeedRun]
 
     @property
-    def final(self) -> Snapshot:
-        return self.snapshots[-1]
-
-    def curve(self) -> list[tuple[int, float]]:
-        """(feedbacks, greedy nDCG@10 on the test queries) for every snapshot."""
-        return [
-            (s.feedbacks, mean_ndcg(self.test.scores, greedy_actions(self.test.states, s.q, s.pooled)))
-            for s in self.snapshots
-        ]
+    def final_judged(self) -> int:
+        return min(run.snapshots[-1].judged for run in self.runs)
 
 
 async def _call(client: httpx.AsyncClient, method: str, path: str, body: object = None) -> dict[str, Any]:
@@ -131,30 +113,26 @@ async def _call(client: httpx.AsyncClient, method: str, path: str, body: object 
         ) from error
     if response.status_code == 404 and path == "/api/v1/feedback":
         raise TrainingError(FLAGS_OFF)
+    if 400 <= response.status_code < 500 and path in ("/api/v1/search/", "/api/v1/feedback"):
+        raise ItemRejected(f"{path} HTTP {response.status_code}")
     if response.status_code != 200:
         raise TrainingError(f"{method} {path}: HTTP {response.status_code} {response.text}")
     return response.json()
 
 
+def _judgements(qrels: dict[str, float]) -> tuple[dict[str, int], bool]:
+    """The qrels as the API takes them: at most MAX_JUDGEMENTS, the highest grades kept; (judgements, trimmed)."""
+    ranked = sorted(qrels.items(), key=lambda item: (-item[1], item[0]))
+    return {doc: int(grade) for doc, grade in ranked[:MAX_JUDGEMENTS]}, len(ranked) > MAX_JUDGEMENTS
+
+
 async def _learning(client: httpx.AsyncClient) -> dict[str, Any]:
-    payload = await _call(client, "GET", "/api/v1/admin/learning")
-    actions = payload["q_table"]["actions"]
-    if actions != list(STRATEGIES):
-        raise TrainingError(f"the service's actions {actions} are not {list(STRATEGIES)}")
-    return payload
+    return await _call(client, "GET", "/api/v1/admin/learning")
 
 
-def _snapshot(feedbacks: int, learning: dict[str, Any]) -> Snapshot:
-    table = learning["q_table"]
-    return Snapshot(feedbacks, table["q"], table["pooled"], table["tau"])
-
-
-async def _wait_for_learners(client: httpx.AsyncClient) -> tuple[dict[str, Any], bool]:
-    """Poll until learning caught up with the feedback; (last payload, whether it did in time).
-
-    Caught up: no update applied for SETTLE_S, or a learner step came back idle (rate limit or
-    too little data) while none was applied.
-    """
+async def _wait_for_learners(client: httpx.AsyncClient) -> dict[str, Any]:
+    """Poll until learning caught up with the feedback: no update applied for SETTLE_S, or a
+    learner step came back idle (rate limit or too little data) while none was applied."""
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
     last = await _learning(client)
     quiet_since = time.monotonic()
@@ -164,100 +142,112 @@ async def _wait_for_learners(client: httpx.AsyncClient) -> tuple[dict[str, Any],
         if now["state"]["updates_applied"] != last["state"]["updates_applied"]:
             quiet_since = time.monotonic()
         elif now["learners"]["idle"] > last["learners"]["idle"] or time.monotonic() - quiet_since >= SETTLE_S:
-            return now, True
+            return now
         last = now
-    return last, False
+    tqdm.write(f"warning: learning was still applying updates after {CATCH_UP_TIMEOUT_S:.0f} s")
+    return last
 
 
-async def _rank_test(client: httpx.AsyncClient, split: QuerySplit, concurrency: int) -> TestRankings:
-    """nDCG@10 of every test query under every strategy, and each query's state key."""
+async def _rank_test(client: httpx.AsyncClient, split: QuerySplit, actions: list[str],
+                     concurrency: int) -> TestMatrix:
+    """Every test query under every action: nDCG@10, CPU ms and the query's context."""
     semaphore = asyncio.Semaphore(concurrency)
     ids = list(split.test)
-    scores = np.zeros((len(ids), len(STRATEGIES)))
-    states: dict[str, str] = {}
+    contexts: list[list[float]] = [[] for _ in ids]
+    quality = np.zeros((len(ids), len(actions)))
+    cost = np.zeros_like(quality)
 
-    async def rank(row: int, action: int, progress: tqdm) -> None:
+    async def rank(row: int, progress: tqdm) -> None:
         qid = ids[row]
         async with semaphore:
             ranked = await _call(client, "POST", "/api/v1/rank",
-                                 {"q": split.test[qid], "strategy": STRATEGIES[action], "depth": EVAL_DEPTH})
-        scores[row, action] = ndcg_at_k([r["doc_id"] for r in ranked["ranking"]], split.test_qrels[qid], 10)
-        states[qid] = ranked["state_key"]  # the same under every strategy: it precedes fusion
+                                 {"q": split.test[qid], "depth": EVAL_DEPTH, "every_action": True})
+        if [a["name"] for a in ranked["actions"]] != actions:
+            raise TrainingError(f"the service ranks actions {[a['name'] for a in ranked['actions']]}, "
+                                f"its model has {actions}")
+        contexts[row] = ranked["context"]
+        for a, action in enumerate(ranked["actions"]):
+            quality[row, a] = ndcg_at_k(action["doc_ids"], split.test_qrels[qid], 10)
+            cost[row, a] = action["cpu_ms"]
         progress.update(1)
 
-    with tqdm(total=scores.size, desc="rank test queries", unit="q") as progress:
-        await asyncio.gather(*(rank(r, a, progress) for r in range(len(ids)) for a in range(len(STRATEGIES))))
-    return TestRankings(ids, [states[q] for q in ids], scores)
+    with tqdm(total=len(ids), desc="rank test queries under every action", unit="q") as progress:
+        await asyncio.gather(*(rank(r, progress) for r in range(len(ids))))
+    dense = np.array([name != LEXICAL_ONLY for name in actions])
+    return TestMatrix(ids, np.array(contexts), quality, cost, dense)
 
 
-async def _epoch(
-    client: httpx.AsyncClient, split: QuerySplit, order: list[str], done_before: int,
-    every: int, concurrency: int, label: str, snapshots: list[Snapshot],
-) -> tuple[list[float], collections.Counter[str]]:
-    """The simulated user on each query of `order`; snapshots Q every `every` feedbacks."""
-    pending = iter(order)
-    rewards: list[float] = []
-    served: collections.Counter[str] = collections.Counter()
-
-    async def user(progress: tqdm) -> None:
-        for qid in pending:  # one shared iterator: users take queries in the shuffled order
-            hit = await _call(client, "POST", "/api/v1/search/",
-                              {"q": split.train[qid], "final_topk": FINAL_TOPK})
-            judgements = {doc: int(grade) for doc, grade in split.train_qrels[qid].items()}
-            feedback = await _call(client, "POST", "/api/v1/feedback",
-                                   {"search_id": hit["search_id"], "judgements": judgements})
-            rewards.append(feedback["reward"])
-            served[hit["strategy"]] += 1
-            progress.update(1)
-            progress.set_postfix(reward=f"{statistics.fmean(rewards):.3f}")
-            done = done_before + len(rewards)
-            if done % every == 0:
-                snapshots.append(_snapshot(done, await _learning(client)))
-
-    with tqdm(total=len(order), desc=label, unit="q") as progress:
-        users = [asyncio.create_task(user(progress)) for _ in range(concurrency)]
-        try:
-            await asyncio.gather(*users)
-        finally:  # the first failure (e.g. flags off) stops the other users
-            for task in users:
-                task.cancel()
-    return rewards, served
-
-
-async def _train(
-    client: httpx.AsyncClient, split: QuerySplit, epochs: int, concurrency: int, seed: int,
-    dataset: str,
-) -> TrainingReport:
-    start = await _learning(client)
-    if start["state"]["inserted"]:
-        tqdm.write(f"note: the service already learned from {start['state']['inserted']} feedbacks "
-                   f"(policy version {start['state']['policy_version']}); training continues from there")
-    snapshots = [_snapshot(0, start)]
-    every = max(1, math.ceil(len(split.train) / POINTS_PER_EPOCH))
+async def _train_seed(client: httpx.AsyncClient, dataset: Path, seed: int, judged: int,
+                      concurrency: int) -> SeedRun:
+    await _call(client, "POST", "/api/v1/admin/learning/reset")
+    learning = await _learning(client)
+    actions = learning["model"]["actions"]
+    split = load_split(dataset, seed)
+    test = await _rank_test(client, split, actions, concurrency)
+    run = SeedRun(seed, split.description, test, [Snapshot(0, policy_from_report(learning["model"]),
+                                                            learning["model"])],
+                  [], [], collections.Counter(), collections.Counter(), 0)
     shuffler = random.Random(seed)
-    summaries: list[EpochSummary] = []
-    for epoch in range(1, epochs + 1):
-        order = sorted(split.train)
-        shuffler.shuffle(order)
-        done_before = len(split.train) * (epoch - 1)
-        rewards, served = await _epoch(client, split, order, done_before, every, concurrency,
-                                       f"epoch {epoch}/{epochs}", snapshots)
-        learning, caught_up = await _wait_for_learners(client)
-        if not caught_up:
-            tqdm.write(f"warning: learning was still applying updates after {CATCH_UP_TIMEOUT_S:.0f} s")
-        if epoch == 1 and len(served) == 1:  # the policy starts uniform; one strategy means no bandit
-            tqdm.write(f"warning: every search was served with {next(iter(served))}: "
-                       "is FEATURE_SOFT_Q_BANDIT on?")
-        feedbacks = done_before + len(rewards)
-        snapshots.append(_snapshot(feedbacks, learning))
-        summaries.append(EpochSummary(feedbacks, statistics.fmean(rewards), dict(served),
-                                      learning["state"], caught_up))
-    snapshots.sort(key=lambda s: s.feedbacks)  # stable: the end-of-epoch snapshot stays last
-    final = snapshots[-1]
-    test = await _rank_test(client, split, concurrency)
-    scores = score_policies(test, final)
-    return TrainingReport(dataset, split.description, start["state"], summaries,
-                          test, snapshots, scores)
+    order: list[str] = []
+    while len(order) < 2 * judged:  # passes over the training queries, each in a new order (room for refusals)
+        epoch = sorted(split.train)
+        shuffler.shuffle(epoch)
+        order += epoch
+    step = max(MIN_CURVE_STEP, judged // CURVE_POINTS)
+    stops = sorted({*range(step, judged, step), *(m for m in MILESTONES if m < judged), judged})
+    attempts = 0  # queries tried, rejected ones included, so a refused item never repeats forever
+    claimed = 0  # judged queries done or in flight
+    with tqdm(total=judged, desc=f"seed {seed}: judged queries", unit="q") as progress:
+        for stop in stops:
+            pending = iter(order[attempts:])
+
+            async def user() -> None:
+                nonlocal attempts, claimed
+                for qid in pending:  # one shared iterator: users take queries in the shuffled order
+                    if claimed >= stop:  # a slot is claimed before the search, so a stop is exact
+                        return
+                    claimed += 1
+                    attempts += 1
+                    judgements, trimmed = _judgements(split.train_qrels[qid])
+                    run.trimmed += trimmed
+                    try:
+                        hit = await _call(client, "POST", "/api/v1/search/", {"q": split.train[qid],
+                                                                                "final_topk": FINAL_TOPK})
+                        feedback = await _call(client, "POST", "/api/v1/feedback",
+                                               {"search_id": hit["search_id"], "judgements": judgements})
+                    except ItemRejected as rejected:
+                        run.skipped[str(rejected)] += 1
+                        claimed -= 1
+                        continue
+                    if feedback["action_quality"] is None:
+                        run.skipped["feedback without every action's reward"] += 1
+                        claimed -= 1
+                        continue
+                    run.train_quality.append([feedback["action_quality"][a] for a in actions])
+                    run.train_reward.append([feedback["action_rewards"][a] for a in actions])
+                    run.served[hit["strategy"]] += 1
+                    progress.update(1)
+
+            users = [asyncio.create_task(user()) for _ in range(concurrency)]
+            try:
+                await asyncio.gather(*users)
+            finally:  # the first failure (e.g. flags off) stops the other users
+                for task in users:
+                    task.cancel()
+            if len(run.train_quality) < stop:  # the queries ran out: too many were refused
+                raise TrainingError(f"seed {seed}: only {len(run.train_quality)} of {judged} queries were "
+                                    f"judged; the service refused the others ({dict(run.skipped)})")
+            learning = await _wait_for_learners(client)
+            run.snapshots.append(Snapshot(len(run.train_quality), policy_from_report(learning["model"]),
+                                          learning["model"]))
+    return run
+
+
+async def _train(client: httpx.AsyncClient, dataset: Path, seeds: list[int], judged: int,
+                 concurrency: int) -> TrainingReport:
+    learning = await _learning(client)
+    runs = [await _train_seed(client, dataset, seed, judged, concurrency) for seed in seeds]
+    return TrainingReport(dataset.resolve().name, learning["model"]["actions"], learning["cost_weight"], judged, runs)
 
 
 def train_dataset(
@@ -265,18 +255,17 @@ def train_dataset(
     url: str,
     api_key: str,
     *,
-    epochs: int = 3,
+    seeds: list[int],
+    judged: int = 1000,
     concurrency: int = 4,
-    seed: int = 0,
 ) -> TrainingReport:
-    """Train the running service on the dataset's training queries and score it on its test queries."""
-    if epochs < 1 or concurrency < 1:
-        raise ValueError(f"epochs and concurrency must be >= 1, got {epochs}, {concurrency}")
-    split = load_split(dataset, seed)
+    """Train the running service from scratch once per seed and score each run on the test queries."""
+    if judged < 1 or concurrency < 1 or not seeds:
+        raise ValueError(f"need judged >= 1, concurrency >= 1 and a seed, got {judged}, {concurrency}, {seeds}")
 
     async def run() -> TrainingReport:
         async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": api_key},
                                      timeout=REQUEST_TIMEOUT_S) as client:
-            return await _train(client, split, epochs, concurrency, seed, dataset.resolve().name)
+            return await _train(client, dataset, seeds, judged, concurrency)
 
     return asyncio.run(run())

@@ -1,85 +1,145 @@
-"""What `dtrag train` prints and saves: score tables, per-state choices, and the JSON record."""
+"""What `dtrag train` prints and saves: policy tables with intervals, the checks, the JSON record.
+
+Every figure is a mean over the test queries of all seeds, with a 95% paired bootstrap interval
+that resamples queries (a query's rows across seeds together).
+"""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from cluster.clients.train import TrainingReport
-from cluster.core.vocabulary import STRATEGIES
-from learners.policy_scores import greedy_actions, oracle_actions
+from cluster.clients.train import SeedRun, TrainingReport
+from learners.policy_scores import (
+    Interval,
+    PolicyOutcome,
+    fixed,
+    greedy,
+    outcome,
+    paired_bootstrap,
+    queries_needed,
+    served,
+)
+
+NO_REGRET_AT, NO_REGRET_MARGIN = 200, 0.005
+SERVED_AT, SERVED_MARGIN = 500, 0.003
+CPU_SAVING = 0.25
+Policy = Callable[[SeedRun], np.ndarray]  # a run -> probabilities (Q, A) on its test queries
 
 
-def report_json(report: TrainingReport) -> dict[str, Any]:
-    test = report.test
-    return {
-        "dataset": report.dataset,
-        "split": report.split,
-        "started_from": report.started_from,
-        "epochs": [dataclasses.asdict(e) for e in report.epochs],
-        "scores": dataclasses.asdict(report.scores),
-        "curve": report.curve(),
-        "tau": report.final.tau,
-        "q_table": report.final.q,
-        "pooled": report.final.pooled,
-        "test": {qid: {"state": state, "ndcg@10": dict(zip(STRATEGIES, row.tolist(), strict=True))}
-                 for qid, state, row in zip(test.query_ids, test.states, test.scores, strict=True)},
-    }
+def _policies(report: TrainingReport, judged: int) -> dict[str, Policy]:
+    policies: dict[str, Policy] = {
+        f"fixed: {name}": (lambda run, a=a: fixed(run.test, a)) for a, name in enumerate(report.actions)}
+    policies["learned, greedy"] = lambda run: greedy(run.test, run.snapshot_at(judged).policy)
+    policies["learned, as served"] = lambda run: served(run.test, run.snapshot_at(judged).policy)
+    return policies
 
 
-def format_scores(report: TrainingReport) -> str:
-    """The policy table, then the gaps to the best fixed strategy and to the oracle."""
-    s = report.scores
-    rows = [(f"fixed: {name}", value) for name, value in s.fixed.items()]
-    rows += [
-        ("learned, greedy (argmax Q; an unseen state takes the pooled row)", s.greedy),
-        (f"learned, as served (expected under softmax(Q/tau), tau {report.final.tau:g})", s.served),
-        ("oracle per state (best strategy per state key on the test queries)", s.oracle),
-    ]
-    lines = ["| policy | nDCG@10 |", "|---|---:|"] + [f"| {name} | {value:.4f} |" for name, value in rows]
-    best = s.best_fixed
-    lines += [
-        "",
-        f"learned (greedy) - best fixed ({best}): {s.greedy - s.fixed[best]:+.4f}",
-        f"oracle - learned (greedy): {s.oracle - s.greedy:+.4f}",
-    ]
-    return "\n".join(lines)
+def _pooled(report: TrainingReport, policy: Policy) -> tuple[PolicyOutcome, list[str]]:
+    """The policy's per-query outcome over every seed's test queries, and each row's query id."""
+    outcomes = [outcome(run.test, policy(run), report.cost_weight) for run in report.runs]
+    fields = {f.name: np.concatenate([getattr(o, f.name) for o in outcomes]) for f in dataclasses.fields(PolicyOutcome)}
+    return PolicyOutcome(**fields), [q for run in report.runs for q in run.test.query_ids]
 
 
-def format_states(report: TrainingReport) -> str:
-    """Per state key: test queries, each strategy's mean nDCG@10, the learned and oracle choice."""
-    test, q = report.test, report.final.q
-    greedy = greedy_actions(test.states, q, report.final.pooled)
-    oracle = oracle_actions(test.scores, test.states)
-    header = "| state | test queries | " + " | ".join(STRATEGIES) + " | learned | oracle |"
-    lines = [header, "|---|---:|" + "---:|" * len(STRATEGIES) + "---|---|"]
-    by_state = collections.Counter(test.states)
-    for state, count in by_state.most_common():
-        i = test.states.index(state)
-        mask = np.array([s == state for s in test.states])
-        means = " | ".join(f"{v:.3f}" for v in test.scores[mask].mean(axis=0))
-        learned = STRATEGIES[greedy[i]] + ("" if state in q else " (unseen)")
-        lines.append(f"| `{state}` | {count} | {means} | {learned} | {STRATEGIES[oracle[i]]} |")
-    return "\n".join(lines)
+def _difference(report: TrainingReport, a: Policy, b: Policy, metric: str) -> tuple[Interval, float]:
+    """Paired interval of metric(a) - metric(b), and the queries a difference that size needs."""
+    (left, queries), (right, _) = _pooled(report, a), _pooled(report, b)
+    differences = getattr(left, metric) - getattr(right, metric)
+    return paired_bootstrap(differences, queries), queries_needed(differences)
+
+
+def _best_fixed(report: TrainingReport, judged: int, by_reward: bool) -> Policy:
+    """Per seed, the fixed action with the best training mean over the first `judged` queries."""
+    return lambda run: fixed(run.test, run.best_fixed(run.snapshot_at(judged).judged, by_reward))
+
+
+def policy_table(report: TrainingReport, judged: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, policy in _policies(report, judged).items():
+        pooled, queries = _pooled(report, policy)
+        rows.append({"policy": name, **{metric: paired_bootstrap(getattr(pooled, metric), queries)
+                                        for metric in ("quality", "cost", "dense", "reward")}})
+    return rows
+
+
+def checks(report: TrainingReport) -> list[dict[str, Any]]:
+    """The issue's checks on this collection, each with its interval and verdict."""
+    final = report.final_judged
+    learned_greedy = lambda run: greedy(run.test, run.snapshot_at(final).policy)  # noqa: E731
+    served_at = lambda judged: lambda run: served(run.test, run.snapshot_at(judged).policy)  # noqa: E731
+    greedy_at = lambda judged: lambda run: greedy(run.test, run.snapshot_at(judged).policy)  # noqa: E731
+    results = []
+    regret, need = _difference(report, served_at(NO_REGRET_AT), _best_fixed(report, NO_REGRET_AT, False), "quality")
+    results.append({"check": f"no regret: served - best fixed nDCG@10 after {NO_REGRET_AT} judged, one-sided "
+                    f"lower bound >= -{NO_REGRET_MARGIN}", "interval": regret, "queries_needed": need,
+                    "passed": bool(regret.lower_95 >= -NO_REGRET_MARGIN)})
+    for a, name in enumerate(report.actions):
+        gain, need = _difference(report, learned_greedy, lambda run, a=a: fixed(run.test, a), "reward")
+        results.append({"check": f"strict gain: learned - {name} reward, 95% interval above 0",
+                        "interval": gain, "queries_needed": need, "passed": bool(gain.low > 0)})
+    default = report.runs[0].snapshots[0].policy.default_action
+    (learned, _), (always, _) = _pooled(report, learned_greedy), _pooled(report, lambda run: fixed(run.test, default))
+    saving = 1 - learned.cost.mean() / always.cost.mean()
+    results.append({"check": f"CPU of the controlled stages at least {CPU_SAVING:.0%} below "
+                    f"{report.actions[default]}", "saving": float(saving), "passed": bool(saving >= CPU_SAVING)})
+    gap, need = _difference(report, served_at(SERVED_AT), greedy_at(SERVED_AT), "quality")
+    results.append({"check": f"served within {SERVED_MARGIN} nDCG@10 of greedy after {SERVED_AT} judged",
+                    "interval": gap, "queries_needed": need,
+                    "passed": bool(gap.low >= -SERVED_MARGIN and gap.high <= SERVED_MARGIN)})
+    return results
 
 
 def format_report(report: TrainingReport) -> str:
-    epochs = [
-        f"epoch {i}: {e.feedbacks} feedbacks, mean reward {e.mean_reward:.4f}, served "
-        + ", ".join(f"{s} {e.strategies.get(s, 0)}" for s in STRATEGIES)
-        + f"; policy version {e.learning['policy_version']}, updates applied {e.learning['updates_applied']}"
-        + ("" if e.caught_up else " (learning had not caught up)")
-        for i, e in enumerate(report.epochs, start=1)
-    ]
-    return "\n".join([
-        f"dataset {report.dataset}: {report.split}",
-        *epochs,
-        f"Q-table: {len(report.final.q)} states; test queries fall in {len(set(report.test.states))} states",
-        "",
-        format_scores(report),
-        "",
-        format_states(report),
-    ])
+    final = report.final_judged
+    lines = [f"dataset {report.dataset}: {len(report.runs)} seeds, {final} judged queries each; "
+             f"reward = nDCG@10 - {report.cost_weight:g} x CPU ms",
+             *(f"seed {run.seed}: {run.split}; served {dict(run.served)}"
+               + (f"; skipped {dict(run.skipped)}" if run.skipped else "")
+               + (f"; {run.trimmed} judgements trimmed to the API limit" if run.trimmed else "")
+               + f"; gate {'open' if run.snapshots[-1].policy.gate_open else 'closed'}"
+               for run in report.runs),
+             "", f"After {final} judged queries (test queries, mean [95% paired bootstrap interval]):", "",
+             "| policy | nDCG@10 | CPU ms | dense share | reward |", "|---|---:|---:|---:|---:|"]
+    for row in policy_table(report, final):
+        cells = [f"{row[m].mean:.4f} [{row[m].low:.4f}, {row[m].high:.4f}]" for m in ("quality", "cost", "dense")]
+        cells[1] = f"{row['cost'].mean:.1f} [{row['cost'].low:.1f}, {row['cost'].high:.1f}]"
+        cells.append(f"{row['reward'].mean:.4f} [{row['reward'].low:.4f}, {row['reward'].high:.4f}]")
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    lines += ["", "Checks:", ""]
+    for result in checks(report):
+        detail = (f"{result['interval']}, a difference this size needs ~{result['queries_needed']:.0f} queries"
+                  if "interval" in result else f"saving {result['saving']:.1%}")
+        lines.append(f"- [{'pass' if result['passed'] else 'FAIL'}] {result['check']}: {detail}")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Interval):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def report_json(report: TrainingReport) -> dict[str, Any]:
+    return {
+        "dataset": report.dataset,
+        "actions": report.actions,
+        "cost_weight": report.cost_weight,
+        "judged": report.final_judged,
+        "policies": _plain(policy_table(report, report.final_judged)),
+        "checks": _plain(checks(report)),
+        "seeds": [{
+            "seed": run.seed, "split": run.split, "served": dict(run.served), "skipped": dict(run.skipped),
+            "trimmed": run.trimmed, "snapshots": [{"judged": s.judged, "model": s.report} for s in run.snapshots],
+            "test": {qid: {"quality": dict(zip(report.actions, q.tolist(), strict=True)),
+                           "cpu_ms": dict(zip(report.actions, c.tolist(), strict=True))}
+                     for qid, q, c in zip(run.test.query_ids, run.test.quality, run.test.cost, strict=True)},
+        } for run in report.runs],
+    }

@@ -13,16 +13,18 @@ from collections.abc import Mapping
 
 
 class Strategy(enum.StrEnum):
-    """A retrieval strategy; its position in STRATEGIES is its action id in the policy."""
+    """A fixed retrieval strategy a caller can ask for.
+
+    `hybrid_complete` (complete-score fusion at the configured weight) is the baseline and one of
+    the policy's actions; the other four rank as they always did (lexical backfilled from dense,
+    dense alone, and the two fusions that score a candidate missing from one list as 0 there).
+    """
 
     LEXICAL = "lexical"
     DENSE = "dense"
     HYBRID_RRF = "hybrid_rrf"
     HYBRID_WEIGHTED = "hybrid_weighted"
-
-    @property
-    def action(self) -> int:
-        return STRATEGIES.index(self)
+    HYBRID_COMPLETE = "hybrid_complete"
 
 
 STRATEGIES: tuple[Strategy, ...] = tuple(Strategy)
@@ -54,7 +56,7 @@ class Flag(enum.StrEnum):
 
 
 _BEHAVIOUR = {
-    Flag.SOFT_Q_BANDIT: "choose the retrieval strategy from the learned soft-Q policy",
+    Flag.SOFT_Q_BANDIT: "choose the retrieval action (dense or not, fusion weight, PRF) from the learned policy",
     Flag.EXPERIENCE_REPLAY: "log every served search as an experience for learning",
     Flag.DEBATE_MODE: "answer_mode auto debates: two drafts at once, then a cited synthesis",
 }

@@ -56,7 +56,9 @@ class AnswerMetrics:
 class LearningMetrics:
     def __init__(self) -> None:
         self.replay_buffer_size = Gauge("replay_buffer_size", "Experiences in the prioritized replay")
-        self.q_table_size = Gauge("q_table_size", "States with learned Q values")
+        self.context_model_active = Gauge(
+            "context_model_active", "1 while the context model has beaten the pooled choice (its gate is open)")
+        self.exploration_rate = Gauge("exploration_rate", "Share of searches the policy explores on")
 
 
 class LearnerMetrics:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from cluster.core.rollout import RolloutPlan, parse_plan
+from cluster.core.actions import RetrievalAction, retrieval_actions
 from cluster.core.vocabulary import Flag, FeatureFlags, Strategy, parse_strategy
 from learners.learning_core import LearningConfig
 
@@ -63,8 +64,19 @@ class RetrievalSettings:
     ef_search: int
     rrf_k: int
     fusion_weight: float
+    fusion_grid: tuple[float, ...]  # the policy's fusion weights; fusion_weight is one of them
     bm25_k1: float
     bm25_b: float
+
+    @property
+    def actions(self) -> tuple[RetrievalAction, ...]:
+        """The policy's retrieval actions (`cluster.core.actions`)."""
+        return retrieval_actions(self.fusion_grid)
+
+    @property
+    def default_action(self) -> int:
+        """The action a policy serves until it learns better: complete-score fusion at fusion_weight."""
+        return self.actions.index(RetrievalAction(self.fusion_weight))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +96,8 @@ class ServeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LearningSettings:
-    core: LearningConfig  # replay and soft-Q hyperparameters (the `learning.*` keys it names)
+    core: LearningConfig  # replay and value-model hyperparameters (the `learning.*` keys it names)
+    cost_weight: float  # lambda: reward = quality - lambda * CPU ms of the action's stages
     batch_size: int
     learners: int
     checkpoint_interval_s: float
@@ -111,6 +124,17 @@ class AnswerSettings:
     passages: int
     max_prompt_chars: int
     max_output_tokens: int
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The answer modes a policy may choose among: all three with a provider; without one,
+        generated would only fall back to extractive, and debate is its extractive form."""
+        return ("extractive", "debate") if self.provider == "extractive" else ("extractive", "generated", "debate")
+
+    @property
+    def default_learned_mode(self) -> str:
+        """What the answer policy serves until it has learned otherwise: generated with a provider."""
+        return "extractive" if self.provider == "extractive" else "generated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +219,14 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str],
     return parse
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    parts = [part.strip() for part in text.strip().strip("[]()").split(",") if part.strip()]
+    values = tuple(_unit_float(part) for part in parts)
+    if not values or len(set(values)) != len(values):
+        raise ValueError("must be distinct numbers between 0 and 1, comma-separated")
+    return values
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -247,6 +279,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("retrieval.ef_search", "DTRAG_EF_SEARCH", _positive_int),
     ("retrieval.rrf_k", "DTRAG_RRF_K", _positive_int),
     ("retrieval.fusion_weight", "DTRAG_FUSION_WEIGHT", _unit_float),
+    ("retrieval.fusion_grid", "DTRAG_FUSION_GRID", _weights),
     ("retrieval.bm25_k1", "DTRAG_BM25_K1", _non_negative_float),
     ("retrieval.bm25_b", "DTRAG_BM25_B", _unit_float),
     ("embedding.batch_size", "DTRAG_EMBED_BATCH_SIZE", _positive_int),
@@ -263,6 +296,9 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.tau", "DTRAG_SOFTQ_TAU", _positive_float),
     ("learning.lr", "DTRAG_SOFTQ_LR", _unit_float),
     ("learning.prior_count", "DTRAG_SOFTQ_PRIOR_COUNT", _non_negative_float),
+    ("learning.margin", "DTRAG_POLICY_MARGIN", _non_negative_float),
+    ("learning.explore_max", "DTRAG_EXPLORE_MAX", _unit_float),
+    ("learning.cost_weight", "DTRAG_COST_WEIGHT", _non_negative_float),
     ("learning.gamma", "DTRAG_SOFTQ_GAMMA", _unit_float),
     ("learning.samples_per_insert", "DTRAG_SAMPLES_PER_INSERT", _positive_float),
     ("learning.min_replay_size", "DTRAG_MIN_REPLAY_SIZE", _positive_int),
@@ -353,7 +389,7 @@ def load_settings(
         database=DatabaseSettings(**section("database")),
         http=HttpSettings(**section("http")),
         ray=RaySettings(**section("ray")),
-        retrieval=RetrievalSettings(**section("retrieval")),
+        retrieval=_retrieval_settings(section("retrieval")),
         embedding=EmbeddingSettings(**section("embedding")),
         serve=ServeSettings(**section("serve")),
         learning=LearningSettings.from_section(section("learning")),
@@ -364,6 +400,13 @@ def load_settings(
         gemini=GeminiSettings(**section("gemini")),
         openai=OpenAISettings(**section("openai")),
     )
+
+
+def _retrieval_settings(retrieval: dict[str, Any]) -> RetrievalSettings:
+    if retrieval["fusion_weight"] not in retrieval["fusion_grid"]:
+        raise SettingsError(f"DTRAG_FUSION_WEIGHT={retrieval['fusion_weight']:g} must be one of the policy's "
+                            f"weights, DTRAG_FUSION_GRID={','.join(f'{w:g}' for w in retrieval['fusion_grid'])}")
+    return RetrievalSettings(**retrieval)
 
 
 def _answer_settings(answers: dict[str, Any], gemini: Mapping[str, Any], openai: Mapping[str, Any]) -> AnswerSettings:

@@ -94,6 +94,10 @@ class AnswerComposer:
         """The search's deadline, started now: everything after this point shares one budget."""
         return Deadline.after(self._limits.budget_s)
 
+    def asks_auto(self, requested: RequestedMode | None) -> bool:
+        """Whether the mode is the service's to choose (`auto`, asked for or by default)."""
+        return (requested or self._limits.default_mode) == "auto"
+
     def resolve(self, requested: RequestedMode | None, debate_flag: bool) -> AnswerMode:
         """None: the configured default. `auto`: debate when the arm's flag is on, else generated
         when a provider is set, else extractive."""

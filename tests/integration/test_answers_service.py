@@ -135,6 +135,24 @@ async def test_the_answer_is_rated_once_beside_the_document_feedback(service, se
         assert response.status_code == 422 and "answer_rating" in response.json()["message"], bad
 
 
+async def test_a_rated_auto_answer_teaches_the_answer_policy_and_a_named_mode_does_not(service, server):
+    async def experiences() -> dict[str, float]:
+        model = (await service.get("/api/v1/admin/learning")).json()["answer_model"]
+        assert model["actions"] == ["extractive", "generated", "debate"]
+        return model["experiences_per_action"]
+
+    server.reset(text="Vaccines teach immunity [1].")
+    before = await experiences()
+    auto = await search(service)  # auto, bandit off: the rule's mode (generated: a provider, no debate flag)
+    assert auto["answer"]["mode"] == "generated"
+    await service.post("/api/v1/feedback", json={"search_id": auto["search_id"], "answer_rating": True})
+    after = await experiences()
+    assert after == {**before, "generated": before["generated"] + 1}
+    named = await search(service, answer_mode="extractive")
+    await service.post("/api/v1/feedback", json={"search_id": named["search_id"], "answer_rating": False})
+    assert await experiences() == after
+
+
 async def test_the_provider_key_appears_in_no_log_and_no_response(service, server):
     import ray
 

@@ -24,7 +24,8 @@ async def api_over_lost_database(pool, live_settings, embedder):
     index = DocumentIndex(own_pool, bm25_k1=0.9, bm25_b=0.4, ef_search=40)
 
     async def embed_query(query):
-        return embedder.encode([query])[0]
+        vectors, cpu_ms = embedder.encode_with_cpu([query])
+        return vectors[0], cpu_ms
 
     verifier = ApiKeyVerifier(own_pool, cache_seconds=300)
     assert await verifier.verify(key)

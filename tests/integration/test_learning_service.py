@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import httpx
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from cluster.actors.start import learning_state
 from cluster.clients.train import train_dataset
-from cluster.clients.train_plot import plot_learning_curve
+from cluster.clients.train_plot import plot_cost_quality
 from cluster.clients.train_report import format_report, report_json
 from cluster.data.corpus import sample_corpus_dir
 
@@ -37,8 +39,13 @@ async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **e
     return response.json()
 
 
-async def test_feedback_becomes_a_reward_once(service):
+ACTIONS = ["lexical", "hybrid@0.3", "hybrid@0.3+prf", "hybrid@0.5", "hybrid@0.5+prf", "hybrid@0.7",
+           "hybrid@0.7+prf"]
+
+
+async def test_feedback_becomes_a_reward_once(service, live_settings):
     served = await search(service)
+    assert served["strategy"] == "hybrid@0.5"  # a fresh model serves the default action
     top = served["hits"][0]["doc_id"]
     inserted = (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"]
     first = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
@@ -48,23 +55,27 @@ async def test_feedback_becomes_a_reward_once(service):
     # served list [top, ...]: DCG = 2; ideal = 2 + 1/log2(3)
     assert body["reward"] == pytest.approx(2 / (2 + 1 / 1.5849625007), abs=1e-6)
     assert (body["search_id"], body["duplicate"]) == (served["search_id"], False)
-    # graded judgements also score what every other strategy would have served: 4 experiences
-    rewards = body["strategy_rewards"]
-    assert set(rewards) == {"lexical", "dense", "hybrid_rrf", "hybrid_weighted"}
-    assert rewards[served["strategy"]] == body["reward"]
-    assert all(0.0 <= r <= 1.0 for r in rewards.values())
-    assert (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"] == inserted + 4
+    # graded judgements also score every other action, those the search skipped (PRF) run now
+    quality, rewards = body["action_quality"], body["action_rewards"]
+    assert list(quality) == list(rewards) == ACTIONS
+    assert quality[served["strategy"]] == body["reward"] and body["cost_cpu_ms"] > 0
+    weight = live_settings.learning.cost_weight
+    assert rewards[served["strategy"]] == pytest.approx(body["reward"] - weight * body["cost_cpu_ms"])
+    assert rewards["lexical"] == quality["lexical"]  # nothing after the lexical stage: no cost
+    assert all(rewards[a] < quality[a] for a in ACTIONS if a != "lexical")
+    assert all(0.0 <= q <= 1.0 for q in quality.values())
+    assert (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"] == inserted + len(ACTIONS)
     again = await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
     assert again.json() == {**body, "duplicate": True}
 
 
-async def test_clicks_reward_the_served_strategy_only(service):
+async def test_clicks_reward_the_served_action_only(service):
     served = await search(service)
     inserted = (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"]
     response = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
                                                              "clicks": [served["hits"][0]["doc_id"]]})
     assert response.status_code == 200, response.text
-    assert response.json()["strategy_rewards"] is None and response.json()["reward"] == 1.0
+    assert response.json()["action_rewards"] is None and response.json()["reward"] == 1.0
     assert (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"] == inserted + 1
 
 
@@ -86,11 +97,11 @@ async def test_feedback_errors(service):
         assert field in [e["field"] for e in response.json()["errors"]], (body, response.json())
 
 
-async def test_learners_update_the_policy_and_replicas_follow(service, eventually):
-    for _ in range(12):
-        served = await search(service, "black holes")
+async def test_learners_fit_the_model_and_the_admin_view_shows_it(service, live_settings, eventually):
+    for query in ("black holes", "photosynthesis", "vaccines and immunity", "ocean tides"):
+        served = await search(service, query)
         await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
-                                                      "clicks": [served["hits"][0]["doc_id"]]})
+                                                      "judgements": {served["hits"][0]["doc_id"]: 1}})
 
     async def learned() -> dict | None:
         """The learning report once the actor applied an update and the driver counted it."""
@@ -100,9 +111,20 @@ async def test_learners_update_the_policy_and_replicas_follow(service, eventuall
 
     learning = await eventually(learned)
     assert learning["learners"]["failed"] == 0
-    assert learning["q_table"]["q"], "some state has Q values"
-    assert len(learning["q_table"]["pooled"]) == 4
-    assert learning["state"]["replay_size"] >= 12
+    model = learning["model"]
+    assert model["actions"] == ACTIONS and model["default_action"] == "hybrid@0.5"
+    assert any(v != 0 for row in model["theta"].values() for v in row.values()), "the model has parameters"
+    assert set(model["theta"]["lexical"]) == {"intercept", *model["features"]}
+    assert min(model["experiences_per_action"].values()) >= 4
+    # mostly graded feedback, which rewards every action: far less exploration than with clicks alone
+    assert 0 <= model["exploration_rate"] < live_settings.learning.core.explore_max / 2
+    sample = model["sample"]
+    assert set(sample["values"]) == set(ACTIONS) and sum(sample["probabilities"].values()) == pytest.approx(1)
+    averages = learning["graded_averages"]
+    # lexical pays only to backfill a short list from dense; every hybrid embeds the query
+    assert averages["lexical"]["cost_cpu_ms"] < averages["hybrid@0.5"]["cost_cpu_ms"]
+    assert averages["lexical"]["searches"] == averages["hybrid@0.5+prf"]["searches"] >= 4
+    assert learning["cost_weight"] > 0
 
 
 async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp_path, eventually):
@@ -111,7 +133,7 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
         served = await search(service, "glaciers and climate")
         await service.post("/api/v1/feedback", json={"search_id": served["search_id"], "clicks": []})
     saved_version = await actor.checkpoint.remote()
-    saved = await actor.q_table.remote()
+    saved = (await actor.model.remote())["retrieval"]
     saved_stats = await actor.stats.remote()
 
     async def searches_during_restart() -> list[int]:
@@ -132,35 +154,33 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
     restored = await eventually(stats_once_back)
     assert restored["restored_from_version"] == saved_version
     assert restored["replay_size"] >= saved_stats["replay_size"]
-    q_after = await learning_state().q_table.remote()
-    for state, values in saved["q"].items():
-        assert state in q_after["q"]
-    assert q_after["policy_version"] >= saved_version
+    after = (await learning_state().model.remote())["retrieval"]
+    assert restored["policy_version"] >= saved_version
+    assert after["experiences_per_action"] == saved["experiences_per_action"]
 
     exported = tmp_path / "replay.parquet"
     rows = await learning_state().export_parquet.remote(str(exported))
     table = pq.read_table(exported)
     assert table.num_rows == rows == restored["replay_size"]
-    assert {"state_key", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)
+    assert {"context", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)
 
 
-async def test_dtrag_train_runs_the_simulated_user_and_scores_every_policy(service, tmp_path):
+async def test_dtrag_train_resets_trains_and_scores_every_policy_per_seed(service, tmp_path):
     """`dtrag train` end to end on the sample corpus: no training qrels, so half its queries train."""
     key = service.headers["X-API-Key"]
     report = await asyncio.to_thread(train_dataset, sample_corpus_dir(), str(service.base_url), key,
-                                     epochs=1, concurrency=2)
-    train_queries = 20  # of the corpus's 40 judged queries
-    assert report.epochs[0].feedbacks == train_queries and report.epochs[0].caught_up
-    # graded qrels reward all four strategies per feedback
-    added = report.epochs[0].learning["inserted"] - report.started_from["inserted"]
-    assert added == 4 * train_queries
-    scores = report.scores
-    assert set(scores.fixed) == {"lexical", "dense", "hybrid_rrf", "hybrid_weighted"}
-    assert all(0.0 <= v <= 1.0 for v in [*scores.fixed.values(), scores.greedy, scores.served])
-    assert scores.oracle >= max(scores.fixed.values()) - 1e-12  # one action per state includes every fixed one
-    assert scores.greedy <= scores.oracle + 1e-12
-    assert report.curve()[0][0] == 0 and report.curve()[-1][0] == train_queries
-    assert "oracle - learned (greedy)" in format_report(report)
-    assert report_json(report)["scores"]["greedy"] == scores.greedy
-    plot_learning_curve(report, tmp_path / "curve.png")
-    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+                                     seeds=[0, 1], judged=20, concurrency=2)
+    assert [run.seed for run in report.runs] == [0, 1] and report.actions == ACTIONS
+    for run in report.runs:
+        assert sum(run.snapshots[0].policy.seen) == 0  # each seed starts from a fresh model
+        assert run.snapshots[-1].judged == len(run.train_quality) >= 20 and not run.skipped
+        assert [s.judged for s in run.snapshots[:2]] == [0, 10]  # the curve: every 10 judged queries
+        assert len(run.test.query_ids) == 20 and run.test.quality.shape == (20, len(ACTIONS))
+        # lexical costs nothing unless it backfills a short list from dense; every hybrid embeds
+        assert np.median(run.test.cost[:, 0]) == 0 and (run.test.cost[:, 1:] > 0).all()
+    text = format_report(report)
+    assert "learned, as served" in text and "strict gain" in text
+    record = json.loads(json.dumps(report_json(report)))  # plain JSON all the way down
+    assert record["judged"] == report.final_judged and len(record["seeds"]) == 2
+    plot_cost_quality(report, tmp_path / "cost_quality.png")
+    assert (tmp_path / "cost_quality.png").read_bytes().startswith(b"\x89PNG")

@@ -3,12 +3,13 @@ import statistics
 import pytest
 
 from cluster.core.vocabulary import STRATEGIES, FeatureFlags, Strategy
+from learners.context import FEATURES
 from cluster.data.beir import load_qrels, load_queries
 from cluster.data.corpus import sample_corpus_dir
 from learners.ranking_metrics import ndcg_at_k
 from serve_app.answers.from_settings import composer_from_settings
-from serve_app.pipeline import ArmConfig, SearchPipeline
-from serve_app.schemas import SearchRequest
+from serve_app.pipeline import ArmConfig, Cost, SearchPipeline
+from serve_app.schemas import RankRequest, SearchRequest
 from serve_app.retrieval import DocumentIndex
 
 pytestmark = pytest.mark.integration
@@ -22,13 +23,14 @@ async def pipeline(pool, embedder, live_settings):
                           ef_search=retrieval.ef_search)
 
     async def embed_query(query: str):
-        return embedder.encode([query])[0]
+        vectors, cpu_ms = embedder.encode_with_cpu([query])
+        return vectors[0], cpu_ms
 
     return SearchPipeline(index, embed_query, retrieval, composer_from_settings(live_settings), "test")
 
 
 async def rank(pipeline: SearchPipeline, query: str, strategy: Strategy, depth: int) -> list[tuple[str, float]]:
-    response = await pipeline.ranked(query, depth, strategy, CONFIG)
+    response = await pipeline.ranked(RankRequest(q=query, depth=depth, strategy=strategy), CONFIG)
     return [(r.doc_id, r.score) for r in response.ranking]
 
 
@@ -59,7 +61,7 @@ async def test_search_returns_hits_answer_and_metadata(pipeline, pool):
     response = await pipeline.search(SearchRequest(q="machine learning", final_topk=5), None, CONFIG)
     assert len(response.hits) == 5 and response.config_version == 3
     assert [h.rank for h in response.hits] == [1, 2, 3, 4, 5]
-    assert response.strategy == "hybrid_rrf" and response.arm == "test"
+    assert response.strategy == "hybrid@0.5" and response.arm == "test"  # the default: complete-score fusion
     assert response.answer.mode == "extractive" and response.answer.fallback is None  # no provider: asked for
     assert set(response.answer.citations) <= {h.doc_id for h in response.hits}
     assert all(f"[{c}]" in response.answer.text for c in response.answer.citations)
@@ -82,3 +84,29 @@ async def test_quality_on_the_sample_collection(pipeline):
         means[strategy] = statistics.fmean(scores)
     assert min(means.values()) >= 0.6, means
     assert means["hybrid_rrf"] >= min(means["lexical"], means["dense"]), means
+    assert means["hybrid_complete"] >= min(means["lexical"], means["dense"]), means
+
+
+async def test_every_action_ranks_to_depth_and_costs_what_it_ran(pipeline):
+    context, outcomes = await pipeline.every_action("how do vaccines protect people", 10)
+    assert len(context) == len(FEATURES) and len(outcomes) == len(pipeline.actions) == 7
+    assert all(len(ids) == 10 and len(set(ids)) == 10 for ids, _ in outcomes)
+    costs = {action.name: cost for action, (_, cost) in zip(pipeline.actions, outcomes, strict=True)}
+    assert costs["lexical"] == Cost()  # enough BM25 matches: nothing runs after the lexical stage
+    assert all(costs[f"hybrid@{w}"].cpu_ms > 0 for w in (0.3, 0.5, 0.7))
+    # PRF runs what plain hybrid runs, plus its own stages
+    assert all(costs[f"hybrid@{w}+prf"].wall_ms > costs[f"hybrid@{w}"].wall_ms for w in (0.3, 0.5, 0.7))
+
+
+async def test_lexical_action_backfills_a_short_list_from_dense_and_pays_for_it(pipeline):
+    _, outcomes = await pipeline.every_action("zzzxqv qqqwv", 5)  # no term in the corpus
+    ids, cost = outcomes[0]
+    assert len(ids) == 5 and cost.cpu_ms > 0
+
+
+async def test_complete_scores_rank_a_one_sided_candidate_by_its_real_score(pipeline):
+    """hybrid_complete differs from the partial-list fusion it replaces exactly by those candidates."""
+    query = "how do vaccines protect people"
+    complete = await rank(pipeline, query, Strategy.HYBRID_COMPLETE, 20)
+    partial = await rank(pipeline, query, Strategy.HYBRID_WEIGHTED, 20)
+    assert complete != partial and len(complete) == len(partial) == 20

@@ -78,7 +78,7 @@ async def test_flags_show_and_set(service):
     shown = (await service.get("/api/v1/admin/flags")).json()
     assert set(shown["arms"]) == {"control", "treatment"}
     assert shown["behaviour"]["meta_planner"] == "no behaviour yet" and "debate" in shown["behaviour"]["debate_mode"]
-    assert "soft-Q" in shown["behaviour"]["soft_q_bandit"]
+    assert "learned policy" in shown["behaviour"]["soft_q_bandit"]
     changed = await service.put("/api/v1/admin/flags", json={"arm": "treatment", "flags": {"debate_mode": True}})
     assert changed.status_code == 200 and changed.json()["arms"]["treatment"]["debate_mode"] is True
     assert changed.json()["arms"]["control"]["debate_mode"] is False
@@ -168,7 +168,7 @@ async def test_failing_treatment_is_rolled_back_by_the_guard(service, eventually
 
 
 async def test_metrics_are_exported_for_prometheus(service, live_settings, eventually):
-    wanted = {"ray_replay_buffer_size", "ray_q_table_size", "ray_pipeline_latency_seconds",
+    wanted = {"ray_replay_buffer_size", "ray_context_model_active", "ray_pipeline_latency_seconds",
               "ray_batch_learning_success", "ray_arm_requests", "ray_arm_errors",
               "ray_experiences_dropped_total", "ray_rollout_weight", "ray_policy_version"}
     url = f"http://127.0.0.1:{live_settings.ray.metrics_port}/metrics"

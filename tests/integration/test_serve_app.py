@@ -43,7 +43,7 @@ async def test_search_returns_the_requested_number_of_hits(client):
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["hits"]) == 5
-    assert body["arm"] == "control" and body["strategy"] == "hybrid_rrf"
+    assert body["arm"] == "control" and body["strategy"] == "hybrid@0.5"
     assert body["answer"]["mode"] == "extractive" and body["answer"]["citations"]
     assert body["latency_ms"] > 0 and len(body["search_id"]) == 32
     for topk in (1, 50):

@@ -1,42 +1,82 @@
+import dataclasses
+import json
+import pickle
+
 import numpy as np
 import pytest
 
-import dataclasses
-
-from learners.learning_core import Experience, LearningConfig, LearningCore, RewardedSearch
-from learners.replay import NO_NEXT_STATE
+from learners.learning_core import (
+    Experience,
+    LearningConfig,
+    LearningCore,
+    RewardedSearch,
+    policy_from_report,
+)
 from learners.reward import judgements_from_clicks, reward
-from learners.soft_q import compute_deltas
-from learners.state_encoder import state_id
+from learners.value_model import compute_deltas
 
-ACTIONS = ("lexical", "dense", "hybrid_rrf", "hybrid_weighted")
-STATE_KEY = "len=short|form=keyword|agree=low|digits=no"
-OTHER_KEY = "len=long|form=question|agree=high|digits=yes"
-STATE, OTHER = state_id(STATE_KEY), state_id(OTHER_KEY)
+ACTIONS = ("lexical", "hybrid@0.5", "hybrid@0.5+prf")
+FEATURES = ("x0", "x1")
+DEFAULT = 0
 # The shipped hyperparameters (configs/settings.yaml); each test changes what it is about.
-CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.001,
-                        gamma=0.0, prior_count=200.0, samples_per_insert=8.0, min_replay_size=32,
-                        max_staleness=8, seed=0)
+CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.0002,
+                        gamma=0.0, prior_count=50.0, margin=0.005, explore_max=0.05, samples_per_insert=8.0,
+                        min_replay_size=32, max_staleness=8, seed=0)
 
 
 def config(**changes) -> LearningConfig:
     return dataclasses.replace(CONFIG, **changes)
 
 
-def experiences(n: int, state: int = STATE, action: int = 2, r: float = 1.0) -> list[Experience]:
-    return [Experience(state, action, r, 0.25, 0) for _ in range(n)]
+def make_core(**changes) -> LearningCore:
+    return LearningCore(ACTIONS, FEATURES, DEFAULT, config(**changes))
+
+
+def experiences(n: int, action: int = 2, r: float = 1.0, context=(0.1, 0.2)) -> list[Experience]:
+    return [Experience(context, action, r, 0.25, 0) for _ in range(n)]
 
 
 def learn_once(core: LearningCore, batch_size: int = 8) -> bool:
     batch = core.sample(batch_size)
     assert batch is not None
-    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights,
-                               batch.tau, batch.gamma, batch.lr)
+    delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights, batch.gamma)
     return core.apply_update(delta, batch.indices, batch.insertion_ids, td)
 
 
+def action_rewards(x: np.ndarray) -> list[float]:
+    """x0 decides: action 1 pays where x0 > 0.125, action 2 where x0 < -0.125, else action 0 (the best fixed one)."""
+    return [0.55, 0.45 + 0.8 * x[0], 0.45 - 0.8 * x[0]]
+
+
+def searches(rng: np.random.Generator, n: int, click_every: int = 4) -> list[RewardedSearch]:
+    """Graded searches served with the default action, every `click_every`-th one a click instead."""
+    out = []
+    for i in range(n):
+        x = rng.uniform(-1, 1, len(FEATURES))
+        rewards = action_rewards(x)
+        if i % click_every == 0:
+            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 1.0, 0))
+        else:
+            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 1.0, 0, action_rewards=rewards,
+                                      action_probabilities=[1.0, 0.0, 0.0]))
+    return out
+
+
+def trained_core(**changes) -> LearningCore:
+    """A core whose gate opened: the context model beat the pooled row on fresh searches."""
+    core = make_core(min_replay_size=1, explore_max=0.5, **changes)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        core.add_searches(searches(rng, 40))
+        for _ in range(100):  # bounded: a broken rate limit must fail, not hang
+            if not core.can_sample(128):
+                break
+            learn_once(core, 128)
+    return core
+
+
 def test_rate_limit_and_minimum_size_gate_sampling():
-    core = LearningCore(ACTIONS, config(min_replay_size=4, samples_per_insert=2.0))
+    core = make_core(min_replay_size=4, samples_per_insert=2.0)
     core.add(experiences(3))
     assert core.sample(2) is None  # below the minimum size
     core.add(experiences(1))
@@ -44,50 +84,160 @@ def test_rate_limit_and_minimum_size_gate_sampling():
     assert core.sample(1) is None  # 9 > 8
     core.add(experiences(1))
     assert core.sample(2) is not None  # 10 <= 2 * 5
+    assert core.stats()["sampled"] == 10 and core.stats()["inserted"] == 5
 
 
-def test_learning_moves_q_towards_rewards_and_bumps_version():
-    core = LearningCore(ACTIONS, config(min_replay_size=1, samples_per_insert=100, lr=0.5))
+def test_learning_moves_q_towards_rewards_and_bumps_the_version():
+    core = make_core(min_replay_size=1, samples_per_insert=100, prior_count=1.0)
     core.add(experiences(20, action=2, r=1.0) + experiences(20, action=0, r=0.0))
+    version = core.policy().version
     for _ in range(20):
         assert learn_once(core)
     policy = core.policy()
-    assert policy.version == 20
-    q = policy.q.values([STATE])[0]
-    assert q[2] > 0.9 and abs(q[0]) < 1e-9
+    assert policy.version == policy.model.version == version + 20
+    q = policy.model.values([0.1, 0.2])[0]
+    assert q[2] == pytest.approx(1.0) and q[0] == pytest.approx(0.0, abs=1e-9)
     assert core.stats()["updates_applied"] == 20
 
 
 def test_stale_updates_are_rejected_and_change_nothing():
-    core = LearningCore(ACTIONS, config(min_replay_size=1, samples_per_insert=100, max_staleness=1))
+    core = make_core(min_replay_size=1, samples_per_insert=100, max_staleness=1)
     core.add(experiences(10))
     old = core.sample(4)
     for _ in range(2):
         learn_once(core)
-    delta, td = compute_deltas(old.snapshot, old.transitions, old.weights, old.tau, old.gamma, old.lr)
-    before = core.policy()
-    assert not core.apply_update(delta, old.indices, old.insertion_ids, td)
-    assert core.policy().version == before.version
+    delta, td = compute_deltas(old.snapshot, old.transitions, old.weights, old.gamma)
+    before = core.state_dict()
+    assert not core.apply_update(delta, old.indices, old.insertion_ids, td + 5.0)
+    after = core.state_dict()
+    assert after["model"]["version"] == before["model"]["version"]
+    np.testing.assert_array_equal(after["model"]["gram"], before["model"]["gram"])
+    np.testing.assert_array_equal(after["buffer"]["priorities"], before["buffer"]["priorities"])
     assert core.stats()["updates_rejected"] == 1
-
-
-def test_bad_action_is_refused():
-    core = LearningCore(ACTIONS, CONFIG)
-    with pytest.raises(ValueError, match="action 4"):
-        core.add([Experience(STATE, 4, 1.0, 0.5, 0)])
-
-
-def test_state_dict_round_trip_resumes_exactly():
-    resumable = config(min_replay_size=1, samples_per_insert=100)
-    core = LearningCore(ACTIONS, resumable)
-    core.add(experiences(10) + [Experience(OTHER, 1, 0.3, 0.5, 0, next_state=STATE)])
+    # one version less stale is accepted
+    fresh = core.sample(4)
     learn_once(core)
-    restored = LearningCore(ACTIONS, resumable)
-    restored.load_state_dict(core.state_dict())
+    delta, td = compute_deltas(fresh.snapshot, fresh.transitions, fresh.weights, fresh.gamma)
+    assert core.apply_update(delta, fresh.indices, fresh.insertion_ids, td)
+
+
+def test_bad_action_or_context_length_is_refused():
+    core = make_core()
+    with pytest.raises(ValueError, match="action 3"):
+        core.add([Experience((0.0, 0.0), 3, 1.0, 0.5, 0)])
+    with pytest.raises(ValueError, match="3 features"):
+        core.add([Experience((0.0, 0.0, 0.0), 0, 1.0, 0.5, 0)])
+    assert core.stats()["inserted"] == 0
+
+
+def test_experiences_carry_their_context_and_next_context_into_replay():
+    core = make_core(min_replay_size=1)
+    core.add([Experience((0.5, -1.0), 1, 0.3, 0.5, 4, next_context=(2.0, 3.0)),
+              Experience((0.25, 1.0), 2, 0.7, 0.5, 4)])
+    state = core.buffer.state_dict()
+    np.testing.assert_array_equal(state["context"][:2], [[0.5, -1.0], [0.25, 1.0]])
+    np.testing.assert_array_equal(state["next_context"][:2], [[2.0, 3.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(state["has_next"][:2], [True, False])
+    np.testing.assert_array_equal(state["action"][:2], [1, 2])
+
+
+def test_state_dict_round_trip_restores_the_same_policy_and_buffer():
+    core = trained_core()
+    core.add(experiences(3) + [Experience((0.3, 0.1), 1, 0.2, 0.5, 0, next_context=(0.1, 0.0))])
+    restored = make_core(min_replay_size=1, explore_max=0.5)
+    restored.load_state_dict(pickle.loads(pickle.dumps(core.state_dict())))
     assert restored.stats() == core.stats()
-    assert restored.q_table() == core.q_table()
-    a, b = core.sample(4), restored.sample(4)
-    assert np.array_equal(a.indices, b.indices) and np.allclose(a.weights, b.weights)
+    a, b = core.policy(), restored.policy()
+    assert (a.version, a.model.gate_open, a.model.epsilon) == (b.version, b.model.gate_open, b.model.epsilon)
+    x = np.random.default_rng(1).uniform(-1, 1, (50, len(FEATURES)))
+    np.testing.assert_array_equal(a.model.values(x), b.model.values(x))
+    np.testing.assert_array_equal(a.model.probabilities(x), b.model.probabilities(x))
+    assert core.model.gate() == restored.model.gate()
+    buffer_a, buffer_b = core.buffer.state_dict(), restored.buffer.state_dict()
+    for key in buffer_a:
+        np.testing.assert_array_equal(buffer_a[key], buffer_b[key], err_msg=key)
+    sample_a, sample_b = core.sample(16), restored.sample(16)
+    np.testing.assert_array_equal(sample_a.indices, sample_b.indices)
+    np.testing.assert_array_equal(sample_a.weights, sample_b.weights)
+
+
+@pytest.mark.parametrize("other", [
+    dict(actions=("lexical", "hybrid@0.3", "hybrid@0.3+prf")),
+    dict(features=("x0", "x2")),
+    dict(capacity=5_000),
+])
+def test_load_refuses_other_actions_features_or_capacity_and_changes_nothing(other):
+    source = LearningCore(other.get("actions", ACTIONS), other.get("features", FEATURES), DEFAULT,
+                          config(min_replay_size=1, capacity=other.get("capacity", CONFIG.capacity)))
+    source.add_searches(searches(np.random.default_rng(2), 20))
+    target = make_core(min_replay_size=1)
+    target.add(experiences(5))
+    learn_once(target, 4)
+    before = pickle.dumps(target.state_dict())
+    with pytest.raises(ValueError):
+        target.load_state_dict(source.state_dict())
+    assert pickle.dumps(target.state_dict()) == before
+
+
+def test_graded_feedback_teaches_every_action_and_clicks_only_the_served_one():
+    full = RewardedSearch((0.1, 0.2), 2, 0.7, 0.4, 3, action_rewards=[0.1, 0.2, 0.7],
+                          action_probabilities=[0.1, 0.5, 0.4]).experiences()
+    assert [(e.action, e.reward, e.propensity) for e in full] == [(2, 0.7, 0.4), (0, 0.1, 0.1), (1, 0.2, 0.5)]
+    assert {(tuple(e.context), e.policy_version, e.next_context) for e in full} == {((0.1, 0.2), 3, None)}
+    clicks = RewardedSearch((0.1, 0.2), 2, 0.7, 0.4, 3, next_context=(0.3, 0.4),
+                            action_probabilities=[0.1, 0.5, 0.4]).experiences()
+    assert clicks == [Experience((0.1, 0.2), 2, 0.7, 0.4, 3, (0.3, 0.4))]
+
+
+def test_add_searches_inserts_every_actions_experience_for_graded_feedback_only():
+    core = make_core()
+    graded = RewardedSearch((0.1, 0.2), 0, 0.5, 1.0, 0, action_rewards=[0.5, 0.6, 0.4],
+                            action_probabilities=[1.0, 0.0, 0.0])
+    click = RewardedSearch((0.3, 0.4), 1, 0.9, 0.5, 0)
+    assert core.add_searches([graded, click]) == 4
+    np.testing.assert_array_equal(core.policy().model.seen, [1, 2, 1])
+    assert core.policy().model.epsilon == pytest.approx(CONFIG.explore_max / 2)
+
+
+def test_a_stored_row_becomes_a_rewarded_search_by_column_name():
+    row = {"context": [0.1, 0.2], "action": 1, "reward": 0.5, "propensity": 0.25, "policy_version": 2,
+           "next_context": None, "action_rewards": None, "action_probabilities": None, "arm": "control"}
+    assert RewardedSearch.from_row(row) == RewardedSearch([0.1, 0.2], 1, 0.5, 0.25, 2)
+
+
+def test_forget_bumps_the_version_and_empties_replay():
+    core = trained_core()
+    version = core.policy().version
+    core.forget()
+    assert core.policy().version > version
+    assert len(core.buffer) == 0 and core.sample(1) is None
+    assert core.stats()["inserted"] == core.stats()["sampled"] == 0
+    np.testing.assert_array_equal(core.policy().model.values([[0.5, 0.5]]), [[0.0, 0.0, 0.0]])
+    assert core.model.gate()["n"] == 0 and not core.policy().model.gate_open
+
+
+def test_policy_from_report_reproduces_the_snapshots_greedy_actions_and_probabilities():
+    core = trained_core(margin=0.2)  # a margin wide enough to decide some contexts
+    snapshot = core.policy().model
+    assert snapshot.gate_open and 0 < snapshot.epsilon < 1  # a policy that uses context and explores
+    report = json.loads(json.dumps(core.model_report()))  # as fetched over HTTP
+    policy = policy_from_report(report)
+    x = np.random.default_rng(3).uniform(-1, 1, (200, len(FEATURES)))
+    greedy = snapshot.greedy_actions(x)
+    assert len(set(greedy.tolist())) == 3  # the test can tell policies apart
+    np.testing.assert_array_equal(policy.greedy_actions(x), greedy)
+    np.testing.assert_allclose(policy.probabilities(x), snapshot.probabilities(x), rtol=1e-12)
+    assert policy.version == snapshot.version
+
+
+def test_model_report_describes_the_last_search():
+    core = trained_core()
+    report = core.model_report()
+    last = core.last_context
+    assert list(report["sample"]["context"].values()) == last
+    values = core.policy().model.values(np.asarray(last))[0]
+    assert list(report["sample"]["values"].values()) == pytest.approx(values.tolist())
+    assert report["sample"]["greedy"] == ACTIONS[int(np.argmax(list(report["sample"]["probabilities"].values())))]
 
 
 def test_reward_is_ndcg_of_the_served_list():
@@ -96,20 +246,3 @@ def test_reward_is_ndcg_of_the_served_list():
     assert reward(["x"], {"a": 2}) == 0.0
     assert reward([], {"a": 1}) == 0.0
     assert reward(["a", "b"], judgements_from_clicks(["b"])) == pytest.approx(1 / np.log2(3))
-
-
-def test_graded_feedback_teaches_every_action_and_clicks_only_the_served_one():
-    full = RewardedSearch(STATE_KEY, 2, 0.7, 0.4, 3, action_rewards=[0.1, 0.2, 0.7, 0.9],
-                          action_probabilities=[0.1, 0.2, 0.4, 0.3]).experiences()
-    assert [(e.action, e.reward, e.propensity) for e in full] == [
-        (2, 0.7, 0.4), (0, 0.1, 0.1), (1, 0.2, 0.2), (3, 0.9, 0.3)]
-    assert {(e.state, e.policy_version, e.next_state) for e in full} == {(STATE, 3, NO_NEXT_STATE)}
-    clicks = RewardedSearch(STATE_KEY, 2, 0.7, 0.4, 3, next_state_key=OTHER_KEY,
-                            action_probabilities=[0.1, 0.2, 0.4, 0.3]).experiences()
-    assert clicks == [Experience(STATE, 2, 0.7, 0.4, 3, OTHER)]
-
-
-def test_a_stored_row_becomes_a_rewarded_search_by_column_name():
-    row = {"state_key": STATE_KEY, "action": 1, "reward": 0.5, "propensity": 0.25, "policy_version": 2,
-           "next_state_key": None, "action_rewards": None, "action_probabilities": None, "arm": "control"}
-    assert RewardedSearch.from_row(row) == RewardedSearch(STATE_KEY, 1, 0.5, 0.25, 2)

@@ -12,7 +12,8 @@ import yaml
 CONFIGS = Path(__file__).parents[2] / "configs"
 EXPORTED = {"ray_arm_requests_total", "ray_arm_errors_total", "ray_pipeline_latency_seconds_bucket",
             "ray_pipeline_latency_seconds_count",
-            "ray_replay_buffer_size", "ray_rollout_weight", "ray_q_table_size", "ray_policy_version",
+            "ray_replay_buffer_size", "ray_rollout_weight", "ray_context_model_active", "ray_exploration_rate",
+            "ray_policy_version",
             "ray_batch_learning_success_total", "ray_experiences_dropped_total", "ray_component_rss_mb",
             "ray_answer_fallbacks_total", "ray_answer_latency_seconds_count"}
 

@@ -4,13 +4,23 @@ import numpy as np
 import pytest
 from scipy.special import chdtrc  # chi-square survival function; scipy.stats imports in ~2 s
 
-from learners.replay import FIELDS, PrioritizedReplayBuffer, SumTree
+from learners.replay import Column, PrioritizedReplayBuffer, SumTree, experience_columns
+
+D = 3  # context features in these tests
+COLUMNS = {
+    "state": Column(np.dtype(np.int64)),  # the insertion order, so slots can be checked
+    "action": Column(np.dtype(np.int16)),
+    "reward": Column(np.dtype(np.float32)),
+    "context": Column(np.dtype(np.float32), (D,)),
+    "has_next": Column(np.dtype(np.bool_), (), False),
+}
 
 
 def make_buffer(capacity: int, alpha: float = 0.6, beta0: float = 0.4, beta_steps: int = 100_000,
-                **options) -> PrioritizedReplayBuffer:
+                columns=None, **options) -> PrioritizedReplayBuffer:
     """A buffer with the paper's alpha and beta0 (also the shipped ones) unless a test sets them."""
-    return PrioritizedReplayBuffer(capacity, alpha, beta0, beta_steps, **options)
+    return PrioritizedReplayBuffer(capacity, COLUMNS if columns is None else columns, alpha, beta0, beta_steps,
+                                   **options)
 
 
 def chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
@@ -19,15 +29,17 @@ def chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
 
 
 def experiences(n: int, start: int = 0) -> dict[str, np.ndarray]:
-    """n experiences whose state is their insertion order, so slots can be checked."""
+    """n experiences whose state is their insertion order and whose context row is [k, k+1, k+2]."""
     k = np.arange(start, start + n)
-    return {
-        "state": k,
-        "action": k % 3,
-        "reward": k / 10,
-        "propensity": np.full(n, 0.5),
-        "policy_version": k // 4,
-    }
+    return {"state": k, "action": k % 3, "reward": k / 10, "context": k[:, None] + np.arange(D)}
+
+
+def service_experiences(n: int, d: int = 14) -> dict[str, np.ndarray]:
+    """n experiences with every column of `experience_columns(d)` but `has_next` (it has a default)."""
+    k = np.arange(n)
+    return {"context": np.outer(k, np.ones(d)), "action": k % 7, "reward": k / n,
+            "fold": k % 5, "propensity": np.full(n, 0.5), "policy_version": k // 4,
+            "next_context": np.zeros((n, d))}
 
 
 def test_sum_tree_search_matches_a_global_cumsum_and_never_returns_an_empty_leaf():
@@ -69,6 +81,13 @@ def test_sampling_frequencies_follow_p_alpha_over_sum():
     assert chisquare_pvalue(counts, n * td / td.sum()) < 1e-6
 
 
+def test_stratified_sampling_draws_one_slot_per_equal_slice():
+    buffer = make_buffer(capacity=8, alpha=1.0, eps=0.0, seed=7)
+    buffer.add(experiences(8))  # equal priorities: slice i of the total is exactly slot i
+    for _ in range(20):
+        np.testing.assert_array_equal(buffer.sample(8).indices, np.arange(8))
+
+
 def test_fifo_eviction_overwrites_the_oldest_first():
     buffer = make_buffer(capacity=4, seed=0)
     np.testing.assert_array_equal(buffer.add(experiences(3)), [0, 1, 2])
@@ -79,6 +98,7 @@ def test_fifo_eviction_overwrites_the_oldest_first():
     assert len(buffer) == 4
     buffer.add(experiences(6, start=6))  # longer than the capacity: only the last 4 stay
     np.testing.assert_array_equal(buffer.state_dict()["state"], [8, 9, 10, 11])
+    np.testing.assert_array_equal(buffer.state_dict()["context"][:, 0], [8, 9, 10, 11])
 
 
 def test_new_experiences_get_the_max_priority_so_far():
@@ -92,9 +112,7 @@ def test_new_experiences_get_the_max_priority_so_far():
 
 def test_importance_weights_match_a_hand_computation():
     # eps = 0, alpha = 0.5: p = sqrt(|delta|) = [1, 2, 3, 4], P = p / 10 = [.1, .2, .3, .4], N = 4.
-    buffer = make_buffer(
-        capacity=4, alpha=0.5, beta0=0.5, beta_steps=2, eps=0.0, seed=1
-    )
+    buffer = make_buffer(capacity=4, alpha=0.5, beta0=0.5, beta_steps=2, eps=0.0, seed=1)
     buffer.add(experiences(4))
     buffer.update_priorities(np.arange(4), np.arange(4), [1.0, -4.0, 9.0, 16.0])
     # (N P)^-beta for beta = 0.5, e.g. (4 * 0.1)^-0.5 = 0.4^-0.5 = 1.58113883
@@ -104,24 +122,81 @@ def test_importance_weights_match_a_hand_computation():
     for expected_beta, w in [(0.5, w_beta_050), (0.75, w_beta_075)]:
         assert buffer.beta == expected_beta
         sample = buffer.sample(4)
-        np.testing.assert_allclose(
-            sample.weights, w[sample.indices] / w[sample.indices].max(), rtol=1e-8
-        )
+        np.testing.assert_allclose(sample.weights, w[sample.indices] / w[sample.indices].max(), rtol=1e-8)
     assert buffer.beta == 1.0
     buffer.sample(4)
     assert buffer.beta == 1.0
 
 
-def test_sample_returns_the_stored_columns():
+def test_sample_returns_the_stored_columns_with_their_dtypes_and_shapes():
     buffer = make_buffer(capacity=16, seed=2)
     buffer.add(experiences(10))
     sample = buffer.sample(5)
-    for name, dtype in FIELDS.items():
-        assert getattr(sample, name).dtype == dtype
-    np.testing.assert_array_equal(sample.state, sample.insertion_ids)
-    np.testing.assert_array_equal(sample.action, sample.state % 3)
-    np.testing.assert_array_equal(sample.next_state, -1)
+    assert sample.columns.keys() == COLUMNS.keys()
+    for name, column in COLUMNS.items():
+        assert sample.columns[name].dtype == column.dtype
+        assert sample.columns[name].shape == (5, *column.shape)
+    np.testing.assert_array_equal(sample.columns["state"], sample.insertion_ids)
+    np.testing.assert_array_equal(sample.columns["action"], sample.columns["state"] % 3)
     assert sample.weights.max() == 1.0
+
+
+def test_a_vector_column_round_trips_per_row():
+    buffer = make_buffer(capacity=16, seed=3)
+    rows = np.random.default_rng(3).normal(size=(10, D)).astype(np.float32)
+    buffer.add({**experiences(10), "context": rows})
+    sample = buffer.sample(32)
+    np.testing.assert_array_equal(sample.columns["context"], rows[sample.columns["state"]])
+
+
+def test_one_value_is_broadcast_to_every_experience():
+    buffer = make_buffer(capacity=8, seed=4)
+    buffer.add({**experiences(3), "context": [1.0, 2.0, 3.0], "action": 2})
+    state = buffer.state_dict()
+    np.testing.assert_array_equal(state["context"][:3], [[1, 2, 3]] * 3)
+    np.testing.assert_array_equal(state["action"][:3], [2, 2, 2])
+
+
+@pytest.mark.parametrize("omitted", ["has_next", "next_context"])
+def test_a_column_with_a_default_may_be_omitted(omitted):
+    d, columns = 14, experience_columns(14)
+    buffer = make_buffer(capacity=8, columns=columns, seed=5)
+    batch = {**service_experiences(3, d), "has_next": True}
+    del batch[omitted]
+    buffer.add(batch)
+    stored = buffer.state_dict()[omitted][:3]
+    np.testing.assert_array_equal(stored, np.full((3, *columns[omitted].shape), columns[omitted].default))
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("context", np.zeros((3, D + 1))),  # a row of the wrong width
+    ("context", np.zeros(D + 2)),  # one flat row of another width
+    ("reward", [0.0, 1.0]),  # fewer experiences than the others
+    ("reward", np.zeros((3, 2))),  # a vector for a scalar column
+])
+def test_a_field_of_the_wrong_shape_is_refused(field, value):
+    buffer = make_buffer(capacity=8, seed=6)
+    with pytest.raises(ValueError, match=field):
+        buffer.add({**experiences(3), field: value})
+    assert len(buffer) == 0
+
+
+def test_missing_or_unknown_fields_are_refused():
+    buffer = make_buffer(capacity=4)
+    with pytest.raises(ValueError, match="missing fields.*'reward'"):
+        buffer.add({"state": [1], "action": [0], "context": [[0.0] * D]})
+    with pytest.raises(ValueError, match="unknown fields.*'extra'"):
+        buffer.add({**experiences(1), "extra": [1]})
+    assert len(buffer) == 0
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="empty"):
+        make_buffer(capacity=4).sample(1)
+    for bad in ({"capacity": 0}, {"capacity": 4, "alpha": -1.0}, {"capacity": 4, "beta0": 1.5},
+                {"capacity": 4, "beta_steps": 0}):
+        with pytest.raises(ValueError):
+            make_buffer(**bad)
 
 
 def test_stale_priority_updates_are_ignored():
@@ -147,22 +222,10 @@ def test_bad_priorities_raise_and_change_nothing(td_error, eps, problem):
     np.testing.assert_array_equal(buffer.state_dict()["priorities"], before)
 
 
-def test_bad_input_raises():
-    buffer = make_buffer(capacity=4)
-    with pytest.raises(ValueError, match="empty"):
-        buffer.sample(1)
-    with pytest.raises(ValueError, match="missing fields"):
-        buffer.add({"state": [1], "action": [0]})
-    with pytest.raises(ValueError, match="length"):
-        buffer.add({**experiences(3), "reward": [0.0, 1.0]})
-    with pytest.raises(ValueError):
-        make_buffer(capacity=0)
-
-
 def test_state_dict_round_trip_is_exact():
     rng = np.random.default_rng(4)
     a = make_buffer(capacity=50, seed=5)
-    a.add(experiences(80))
+    a.add({**experiences(80), "context": rng.normal(size=(80, D))})
     sample = a.sample(16)
     a.update_priorities(sample.indices, sample.insertion_ids, rng.normal(size=16))
     b = make_buffer(capacity=50, seed=6)
@@ -172,14 +235,19 @@ def test_state_dict_round_trip_is_exact():
     for key in state_a:
         np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
     np.testing.assert_array_equal(a._tree._tree, b._tree._tree)
-    for x, y in zip(a.sample(16), b.sample(16)):
-        np.testing.assert_array_equal(x, y)
+    x, y = a.sample(16), b.sample(16)
+    for field in ("indices", "insertion_ids", "weights"):
+        np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+    for name in COLUMNS:
+        np.testing.assert_array_equal(x.columns[name], y.columns[name])
     with pytest.raises(ValueError, match="capacity"):
         make_buffer(capacity=49).load_state_dict(state_a)
 
 
-def test_ten_thousand_experiences_fit_in_well_under_5_mb():
-    buffer = make_buffer(capacity=10_000)
-    buffer.add(experiences(10_000))
-    bytes_per_slot = sum(dtype.itemsize for dtype in FIELDS.values()) + 8 + 2 * 8  # + id, tree
-    assert 10_000 * bytes_per_slot <= buffer.nbytes < 1_000_000
+def test_ten_thousand_service_experiences_take_the_documented_bytes():
+    d, columns = 14, experience_columns(14)
+    buffer = make_buffer(capacity=10_000, columns=columns)
+    buffer.add(service_experiences(10_000, d))
+    column_bytes = sum(c.dtype.itemsize * int(np.prod(c.shape)) for c in columns.values())
+    assert column_bytes == 128  # as the module docstring says for 14 features
+    assert 10_000 * (column_bytes + 8 + 2 * 8) <= buffer.nbytes < 1_600_000  # + insertion id, tree

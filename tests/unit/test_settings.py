@@ -10,7 +10,9 @@ def test_defaults_come_from_configs():
     settings = load_settings(environ={})
     assert settings.database.url is None
     assert settings.http.host == "127.0.0.1"
-    assert settings.retrieval.default_strategy is Strategy.HYBRID_RRF
+    assert settings.retrieval.default_strategy is Strategy.HYBRID_COMPLETE
+    assert settings.retrieval.fusion_grid == (0.3, 0.5, 0.7)
+    assert settings.retrieval.actions[settings.retrieval.default_action].name == "hybrid@0.5"
     assert settings.features == FeatureFlags()  # every flag off
     assert settings.client.api_key is None
     assert [s.name for s in settings.rollout.plan.stages] == ["baseline", "replay_10", "softq_replay_50", "full"]
@@ -99,3 +101,14 @@ def test_the_answer_provider_follows_what_is_configured_and_needs_what_it_names(
         load_settings(environ={"DTRAG_ANSWER_MODE": "poem"})
     secret = load_settings(environ={"GEMINI_API_KEY": "g-secret", "DTRAG_OPENAI_API_KEY": "o-secret"})
     assert "g-secret" not in repr(secret) and "o-secret" not in repr(secret)
+
+
+def test_the_default_fusion_weight_must_be_one_of_the_policy_grid():
+    retrieval = load_settings(environ={"DTRAG_FUSION_GRID": "0.2,0.6", "DTRAG_FUSION_WEIGHT": "0.6"}).retrieval
+    assert [a.name for a in retrieval.actions] == ["lexical", "hybrid@0.2", "hybrid@0.2+prf", "hybrid@0.6",
+                                                  "hybrid@0.6+prf"]
+    assert retrieval.actions[retrieval.default_action].name == "hybrid@0.6"
+    with pytest.raises(SettingsError, match="DTRAG_FUSION_WEIGHT=0.5 must be one of the policy's weights"):
+        load_settings(environ={"DTRAG_FUSION_GRID": "0.2,0.6"})
+    with pytest.raises(SettingsError, match="DTRAG_FUSION_GRID"):
+        load_settings(environ={"DTRAG_FUSION_GRID": "0.2,0.2"})

@@ -37,8 +37,8 @@ def test_flags_change_by_name_and_read_by_attribute():
         flags.soft_q_banditt  # noqa: B018  a misspelt flag is an error, not "off"
 
 
-def test_strategies_are_actions_in_a_fixed_order():
-    assert [s.action for s in STRATEGIES] == [0, 1, 2, 3]
+def test_strategies_in_a_fixed_order():
+    assert STRATEGIES == ("lexical", "dense", "hybrid_rrf", "hybrid_weighted", "hybrid_complete")
     assert STRATEGIES[2] is Strategy.HYBRID_RRF == "hybrid_rrf"
     assert parse_strategy("dense") is Strategy.DENSE and parse_arm("treatment") is Arm.TREATMENT
     assert ARMS == (Arm.CONTROL, Arm.TREATMENT)

@@ -1,0 +1,367 @@
+"""A per-action linear value model over context features: soft Q-learning with a pooled prior.
+
+For a context x (the `learners.context` features of a query, shape (d,)) and phi(x) = [1, x]:
+
+    Q(x, a)  = theta_a . phi(x)                          theta: (A, d + 1)
+    theta_a  = argmin_theta  sum_i w_i (y_i - theta . phi_i)^2 + k |slopes of theta, in standard units|^2
+    b(a)     = sum_i w_i y_i / sum_i w_i  over a's samples        the pooled row: Q without context
+    y        = r + gamma * V(x'),   V(x) = tau * log sum_a exp(Q(x, a) / tau)   (gamma = 0: a bandit)
+
+The sums run over what learners sampled from prioritized replay (w: the importance weights), kept
+as per-action sufficient statistics S_a = sum w phi phi^T and t_a = sum w phi y, so a learner's
+delta is a batch's statistics and applying it is an addition. Once a's sampled weight exceeds the
+horizon 1/lr, its statistics are scaled back to it: an exponentially weighted window that lets Q
+follow a changing corpus. Features are standardised with the mean and spread of every sample
+seen (read from the statistics themselves), so k means the same on any collection: with k = 0
+this is least squares; as k grows every slope goes to 0 and Q(x, a) to b(a).
+
+Acting (Dudik et al. call the fallback a "default policy"; here it is the pooled row):
+
+    a_b(x)   = argmax_a b(a)                                   the best fixed action so far
+    a*(x)    = argmax_a Q(x, a)   if Q(x, a*) - Q(x, a_b) > margin and the gate is open, else a_b
+    pi(a|x)  = (1 - eps) 1[a = a*(x)] + eps softmax(Q(x, .) / tau)(a)
+
+The gate opens when the context model has beaten the pooled row on queries it had not learned
+from. Queries are split in FOLDS folds by a stable hash of their context, and for each fold a
+model is fitted on every other fold (cross-fitting). Every new experience is scored before it is
+learned from, by the model that leaves its fold out: the reward of that model's choice minus the
+reward of its a_b, exactly when every action was rewarded, by inverse propensity otherwise. A query that comes
+back is then still judged by a model that never saw it, and it counts once while it stays among
+the last GATE_HORIZON distinct queries, so repeats cannot make an overfit model look good. The
+gate is open while the one-sided 95% lower bound of that uplift's mean over the last GATE_HORIZON
+queries is above 0: a collection with too little traffic for the model to generalise gets the
+best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from the
+share of feedback that rewards only the served action (clicks), since graded feedback rewards
+every action anyway.
+
+Learning is split so it can be distributed: a learner runs `compute_deltas` on an immutable
+`ValueSnapshot`, and the owner (`ValueModel`) applies the `ValueDelta`, bumping `version`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+FORMAT = 5  # state_dict layout: 5 = per-fold, per-action statistics over context features
+FOLDS = 5  # the judging models learn from 4/5 of the queries: close to the served model, never the query
+MIN_SAMPLES = 30  # experiences per action before a_b leaves the default, and gate observations
+GATE_HORIZON = 500  # searches of gate evidence kept: the model it judged keeps changing
+_Z_95 = 1.6448536269514722  # one-sided 95% normal quantile
+
+
+def policy_from_q(q: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(q / tau) over the last axis, stable for any q; shape (..., A) -> (..., A)."""
+    z = q / tau
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def soft_value_from_q(q: np.ndarray, tau: float) -> np.ndarray:
+    """tau * logsumexp(q / tau) over the last axis, stable for any q; shape (..., A) -> (...)."""
+    z = q / tau
+    m = z.max(axis=-1, keepdims=True)
+    return tau * (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def context_key(context: ArrayLike) -> int:
+    """A stable 64-bit key of a context (the same query on the same corpus has the same one)."""
+    rounded = np.round(np.asarray(context, np.float64), 6) + 0.0  # + 0.0: -0.0 and 0.0 hash alike
+    return int.from_bytes(hashlib.blake2b(rounded.tobytes(), digest_size=8).digest(), "little")
+
+
+def fold_of(context: ArrayLike) -> int:
+    """The cross-fitting fold of a context."""
+    return context_key(context) % FOLDS
+
+
+def design(contexts: ArrayLike) -> np.ndarray:
+    """phi(x) = [1, x] per row; (B, d) -> (B, d + 1)."""
+    x = np.atleast_2d(np.asarray(contexts, np.float64))
+    return np.hstack([np.ones((len(x), 1)), x])
+
+
+class Transitions(NamedTuple):
+    """B transitions (x, a, r, x'), e.g. a replay sample."""
+
+    contexts: np.ndarray  # (B, d)
+    folds: np.ndarray  # (B,) ints in [0, FOLDS): fold_of(context)
+    actions: np.ndarray  # (B,) ints in [0, A)
+    rewards: np.ndarray  # (B,)
+    next_contexts: np.ndarray  # (B, d); rows where has_next is False are ignored
+    has_next: np.ndarray  # (B,) bool: False when the episode ended, V(x') counts as 0
+
+
+@dataclass(frozen=True)
+class ValueSnapshot:
+    """The policy at one version; treat as immutable (its arrays are read-only)."""
+
+    version: int
+    theta: np.ndarray  # (A, d + 1) coefficients on phi(x), raw feature units
+    pooled: np.ndarray  # (A,) b(a)
+    seen: np.ndarray  # (A,) experiences each action was rewarded in
+    default_action: int
+    margin: float
+    gate_open: bool
+    epsilon: float
+    tau: float
+
+    @property
+    def n_actions(self) -> int:
+        return self.theta.shape[0]
+
+    def values(self, contexts: ArrayLike) -> np.ndarray:
+        """Q(x, .) per context; (B, d) -> (B, A)."""
+        return design(contexts) @ self.theta.T
+
+    def _allowed(self, allowed: np.ndarray | None) -> np.ndarray:
+        """Which actions may be chosen (all by default); the default action always may."""
+        mask = np.ones(self.n_actions, bool) if allowed is None else np.asarray(allowed, bool).copy()
+        mask[self.default_action] = True
+        return mask
+
+    def pooled_action(self, allowed: np.ndarray | None = None) -> int:
+        """a_b among the allowed actions once each has MIN_SAMPLES experiences, else the default."""
+        mask = self._allowed(allowed)
+        if self.seen[mask].min() < MIN_SAMPLES:
+            return self.default_action
+        return int(np.argmax(np.where(mask, self.pooled, -np.inf)))
+
+    def model_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
+        """The context model's choice, a_b unless it beats a_b by the margin; (B, d) -> (B,).
+
+        Ignores the gate: this is the policy the gate is testing.
+        """
+        q = np.where(self._allowed(allowed), self.values(contexts), -np.inf)
+        best = q.argmax(axis=1)
+        fallback = self.pooled_action(allowed)
+        beats = q[np.arange(len(q)), best] - q[:, fallback] > self.margin
+        return np.where(beats, best, fallback)
+
+    def greedy_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
+        """a*(x) per context, as served without exploration; (B, d) -> (B,)."""
+        if self.gate_open:
+            return self.model_actions(contexts, allowed)
+        return np.full(len(np.atleast_2d(contexts)), self.pooled_action(allowed))
+
+    def probabilities(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
+        """pi(.|x) as served: greedy mixed with eps of softmax(Q/tau) over the allowed actions; (B, d) -> (B, A)."""
+        greedy = np.eye(self.n_actions)[self.greedy_actions(contexts, allowed)]
+        if self.epsilon == 0:
+            return greedy
+        q = np.where(self._allowed(allowed), self.values(contexts), -np.inf)
+        return (1 - self.epsilon) * greedy + self.epsilon * policy_from_q(q, self.tau)
+
+
+@dataclass(frozen=True)
+class ValueDelta:
+    """Sufficient statistics of one batch, to add: S (FOLDS, A, D, D) and t (FOLDS, A, D), D = d + 1."""
+
+    gram: np.ndarray
+    target: np.ndarray
+    base_version: int  # version of the snapshot it was computed on
+
+
+def compute_deltas(
+    snapshot: ValueSnapshot, batch: Transitions, weights: ArrayLike, gamma: float
+) -> tuple[ValueDelta, np.ndarray]:
+    """The batch's statistics and TD errors y - Q(x, a), shape (B,). Pure: computed on the snapshot."""
+    actions = np.asarray(batch.actions, np.int64)
+    if len(actions) and (actions.min() < 0 or actions.max() >= snapshot.n_actions):
+        raise ValueError(f"actions must be in [0, {snapshot.n_actions}), got {sorted(set(actions.tolist()))}")
+    w = np.asarray(weights, np.float64)
+    phi = design(batch.contexts)  # (B, D)
+    y = np.asarray(batch.rewards, np.float64).copy()
+    has_next = np.asarray(batch.has_next, bool)
+    if gamma > 0 and has_next.any():
+        y[has_next] += gamma * soft_value_from_q(snapshot.values(batch.next_contexts[has_next]), snapshot.tau)
+    td = y - (phi * snapshot.theta[actions]).sum(axis=1)
+    n_actions, dim = snapshot.theta.shape
+    cells = (np.asarray(batch.folds, np.int64), actions)
+    gram = np.zeros((FOLDS, n_actions, dim, dim))
+    target = np.zeros((FOLDS, n_actions, dim))
+    np.add.at(gram, cells, w[:, None, None] * phi[:, :, None] * phi[:, None, :])
+    np.add.at(target, cells, (w * y)[:, None] * phi)
+    return ValueDelta(gram, target, snapshot.version), td
+
+
+class ValueModel:
+    """The owner of the statistics: fits theta after each delta and keeps the gate's evidence."""
+
+    def __init__(self, n_actions: int, n_features: int, *, prior_count: float, lr: float, tau: float,
+                 margin: float, explore_max: float, default_action: int) -> None:
+        if (n_actions < 1 or n_features < 0 or prior_count < 0 or not 0 < lr <= 1 or tau <= 0
+                or margin < 0 or not 0 <= explore_max <= 1 or not 0 <= default_action < n_actions):
+            raise ValueError(
+                "need n_actions >= 1, n_features >= 0, prior_count >= 0, 0 < lr <= 1, tau > 0, margin >= 0, "
+                f"0 <= explore_max <= 1, 0 <= default_action < n_actions; got {n_actions}, {n_features}, "
+                f"{prior_count}, {lr}, {tau}, {margin}, {explore_max}, {default_action}"
+            )
+        self.prior_count = prior_count
+        self.lr = lr
+        self.tau = tau
+        self.margin = margin
+        self.explore_max = explore_max
+        self.default_action = default_action
+        self._shape = (n_actions, n_features + 1)
+        self._version = 0
+        self.forget()
+
+    def forget(self) -> ValueSnapshot:
+        """Drop every statistic (a fresh model), as a new version so no replica keeps the old one."""
+        n_actions, dim = self._shape
+        self._gram = np.zeros((FOLDS, n_actions, dim, dim))
+        self._target = np.zeros((FOLDS, n_actions, dim))
+        self._seen = np.zeros(n_actions)
+        self._uplift = np.zeros(4)  # weight, sum, sum of squares of the cross-fitted uplift, non-zero ones
+        self._judged: collections.OrderedDict[int, None] = collections.OrderedDict()  # recent context keys
+        self._feedback = np.zeros(2)  # weight of experiences rewarding every action, of the others
+        return self.refresh()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def snapshot(self) -> ValueSnapshot:
+        """The current policy; later updates replace it rather than change it, so no copy."""
+        return self._snapshot
+
+    def observe(self, context: ArrayLike, action: int, rewards: Sequence[float] | None, reward: float,
+                propensity: float) -> None:
+        """Score the current model on a new experience before it is learned from (the gate's evidence).
+
+        `rewards` has every action's reward when the feedback gave them (graded judgements);
+        otherwise only the served `action`'s `reward` and its `propensity` are known.
+        """
+        if rewards is not None:
+            self._feedback[0] += 1
+            self._seen += 1
+        else:
+            self._feedback[1] += 1
+            self._seen[action] += 1
+        if self._feedback.sum() > 1 / self.lr:
+            self._feedback *= (1 / self.lr) / self._feedback.sum()
+        key = context_key(context)
+        if key in self._judged:  # a repeat: the same evidence again
+            self._judged.move_to_end(key)
+            return
+        self._judged[key] = None
+        if len(self._judged) > GATE_HORIZON:
+            self._judged.popitem(last=False)
+        judge = self._holdout[fold_of(context)]
+        model = int(judge.model_actions(context)[0])
+        fallback = judge.pooled_action()
+        if rewards is not None:
+            uplift = rewards[model] - rewards[fallback]
+        else:
+            uplift = reward * ((action == model) - (action == fallback)) / propensity
+        self._uplift += (1.0, uplift, uplift * uplift, float(uplift != 0))
+        if self._uplift[0] > GATE_HORIZON:
+            self._uplift *= GATE_HORIZON / self._uplift[0]
+
+    def gate(self) -> dict[str, float | None]:
+        """The cross-fitted uplift of the context model over the pooled row: n, mean, lower 95% bound.
+
+        The bound is None until MIN_SAMPLES queries were scored on which the model chose otherwise
+        than a_b: the uplift is 0 on every other query, and a normal bound over a handful of
+        non-zero values would be a guess.
+        """
+        n, total, squares, deviations = self._uplift
+        mean = total / n if n else 0.0
+        report = {"n": float(n), "deviations": float(deviations), "mean": float(mean), "lower_95": None}
+        if deviations >= MIN_SAMPLES:
+            variance = max(squares / n - mean * mean, 0.0)
+            report["lower_95"] = float(mean - _Z_95 * np.sqrt(variance / n))
+        return report
+
+    def epsilon(self) -> float:
+        """explore_max times the share of recent feedback that rewarded only the served action."""
+        graded, clicks = self._feedback
+        share = clicks / (graded + clicks) if graded + clicks else 1.0
+        return float(self.explore_max * share)
+
+    def refresh(self) -> ValueSnapshot:
+        """A new version with the current gate and exploration rate (after `observe` calls)."""
+        self._version += 1
+        self._snapshot = self._fit()
+        return self._snapshot
+
+    def apply_deltas(self, delta: ValueDelta) -> int:
+        """Add a learner's statistics, forget beyond the horizon, refit; returns the new version."""
+        self._gram += delta.gram
+        self._target += delta.target
+        horizon = 1 / self.lr
+        weight = self._gram[:, :, 0, 0].sum(axis=0)  # (A,) over both folds
+        scale = np.where(weight > horizon, horizon / np.maximum(weight, horizon), 1.0)
+        self._gram *= scale[None, :, None, None]
+        self._target *= scale[None, :, None]
+        return self.refresh().version
+
+    def _fit(self) -> ValueSnapshot:
+        """The served model on every sample, and per fold the model without it, for the gate to judge with."""
+        lower = self.gate()["lower_95"]
+        gram, target = self._gram.sum(axis=0), self._target.sum(axis=0)
+        self._holdout = [self._snapshot_of(gram - self._gram[f], target - self._target[f], False)
+                         for f in range(FOLDS)]
+        return self._snapshot_of(gram, target, lower is not None and lower > 0)
+
+    def _snapshot_of(self, gram: np.ndarray, target: np.ndarray, gate_open: bool) -> ValueSnapshot:
+        """theta_a by ridge in standard units (slopes shrunk to 0 by k, intercept free), per action."""
+        n_actions, dim = target.shape
+        weight = gram[:, 0, 0]
+        pooled = np.divide(target[:, 0], weight, out=np.zeros(n_actions), where=weight > 0)
+        theta = np.zeros((n_actions, dim))
+        total = gram.sum(axis=0)
+        if total[0, 0] > 0:
+            # z = (x - mu) / sigma over every sample; phi_z = T phi_raw, so S_z = T S T^T.
+            mu = total[0, 1:] / total[0, 0]
+            sigma = np.sqrt(np.maximum(np.diag(total)[1:] / total[0, 0] - mu * mu, 0.0))
+            sigma = np.where(sigma > 1e-9, sigma, 1.0)
+            transform = np.eye(dim)
+            transform[1:, 0] = -mu / sigma
+            transform[1:, 1:] = np.diag(1 / sigma)
+            penalty = self.prior_count * np.diag([0.0] + [1.0] * (dim - 1))
+            for a in np.flatnonzero(weight > 0):
+                gram_z = transform @ gram[a] @ transform.T
+                theta_z = np.linalg.lstsq(gram_z + penalty, transform @ target[a], rcond=None)[0]
+                theta[a] = transform.T @ theta_z
+        arrays = (theta, pooled, self._seen.copy())
+        for array in arrays:
+            array.flags.writeable = False
+        return ValueSnapshot(self._version, *arrays, self.default_action, self.margin, gate_open,
+                             self.epsilon(), self.tau)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: hyperparameters, version and statistics."""
+        return {
+            "format": FORMAT, "prior_count": self.prior_count, "lr": self.lr, "tau": self.tau,
+            "margin": self.margin, "explore_max": self.explore_max, "default_action": self.default_action,
+            "version": self._version, "gram": self._gram.copy(), "target": self._target.copy(),
+            "seen": self._seen.copy(), "uplift": self._uplift.copy(), "judged": list(self._judged),
+            "feedback": self._feedback.copy(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict`; ValueError for another layout, action count or feature count.
+
+        The statistics come from the state; the hyperparameters stay as configured now.
+        """
+        if state.get("format") != FORMAT:
+            raise ValueError(f"value model state has layout {state.get('format', 1)}, this code reads {FORMAT}")
+        gram = np.array(state["gram"], np.float64)
+        if gram.shape != self._gram.shape:
+            raise ValueError(f"state has statistics of shape {gram.shape}, the model {self._gram.shape}")
+        self._gram = gram
+        self._target = np.array(state["target"], np.float64)
+        self._seen = np.array(state["seen"], np.float64)
+        self._uplift = np.array(state["uplift"], np.float64)
+        self._judged = collections.OrderedDict.fromkeys(int(key) for key in state["judged"])
+        self._feedback = np.array(state["feedback"], np.float64)
+        self._version = int(state["version"])
+        self._snapshot = self._fit()
