@@ -252,6 +252,7 @@ class LearningCore:
             "pooled": dict(zip(self.actions, s.pooled.tolist(), strict=True)),
             "experiences_per_action": dict(zip(self.actions, s.seen.tolist(), strict=True)),
             "pooled_choice": self.actions[s.pooled_action()],
+            "preferred_over_default": [self.actions[a] for a in s.preferred],
             "default_action": self.actions[s.default_action],
             "gate": {**self.model.gate(), "open": s.gate_open},
             "margin": s.margin,
@@ -307,6 +308,7 @@ def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
         version=report["policy_version"], theta=theta,
         pooled=np.array([report["pooled"][a] for a in actions]),
         seen=np.array([report["experiences_per_action"][a] for a in actions]),
+        preferred=tuple(actions.index(a) for a in report["preferred_over_default"]),
         default_action=actions.index(report["default_action"]), margin=report["margin"],
         gate_open=report["gate"]["open"], epsilon=report["exploration_rate"], tau=report["tau"],
     )

@@ -15,11 +15,17 @@ follow a changing corpus. Features are standardised with the mean and spread of 
 seen (read from the statistics themselves), so k means the same on any collection: with k = 0
 this is least squares; as k grows every slope goes to 0 and Q(x, a) to b(a).
 
-Acting (Dudik et al. call the fallback a "default policy"; here it is the pooled row):
+Acting (Dudik et al. call the fallback a "default policy"):
 
-    a_b(x)   = argmax_a b(a)                                   the best fixed action so far
+    a_b      = the action with the best mean advantage over the default action a_0, among those
+               whose advantage is significant; else a_0                 the best fixed action so far
     a*(x)    = argmax_a Q(x, a)   if Q(x, a*) - Q(x, a_b) > margin and the gate is open, else a_b
     pi(a|x)  = (1 - eps) 1[a = a*(x)] + eps softmax(Q(x, .) / tau)(a)
+
+An action's advantage is measured on each new query before it is learned from: r(a) - r(a_0)
+when every action was rewarded, by inverse propensity otherwise; it is significant when its
+one-sided lower bound, Bonferroni-corrected over the A - 1 candidates, is above 0. Picking the
+largest of A noisy means would otherwise move a small collection off a good default by chance.
 
 The gate opens when the context model has beaten the pooled row on queries it had not learned
 from. Queries are split in FOLDS folds by a stable hash of their context, and for each fold a
@@ -44,16 +50,26 @@ import collections
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-FORMAT = 5  # state_dict layout: 5 = per-fold, per-action statistics over context features
+FORMAT = 6  # state_dict layout: 6 = per-fold, per-action statistics, advantages over the default
 FOLDS = 5  # the judging models learn from 4/5 of the queries: close to the served model, never the query
-MIN_SAMPLES = 30  # experiences per action before a_b leaves the default, and gate observations
+MIN_SAMPLES = 30  # queries of evidence before a normal bound is trusted (advantages, the gate)
 GATE_HORIZON = 500  # searches of gate evidence kept: the model it judged keeps changing
 _Z_95 = 1.6448536269514722  # one-sided 95% normal quantile
+
+
+def _lower_bound(stats: np.ndarray, z: float) -> np.ndarray:
+    """mean - z * standard error from (n, sum, sum of squares) rows; -inf below MIN_SAMPLES; (..., 3) -> (...)."""
+    n, total, squares = stats[..., 0], stats[..., 1], stats[..., 2]
+    safe = np.maximum(n, 1.0)
+    mean = total / safe
+    variance = np.maximum(squares / safe - mean * mean, 0.0)
+    return np.where(n >= MIN_SAMPLES, mean - z * np.sqrt(variance / safe), -np.inf)
 
 
 def policy_from_q(q: np.ndarray, tau: float) -> np.ndarray:
@@ -106,6 +122,7 @@ class ValueSnapshot:
     theta: np.ndarray  # (A, d + 1) coefficients on phi(x), raw feature units
     pooled: np.ndarray  # (A,) b(a)
     seen: np.ndarray  # (A,) experiences each action was rewarded in
+    preferred: tuple[int, ...]  # actions significantly better than the default, best first
     default_action: int
     margin: float
     gate_open: bool
@@ -127,11 +144,9 @@ class ValueSnapshot:
         return mask
 
     def pooled_action(self, allowed: np.ndarray | None = None) -> int:
-        """a_b among the allowed actions once each has MIN_SAMPLES experiences, else the default."""
+        """a_b: the first allowed action significantly better than the default, else the default."""
         mask = self._allowed(allowed)
-        if self.seen[mask].min() < MIN_SAMPLES:
-            return self.default_action
-        return int(np.argmax(np.where(mask, self.pooled, -np.inf)))
+        return next((a for a in self.preferred if mask[a]), self.default_action)
 
     def model_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """The context model's choice, a_b unless it beats a_b by the margin; (B, d) -> (B,).
@@ -219,6 +234,7 @@ class ValueModel:
         self._gram = np.zeros((FOLDS, n_actions, dim, dim))
         self._target = np.zeros((FOLDS, n_actions, dim))
         self._seen = np.zeros(n_actions)
+        self._advantage = np.zeros((n_actions, 3))  # per action: n, sum, sum of squares of r(a) - r(a_0)
         self._uplift = np.zeros(4)  # weight, sum, sum of squares of the cross-fitted uplift, non-zero ones
         self._judged: collections.OrderedDict[int, None] = collections.OrderedDict()  # recent context keys
         self._feedback = np.zeros(2)  # weight of experiences rewarding every action, of the others
@@ -254,16 +270,20 @@ class ValueModel:
         self._judged[key] = None
         if len(self._judged) > GATE_HORIZON:
             self._judged.popitem(last=False)
+        def gain(a: np.ndarray | int, b: int) -> np.ndarray:
+            """r(a) - r(b): exact with every reward, else its inverse-propensity estimate."""
+            if rewards is not None:
+                return np.asarray(rewards, np.float64)[a] - rewards[b]
+            return reward * ((np.asarray(a) == action).astype(np.float64) - (action == b)) / propensity
+
+        advantage = gain(np.arange(len(self._seen)), self.default_action)
+        self._advantage += np.stack([np.ones_like(advantage), advantage, advantage * advantage], axis=1)
         judge = self._holdout[fold_of(context)]
-        model = int(judge.model_actions(context)[0])
-        fallback = judge.pooled_action()
-        if rewards is not None:
-            uplift = rewards[model] - rewards[fallback]
-        else:
-            uplift = reward * ((action == model) - (action == fallback)) / propensity
+        uplift = float(gain(int(judge.model_actions(context)[0]), judge.pooled_action()))
         self._uplift += (1.0, uplift, uplift * uplift, float(uplift != 0))
-        if self._uplift[0] > GATE_HORIZON:
-            self._uplift *= GATE_HORIZON / self._uplift[0]
+        for stats in (self._advantage, self._uplift):
+            if stats[..., 0].max() > GATE_HORIZON:
+                stats *= GATE_HORIZON / stats[..., 0].max()
 
     def gate(self) -> dict[str, float | None]:
         """The cross-fitted uplift of the context model over the pooled row: n, mean, lower 95% bound.
@@ -276,9 +296,16 @@ class ValueModel:
         mean = total / n if n else 0.0
         report = {"n": float(n), "deviations": float(deviations), "mean": float(mean), "lower_95": None}
         if deviations >= MIN_SAMPLES:
-            variance = max(squares / n - mean * mean, 0.0)
-            report["lower_95"] = float(mean - _Z_95 * np.sqrt(variance / n))
+            report["lower_95"] = float(_lower_bound(np.array([n, total, squares]), _Z_95))
         return report
+
+    def _preferred(self) -> tuple[int, ...]:
+        """Actions whose advantage over the default is significant (Bonferroni), best mean first."""
+        candidates = max(len(self._seen) - 1, 1)
+        z = NormalDist().inv_cdf(1 - 0.05 / candidates)
+        better = np.flatnonzero(_lower_bound(self._advantage, z) > 0)
+        means = self._advantage[:, 1] / np.maximum(self._advantage[:, 0], 1.0)
+        return tuple(int(a) for a in better[np.argsort(-means[better], kind="stable")])
 
     def epsilon(self) -> float:
         """explore_max times the share of recent feedback that rewarded only the served action."""
@@ -334,7 +361,7 @@ class ValueModel:
         arrays = (theta, pooled, self._seen.copy())
         for array in arrays:
             array.flags.writeable = False
-        return ValueSnapshot(self._version, *arrays, self.default_action, self.margin, gate_open,
+        return ValueSnapshot(self._version, *arrays, self._preferred(), self.default_action, self.margin, gate_open,
                              self.epsilon(), self.tau)
 
     def state_dict(self) -> dict[str, Any]:
@@ -343,7 +370,8 @@ class ValueModel:
             "format": FORMAT, "prior_count": self.prior_count, "lr": self.lr, "tau": self.tau,
             "margin": self.margin, "explore_max": self.explore_max, "default_action": self.default_action,
             "version": self._version, "gram": self._gram.copy(), "target": self._target.copy(),
-            "seen": self._seen.copy(), "uplift": self._uplift.copy(), "judged": list(self._judged),
+            "seen": self._seen.copy(), "advantage": self._advantage.copy(), "uplift": self._uplift.copy(),
+            "judged": list(self._judged),
             "feedback": self._feedback.copy(),
         }
 
@@ -360,6 +388,7 @@ class ValueModel:
         self._gram = gram
         self._target = np.array(state["target"], np.float64)
         self._seen = np.array(state["seen"], np.float64)
+        self._advantage = np.array(state["advantage"], np.float64)
         self._uplift = np.array(state["uplift"], np.float64)
         self._judged = collections.OrderedDict.fromkeys(int(key) for key in state["judged"])
         self._feedback = np.array(state["feedback"], np.float64)

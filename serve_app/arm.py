@@ -25,7 +25,8 @@ from cluster.platform.settings import Settings
 from learners.learning_core import Policies
 from serve_app.experience_log import ExperienceLog
 from serve_app.answers.from_settings import composer_from_settings
-from serve_app.pipeline import ArmConfig, Cost, SearchEvent, SearchPipeline
+from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
+from serve_app.stages import Cost
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import AnswerBody, RankRequest, RankResponse, SearchRequest, SearchResponse
 from serve_app.versioned_cache import VersionedCache

@@ -111,7 +111,9 @@ class FeedbackStore:
         async with unavailable_on_connection_errors("feedback"):
             served = await self._served(request.search_id)
             rating, rating_is_new = await self._rate_answer(request, served)
-            answer_searches = [self._answer_search(served, rating)] if rating_is_new and served["answer_action"] is not None else []
+            answer_searches = []
+            if rating_is_new and served["answer_action"] is not None:
+                answer_searches = [self._answer_search(served, rating)]
             if request.judgements is None and request.clicks is None:
                 return FeedbackOutcome(request.search_id, served["arm"], served["quality"], served["cost_cpu_ms"],
                                        served["action_quality"], served["action_rewards"], rating,
@@ -154,9 +156,10 @@ class FeedbackStore:
         else:
             judgements = judgements_from_clicks(request.clicks or [])
         quality = reward(served["served_doc_ids"], judgements)
-        value = quality - self._cost_weight * served["cost_cpu_ms"]
+        learnable = served["context"] is not None  # rows served before contexts were logged are not
+        value = quality - self._cost_weight * (served["cost_cpu_ms"] or 0.0)
         action_quality = action_costs = action_rewards = None
-        if graded:
+        if graded and learnable:
             _, outcomes = await self._rank_every_action(served["arm"], served["query"], served["depth"])
             action_quality = [reward(ids, judgements) for ids, _ in outcomes]
             action_costs = [cpu_ms for _, cpu_ms in outcomes]
@@ -171,6 +174,8 @@ class FeedbackStore:
                                             action_quality, action_costs, action_rewards)
         if updated is None:  # a concurrent repeat won the race
             return self._recorded(search_id, await self._pool.fetchrow(_SERVED, search_id))
+        if not learnable:
+            return FeedbackOutcome(search_id, served["arm"], quality, None, None, None, None, False, [])
         searched = RewardedSearch(
             context=served["context"], action=served["action"], reward=value,
             propensity=served["propensity"], policy_version=served["policy_version"],

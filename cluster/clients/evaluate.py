@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 from tqdm import tqdm
 
 from cluster.data.beir import load_qrels, load_queries
+from learners.policy_scores import paired_bootstrap, queries_needed
 from learners.ranking_metrics import ndcg_at_k, precision_at_k, recall_at_k
 
 DEPTH = 100
@@ -94,13 +96,23 @@ def evaluate_dataset(
     return results
 
 
+def _ndcg(result: StrategyResult, queries: list[str]) -> np.ndarray:
+    return np.array([result.per_query[q]["ndcg@10"] for q in queries])
+
+
 def format_table(results: Sequence[StrategyResult]) -> str:
+    """The metrics, nDCG@10's 95% bootstrap interval, and each strategy paired against the best."""
+    best = max(results, key=lambda r: r.ndcg_at_10)
+    queries = sorted(best.per_query)
     lines = [
-        "| strategy | queries | nDCG@10 | P@5 | R@100 |",
-        "|---|---:|---:|---:|---:|",
+        f"| strategy | queries | nDCG@10 [95% interval] | P@5 | R@100 | - {best.strategy} [95% paired] | queries needed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r.strategy} | {r.queries} | {r.ndcg_at_10:.4f} | {r.p_at_5:.4f} | {r.r_at_100:.4f} |"
-        for r in results
-    ]
+    for r in results:
+        interval = paired_bootstrap(_ndcg(r, queries), queries)
+        differences = _ndcg(r, queries) - _ndcg(best, queries)
+        gap = paired_bootstrap(differences, queries)
+        needed = "" if r is best else f"{queries_needed(differences):.0f}"
+        lines.append(f"| {r.strategy} | {r.queries} | {r.ndcg_at_10:.4f} [{interval.low:.4f}, {interval.high:.4f}] | "
+                     f"{r.p_at_5:.4f} | {r.r_at_100:.4f} | {'' if r is best else gap} | {needed} |")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ from cluster.data.beir import load_qrels, load_queries
 from cluster.data.corpus import sample_corpus_dir
 from learners.ranking_metrics import ndcg_at_k
 from serve_app.answers.from_settings import composer_from_settings
-from serve_app.pipeline import ArmConfig, Cost, SearchPipeline
+from serve_app.pipeline import ArmConfig, SearchPipeline
+from serve_app.stages import Cost
 from serve_app.schemas import RankRequest, SearchRequest
 from serve_app.retrieval import DocumentIndex
 

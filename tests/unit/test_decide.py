@@ -6,7 +6,7 @@ from cluster.core.actions import RetrievalAction, retrieval_actions
 from cluster.core.vocabulary import Strategy
 from learners.learning_core import PolicySnapshot
 from learners.value_model import Transitions, ValueModel, compute_deltas, fold_of
-from serve_app.pipeline import decide, decide_answer
+from serve_app.decisions import decide, decide_answer
 
 ACTIONS = retrieval_actions((0.3, 0.5, 0.7))  # lexical, hybrid@0.3, hybrid@0.3+prf, hybrid@0.5, ...
 FEATURES = ("x0", "x1")
@@ -37,18 +37,18 @@ def run(requested=None, default=Strategy.HYBRID_COMPLETE, current=None, use_poli
 @pytest.mark.parametrize("requested", ORIGINAL)
 def test_a_requested_original_strategy_wins_with_propensity_one_and_no_index(requested):
     decision = run(requested, current=policy())
-    assert (decision.action, decision.strategy, decision.index, decision.propensity) == (
+    assert (decision.action, decision.name, decision.index, decision.propensity) == (
         None, requested, None, 1.0)
     assert decision.probabilities == () and decision.policy_version == 7
 
 
 def test_requested_hybrid_complete_maps_to_the_action_at_the_fusion_weight():
     decision = run(Strategy.HYBRID_COMPLETE, default=Strategy.LEXICAL, current=policy())
-    assert decision.action == RetrievalAction(FUSION_WEIGHT) and decision.strategy == "hybrid@0.5"
+    assert decision.action == RetrievalAction(FUSION_WEIGHT) and decision.name == "hybrid@0.5"
     assert decision.index == AT_FUSION_WEIGHT and decision.propensity == 1.0
     assert decision.probabilities == tuple(float(i == AT_FUSION_WEIGHT) for i in range(len(ACTIONS)))
     other = run(Strategy.HYBRID_COMPLETE, current=policy(), fusion_weight=0.7)
-    assert other.index == 5 and other.strategy == "hybrid@0.7"
+    assert other.index == 5 and other.name == "hybrid@0.7"
 
 
 def test_a_fusion_weight_outside_the_grid_is_served_but_not_an_action():
@@ -59,13 +59,13 @@ def test_a_fusion_weight_outside_the_grid_is_served_but_not_an_action():
 @pytest.mark.parametrize("default", [Strategy.HYBRID_RRF, Strategy.HYBRID_COMPLETE])
 def test_without_the_bandit_the_default_is_served(default):
     decision = run(default=default, current=policy(), use_policy=False)
-    assert decision.strategy == (default if default in ORIGINAL else "hybrid@0.5")
+    assert decision.name == (default if default in ORIGINAL else "hybrid@0.5")
     assert decision.propensity == 1.0 and decision.policy_version == 7
 
 
 def test_the_bandit_without_a_policy_serves_the_default_action_with_certainty():
     decision = run(current=None)
-    assert decision.index == AT_FUSION_WEIGHT and decision.strategy == "hybrid@0.5"
+    assert decision.index == AT_FUSION_WEIGHT and decision.name == "hybrid@0.5"
     assert decision.probabilities == tuple(float(i == AT_FUSION_WEIGHT) for i in range(len(ACTIONS)))
     assert decision.propensity == 1.0 and decision.policy_version == 0
 
@@ -82,7 +82,7 @@ def test_the_bandit_samples_from_the_policy_and_logs_the_propensity_of_its_choic
     np.testing.assert_allclose([d.propensity for d in decisions], expected[indices], rtol=1e-12)
     np.testing.assert_allclose([d.probabilities for d in decisions[:50]], np.tile(expected, (50, 1)), rtol=1e-12)
     for d in decisions[:50]:
-        assert d.action == ACTIONS[d.index] and d.strategy == ACTIONS[d.index].name and d.policy_version == 7
+        assert d.action == ACTIONS[d.index] and d.name == ACTIONS[d.index].name and d.policy_version == 7
     counts = np.bincount(indices, minlength=len(ACTIONS))
     chi2 = ((counts - n * expected) ** 2 / (n * expected)).sum()
     assert chdtrc(len(ACTIONS) - 1, chi2) > 0.001
@@ -111,13 +111,13 @@ def answer_policy(explore_max: float) -> PolicySnapshot:
 def test_a_named_answer_mode_is_served_as_asked_and_not_learned_from():
     decision = decide_answer(CONTEXT, "extractive", False, MODES, True, answer_policy(0.5), True,
                              np.random.default_rng(0))
-    assert (decision.strategy, decision.index, decision.propensity) == ("extractive", None, 1.0)
+    assert (decision.name, decision.index, decision.propensity) == ("extractive", None, 1.0)
 
 
 def test_auto_without_the_bandit_serves_the_rule_as_a_logged_certain_choice():
     decision = decide_answer(CONTEXT, "generated", True, MODES, False, answer_policy(0.5), False,
                              np.random.default_rng(0))
-    assert (decision.strategy, decision.index, decision.probabilities) == ("generated", 1, (0.0, 1.0, 0.0))
+    assert (decision.name, decision.index, decision.probabilities) == ("generated", 1, (0.0, 1.0, 0.0))
 
 
 @pytest.mark.parametrize("debate_allowed", [True, False])
@@ -131,4 +131,4 @@ def test_the_answer_policy_samples_its_probabilities_and_debates_only_where_allo
     assert probabilities[1] > 0.5 and bool(probabilities[2] > 0) is debate_allowed
     counts = np.bincount([d.index for d in decisions], minlength=len(MODES))
     assert np.abs(counts / len(decisions) - probabilities).max() < 0.03
-    assert all(d.propensity == probabilities[d.index] and d.strategy == MODES[d.index] for d in decisions)
+    assert all(d.propensity == probabilities[d.index] and d.name == MODES[d.index] for d in decisions)

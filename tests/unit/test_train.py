@@ -22,7 +22,7 @@ MATRIX = policy_scores.TestMatrix(
 def policy(gate_open: bool = True, epsilon: float = 0.0) -> ValueSnapshot:
     """Q(x, .) = [0, x, -x]: action 1 where x > 0, action 2 where x < 0; the pooled row picks 0."""
     theta = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-    return ValueSnapshot(3, theta, np.array([0.1, 0.0, 0.0]), np.full(3, 100.0), 0, 0.0, gate_open, epsilon, 0.5)
+    return ValueSnapshot(3, theta, np.array([0.1, 0.0, 0.0]), np.full(3, 100.0), (), 0, 0.0, gate_open, epsilon, 0.5)
 
 
 def test_split_half_is_disjoint_complete_and_depends_on_ids_and_seed_only():
