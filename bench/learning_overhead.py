@@ -70,7 +70,7 @@ from _harness import (  # noqa: E402
 )
 from cluster.actors import NAMESPACE  # noqa: E402
 from cluster.actors.learning_state import ACTOR_NAME, LearningState  # noqa: E402
-from cluster.actors.start import learning_state  # noqa: E402
+from cluster.actors.start import learning_heads, learning_state  # noqa: E402
 from cluster.core.vocabulary import Arm, Flag  # noqa: E402
 from cluster.data.beir import load_queries  # noqa: E402
 from cluster.data.corpus import sample_corpus_dir  # noqa: E402
@@ -203,8 +203,7 @@ def create_learning_state(database_url: str, settings: Settings) -> ray.actor.Ac
     """
     return LearningState.options(
         name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
-    ).remote(database_url, settings.learning, [a.name for a in settings.retrieval.actions],
-              settings.retrieval.default_action)
+    ).remote(database_url, settings.learning, learning_heads(settings))
 
 
 def kill_learning_state() -> None:
@@ -228,7 +227,7 @@ def measure_memory(settings: Settings) -> MemoryResult:
         process = psutil.Process(learning_state_pid())
         rss_before = process.memory_info().rss
         for start in tqdm(range(0, len(experiences), ADD_BATCH), desc="add experiences", unit="batch"):
-            ray.get(actor.add.remote(experiences[start : start + ADD_BATCH]))
+            ray.get(actor.add.remote("retrieval", experiences[start : start + ADD_BATCH]))
         stats = ray.get(actor.stats.remote())
         rss_after = process.memory_info().rss
         kill_learning_state()

@@ -31,15 +31,19 @@ def _named(name: str) -> dict:
     return {"name": name, "namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
 
 
+def learning_heads(settings: Settings) -> dict[str, Head]:
+    """What each head of the learning actor chooses among, from the settings."""
+    retrieval, answers = settings.retrieval, settings.answers
+    return {"retrieval": Head(tuple(action.name for action in retrieval.actions), retrieval.default_action),
+            "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
+
+
 def start_actors(settings: Settings) -> ClusterActors:
     """Create the actors, or find the running ones; `settings.database.url` must be resolved."""
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
-    retrieval, answers = settings.retrieval, settings.answers
-    heads = {"retrieval": Head(tuple(action.name for action in retrieval.actions), retrieval.default_action),
-             "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
-    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning, heads)
+    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning, learning_heads(settings))
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),

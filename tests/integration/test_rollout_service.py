@@ -25,7 +25,10 @@ async def service(live_settings, deployed):
     rollout = live_settings.rollout
     settings = dataclasses.replace(
         live_settings,
-        rollout=dataclasses.replace(rollout, plan=dataclasses.replace(rollout.plan, guard=FAST_GUARD)),
+        # The latency gate is unit-tested (tests/unit/test_rollout.py); here the p95 of a few dozen
+        # requests on a busy machine must not roll the treatment back under the routing tests.
+        rollout=dataclasses.replace(rollout, plan=dataclasses.replace(
+            rollout.plan, guard=FAST_GUARD, gates=dataclasses.replace(rollout.plan.gates, max_p95_increase_ms=60_000))),
         learning=dataclasses.replace(
             live_settings.learning, core=dataclasses.replace(live_settings.learning.core, min_replay_size=4)),
     )
