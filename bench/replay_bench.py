@@ -117,6 +117,7 @@ def columns(n: int, start: int = 0) -> dict[str, np.ndarray]:
     context = ((k[:, None] + np.arange(CONTEXT_DIM)) % 97 / 97).astype(np.float32)
     return {
         "context": context,
+        "fold": k % 5,
         "action": k % 7,
         "reward": (k % 10) / 10,
         "propensity": np.full(n, 1 / 7),
