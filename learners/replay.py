@@ -18,13 +18,15 @@ non-zero leaf of a block (or the last non-zero block) onward are +inf, so a pref
 a total still lands on a non-zero leaf without a clamp. K = 64 beat 32, 128 and 256 overall: the
 gather grows with K, the root with 1 / K.
 
-Microseconds per `sample()` with weights and columns (bench/replay_bench.py, 2-core VM; the
-full table is in bench/RESULTS.md):
+Microseconds per `sample()` with weights and the service's columns (a 14-number context and its
+next context; bench/replay_bench.py, 2-core VM; the full table is in bench/RESULTS.md):
 
     capacity      batch 32: this / Python tree / RLlib     batch 256: this / Python tree / RLlib
-    10_000              48 / 101 /   962                         78 /   729 /  6_557
-    100_000             47 / 157 / 1_062                        118 / 1_182 /  7_501
-    1_000_000           69 / 297 / 1_492                        234 / 2_745 / 15_094
+    10_000              40 /  73 /   778                         82 /   550 /  5_289
+    100_000             47 / 125 /   932                        143 /   977 /  6_747
+    1_000_000          208 / 215 / 1_444                        417 / 1_717 /  9_279
+
+At a million slots the gather of two (capacity, 14) float arrays at random rows dominates.
 
 The price is paid on writes: `add` and `update_priorities` are about fifteen numpy calls, 60-150
 us. Adding one experience costs about what RLlib's does (a Python tree: 3 us), updating 32
