@@ -127,7 +127,6 @@ class Policies:
 class LearningCore:
     def __init__(self, actions: Sequence[str], features: Sequence[str], default_action: int,
                  config: LearningConfig):
-        self._default_action = default_action
         self.actions = tuple(actions)
         self.features = tuple(features)
         self.config = config
@@ -150,10 +149,6 @@ class LearningCore:
         self.updates_applied = 0
         self.updates_rejected = 0
         self.last_context: list[float] | None = None  # the sample context of `model_report`
-
-    def fresh(self) -> LearningCore:
-        """A new core with the same actions, features and configuration, at version 0."""
-        return LearningCore(self.actions, self.features, self._default_action, self.config)
 
     def forget(self) -> None:
         """Start learning afresh: an empty replay and a fresh model at a new version."""

@@ -270,6 +270,7 @@ class ValueModel:
         self._judged[key] = None
         if len(self._judged) > GATE_HORIZON:
             self._judged.popitem(last=False)
+
         def gain(a: np.ndarray | int, b: int) -> np.ndarray:
             """r(a) - r(b): exact with every reward, else its inverse-propensity estimate."""
             if rewards is not None:
@@ -278,7 +279,7 @@ class ValueModel:
 
         advantage = gain(np.arange(len(self._seen)), self.default_action)
         self._advantage += np.stack([np.ones_like(advantage), advantage, advantage * advantage], axis=1)
-        judge = self._holdout[fold_of(context)]
+        judge = self._judges()[fold_of(context)]
         uplift = float(gain(int(judge.model_actions(context)[0]), judge.pooled_action()))
         self._uplift += (1.0, uplift, uplift * uplift, float(uplift != 0))
         for stats in (self._advantage, self._uplift):
@@ -324,19 +325,29 @@ class ValueModel:
         self._gram += delta.gram
         self._target += delta.target
         horizon = 1 / self.lr
-        weight = self._gram[:, :, 0, 0].sum(axis=0)  # (A,) over both folds
+        weight = self._gram[:, :, 0, 0].sum(axis=0)  # (A,) over every fold
         scale = np.where(weight > horizon, horizon / np.maximum(weight, horizon), 1.0)
         self._gram *= scale[None, :, None, None]
         self._target *= scale[None, :, None]
         return self.refresh().version
 
     def _fit(self) -> ValueSnapshot:
-        """The served model on every sample, and per fold the model without it, for the gate to judge with."""
+        """The served model on every sample; the gate's judges are fitted when a query needs them."""
         lower = self.gate()["lower_95"]
-        gram, target = self._gram.sum(axis=0), self._target.sum(axis=0)
-        self._holdout = [self._snapshot_of(gram - self._gram[f], target - self._target[f], False)
-                         for f in range(FOLDS)]
-        return self._snapshot_of(gram, target, lower is not None and lower > 0)
+        seen = self._seen.copy()
+        seen.flags.writeable = False
+        self._shared = (seen, self._preferred(), self.epsilon())  # what every snapshot of this version shares
+        self._holdout: list[ValueSnapshot] | None = None
+        return self._snapshot_of(self._gram.sum(axis=0), self._target.sum(axis=0), lower is not None and lower > 0)
+
+    def _judges(self) -> list[ValueSnapshot]:
+        """Per fold, the model fitted without it (cross-fitting): learners' updates only refit them
+        once a new query is judged, not on every delta."""
+        if self._holdout is None:
+            gram, target = self._gram.sum(axis=0), self._target.sum(axis=0)
+            self._holdout = [self._snapshot_of(gram - self._gram[f], target - self._target[f], False)
+                             for f in range(FOLDS)]
+        return self._holdout
 
     def _snapshot_of(self, gram: np.ndarray, target: np.ndarray, gate_open: bool) -> ValueSnapshot:
         """theta_a by ridge in standard units (slopes shrunk to 0 by k, intercept free), per action."""
@@ -358,11 +369,11 @@ class ValueModel:
                 gram_z = transform @ gram[a] @ transform.T
                 theta_z = np.linalg.lstsq(gram_z + penalty, transform @ target[a], rcond=None)[0]
                 theta[a] = transform.T @ theta_z
-        arrays = (theta, pooled, self._seen.copy())
-        for array in arrays:
+        for array in (theta, pooled):
             array.flags.writeable = False
-        return ValueSnapshot(self._version, *arrays, self._preferred(), self.default_action, self.margin, gate_open,
-                             self.epsilon(), self.tau)
+        seen, preferred, epsilon = self._shared
+        return ValueSnapshot(self._version, theta, pooled, seen, preferred, self.default_action, self.margin,
+                             gate_open, epsilon, self.tau)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: hyperparameters, version and statistics."""

@@ -160,6 +160,7 @@ class Ingress:
                 await asyncio.wait_for(self._learning.add.remote(head, searches), _ACTOR_TIMEOUT_S)
             except Exception as error:
                 log.warning("experience not handed to the learning actor", extra={"head": head, "error": repr(error)})
+
         def by_action(values: list[float] | None) -> dict[str, float] | None:
             return None if values is None else dict(zip(self._actions, values, strict=True))
 

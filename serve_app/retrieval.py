@@ -45,7 +45,7 @@ SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
 WHERE p.doc_id = ANY($4::text[])
 GROUP BY p.doc_id"""
 
-# Inverse document frequency of each query term the corpus has, with the collection size.
+# Inverse document frequency of each query term the corpus has.
 _TERM_IDF = f"""{_QUERY_TERMS}
 SELECT ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf
 FROM query_terms q
@@ -79,14 +79,9 @@ class DocumentIndex:
         self._b = bm25_b
         self._ef_search = ef_search
 
-    async def lexical(self, query: str, k: int) -> Ranking:
-        """Top `k` documents by BM25; documents sharing no term with the query are absent."""
-        async with unavailable_on_connection_errors("lexical retrieval"):
-            rows = await self._pool.fetch(_BM25, query, self._k1, self._b, k)
-        return [(row["doc_id"], float(row["score"])) for row in rows]
-
     async def lexical_with_idf(self, query: str, k: int) -> tuple[Ranking, list[float]]:
-        """`lexical`, and the idf of each query term the corpus has, on one connection."""
+        """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
+        idf of each query term the corpus has, on one connection."""
         async with unavailable_on_connection_errors("lexical retrieval"), self._pool.acquire() as connection:
             rows = await connection.fetch(_BM25, query, self._k1, self._b, k)
             idf = await connection.fetch(_TERM_IDF, query)

@@ -41,7 +41,6 @@ class Cost:
         return Cost(self.cpu_ms + other.cpu_ms, self.wall_ms + other.wall_ms)
 
 
-
 class QueryStages:
     """The stages of one query after its lexical stage, each run at most once, with its cost."""
 
@@ -54,57 +53,53 @@ class QueryStages:
         self._stages: dict[str, tuple[Any, Cost]] = {}
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
-    async def _stage(self, name: str, run: Callable[[], Awaitable[tuple[Any, float]]]) -> Any:
-        """Run `run` once (it returns a value and its CPU ms); its wall time is measured here."""
+    async def _stage(self, name: str, run: Callable[[], Awaitable[Any]], *, reports_cpu: bool = False) -> Any:
+        """Run `run` once and time it. Its CPU is its wall time (SQL: a cached statement keeps its
+        backend on the CPU that long), unless `reports_cpu`: then it returns (value, CPU ms)."""
         async with self._locks[name]:
             if name not in self._stages:
                 started = time.perf_counter()
-                value, cpu_ms = await run()
-                self._stages[name] = value, Cost(cpu_ms, (time.perf_counter() - started) * 1000)
+                value = await run()
+                wall_ms = (time.perf_counter() - started) * 1000
+                value, cpu_ms = value if reports_cpu else (value, wall_ms)
+                self._stages[name] = value, Cost(cpu_ms, wall_ms)
         return self._stages[name][0]
 
-    async def _timed_sql(self, call: Awaitable[Any]) -> tuple[Any, float]:
-        started = time.perf_counter()
-        value = await call
-        return value, (time.perf_counter() - started) * 1000
-
     async def vector(self) -> np.ndarray:
-        return await self._stage("embed", lambda: self._embed_query(self.query))
+        return await self._stage("embed", lambda: self._embed_query(self.query), reports_cpu=True)
 
     async def dense(self) -> Ranking:
         vector = await self.vector()
-        return await self._stage("dense", lambda: self._timed_sql(self._index.dense(vector, self._k)))
+        return await self._stage("dense", lambda: self._index.dense(vector, self._k))
 
     async def prf_vector(self) -> np.ndarray:
         """The query vector plus the mean of its top PRF_DOCS dense hits' vectors, unit length."""
         dense, vector = await self.dense(), await self.vector()
 
-        async def run() -> tuple[np.ndarray, float]:
-            started = time.perf_counter()
+        async def run() -> np.ndarray:
             top = await self._index.vectors([doc_id for doc_id, _ in dense[:PRF_DOCS]])
             moved = vector + np.mean(list(top.values()), axis=0) if top else vector
-            return moved / max(float(np.linalg.norm(moved)), 1e-12), (time.perf_counter() - started) * 1000
+            return moved / max(float(np.linalg.norm(moved)), 1e-12)
 
         return await self._stage("prf_vectors", run)
 
     async def prf_dense(self) -> Ranking:
         vector = await self.prf_vector()
-        return await self._stage("prf_dense", lambda: self._timed_sql(self._index.dense(vector, self._k)))
+        return await self._stage("prf_dense", lambda: self._index.dense(vector, self._k))
 
     async def complete_scores(self, prf: bool) -> tuple[dict[str, float], dict[str, float]]:
         """(BM25, cosine) of every candidate of the lexical and the (PRF) dense list."""
         dense = await (self.prf_dense() if prf else self.dense())
         vector = await (self.prf_vector() if prf else self.vector())
 
-        async def run() -> tuple[tuple[dict[str, float], dict[str, float]], float]:
-            started = time.perf_counter()
+        async def run() -> tuple[dict[str, float], dict[str, float]]:
             lexical, cosine = dict(self.lexical), dict(dense)
             missing_lexical = [d for d in cosine if d not in lexical]
             missing_dense = [d for d in lexical if d not in cosine]
             more_lexical, more_cosine = await asyncio.gather(
                 self._index.lexical_scores(self.query, missing_lexical),
                 self._index.dense_scores(vector, missing_dense))
-            return ({**more_lexical, **lexical}, {**more_cosine, **cosine}), (time.perf_counter() - started) * 1000
+            return {**more_lexical, **lexical}, {**more_cosine, **cosine}
 
         return await self._stage("complete_prf" if prf else "complete", run)
 

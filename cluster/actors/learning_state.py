@@ -103,7 +103,8 @@ class LearningState:
                     log.warning("checkpoint not restored; rebuilding from the recorded rewards",
                                 extra={"policy_version": checkpoint["policy_version"], "error": repr(error)})
                     checkpoint = None
-                    self._cores = {name: core.fresh() for name, core in self._cores.items()}
+                    for core in self._cores.values():  # one head may have loaded before the other refused
+                        core.forget()
             rows = {name: await connection.fetch(_REWARDED_SINCE[name], since, core.config.capacity)
                     for name, core in self._cores.items()}
         finally:

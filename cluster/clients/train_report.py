@@ -30,11 +30,22 @@ CPU_SAVING = 0.25
 Policy = Callable[[SeedRun], np.ndarray]  # a run -> probabilities (Q, A) on its test queries
 
 
+def _always(action: int) -> Policy:
+    return lambda run: fixed(run.test, action)
+
+
+def _greedy_at(judged: int) -> Policy:
+    return lambda run: greedy(run.test, run.snapshot_at(judged).policy)
+
+
+def _served_at(judged: int) -> Policy:
+    return lambda run: served(run.test, run.snapshot_at(judged).policy)
+
+
 def _policies(report: TrainingReport, judged: int) -> dict[str, Policy]:
-    policies: dict[str, Policy] = {
-        f"fixed: {name}": (lambda run, a=a: fixed(run.test, a)) for a, name in enumerate(report.actions)}
-    policies["learned, greedy"] = lambda run: greedy(run.test, run.snapshot_at(judged).policy)
-    policies["learned, as served"] = lambda run: served(run.test, run.snapshot_at(judged).policy)
+    policies = {f"fixed: {name}": _always(a) for a, name in enumerate(report.actions)}
+    policies["learned, greedy"] = _greedy_at(judged)
+    policies["learned, as served"] = _served_at(judged)
     return policies
 
 
@@ -52,7 +63,7 @@ def _difference(report: TrainingReport, a: Policy, b: Policy, metric: str) -> tu
     return paired_bootstrap(differences, queries), queries_needed(differences)
 
 
-def _best_fixed(report: TrainingReport, judged: int, by_reward: bool) -> Policy:
+def _best_fixed(judged: int, by_reward: bool) -> Policy:
     """Per seed, the fixed action with the best training mean over the first `judged` queries."""
     return lambda run: fixed(run.test, run.best_fixed(run.snapshot_at(judged).judged, by_reward))
 
@@ -68,25 +79,22 @@ def policy_table(report: TrainingReport, judged: int) -> list[dict[str, Any]]:
 
 def checks(report: TrainingReport) -> list[dict[str, Any]]:
     """The issue's checks on this collection, each with its interval and verdict."""
-    final = report.final_judged
-    learned_greedy = lambda run: greedy(run.test, run.snapshot_at(final).policy)  # noqa: E731
-    served_at = lambda judged: lambda run: served(run.test, run.snapshot_at(judged).policy)  # noqa: E731
-    greedy_at = lambda judged: lambda run: greedy(run.test, run.snapshot_at(judged).policy)  # noqa: E731
+    learned_greedy = _greedy_at(report.final_judged)
     results = []
-    regret, need = _difference(report, served_at(NO_REGRET_AT), _best_fixed(report, NO_REGRET_AT, False), "quality")
+    regret, need = _difference(report, _served_at(NO_REGRET_AT), _best_fixed(NO_REGRET_AT, False), "quality")
     results.append({"check": f"no regret: served - best fixed nDCG@10 after {NO_REGRET_AT} judged, one-sided "
                     f"lower bound >= -{NO_REGRET_MARGIN}", "interval": regret, "queries_needed": need,
                     "passed": bool(regret.lower_95 >= -NO_REGRET_MARGIN)})
     for a, name in enumerate(report.actions):
-        gain, need = _difference(report, learned_greedy, lambda run, a=a: fixed(run.test, a), "reward")
+        gain, need = _difference(report, learned_greedy, _always(a), "reward")
         results.append({"check": f"strict gain: learned - {name} reward, 95% interval above 0",
                         "interval": gain, "queries_needed": need, "passed": bool(gain.low > 0)})
     default = report.runs[0].snapshots[0].policy.default_action
-    (learned, _), (always, _) = _pooled(report, learned_greedy), _pooled(report, lambda run: fixed(run.test, default))
+    (learned, _), (always, _) = _pooled(report, learned_greedy), _pooled(report, _always(default))
     saving = 1 - learned.cost.mean() / always.cost.mean()
     results.append({"check": f"CPU of the controlled stages at least {CPU_SAVING:.0%} below "
                     f"{report.actions[default]}", "saving": float(saving), "passed": bool(saving >= CPU_SAVING)})
-    gap, need = _difference(report, served_at(SERVED_AT), greedy_at(SERVED_AT), "quality")
+    gap, need = _difference(report, _served_at(SERVED_AT), _greedy_at(SERVED_AT), "quality")
     results.append({"check": f"served within {SERVED_MARGIN} nDCG@10 of greedy after {SERVED_AT} judged",
                     "interval": gap, "queries_needed": need,
                     "passed": bool(gap.low >= -SERVED_MARGIN and gap.high <= SERVED_MARGIN)})

@@ -8,6 +8,7 @@ import pytest
 from cluster.platform.database import create_pool
 from cluster.data.ingest import ingest
 from cluster.platform.migrate import migrate
+from serve_app.fusion import Ranking
 from serve_app.retrieval import DocumentIndex
 
 pytestmark = pytest.mark.integration
@@ -21,6 +22,12 @@ async def empty_pool(fresh_database_url: str, live_settings):
     pool = await create_pool(fresh_database_url, live_settings.database)
     yield pool
     await pool.close()
+
+
+async def lexical(index: DocumentIndex, query: str, k: int) -> Ranking:
+    """The BM25 ranking alone."""
+    ranking, _ = await index.lexical_with_idf(query, k)
+    return ranking
 
 
 def write_corpus(path: Path, records: list[object]) -> Path:
@@ -56,14 +63,14 @@ async def test_changed_document_is_rewritten_with_its_postings(empty_pool, embed
     write_corpus(corpus, [{"_id": "a", "text": "Tulips bloom in spring."},
                           {"_id": "b", "text": "Owls hunt at night."}])
     await ingest(empty_pool, corpus, embedder.encode, show_progress=False)
-    assert [d for d, _ in await index.lexical("tulips", 5)] == ["a"]
+    assert [d for d, _ in await lexical(index, "tulips", 5)] == ["a"]
 
     write_corpus(corpus, [{"_id": "a", "text": "Sunflowers follow the sun."},
                           {"_id": "b", "text": "Owls hunt at night."}])
     report = await ingest(empty_pool, corpus, embedder.encode, show_progress=False)
     assert (report.inserted, report.updated, report.unchanged) == (0, 1, 1)
-    assert await index.lexical("tulips", 5) == []
-    assert [d for d, _ in await index.lexical("sunflowers", 5)] == ["a"]
+    assert await lexical(index, "tulips", 5) == []
+    assert [d for d, _ in await lexical(index, "sunflowers", 5)] == ["a"]
     stats = await empty_pool.fetchrow("SELECT n_docs, avg_doc_len FROM corpus_stats")
     assert stats["n_docs"] == 2 and stats["avg_doc_len"] > 0
 
@@ -91,4 +98,4 @@ async def test_bm25_score_matches_a_hand_computation(empty_pool, embedder, tmp_p
     # N = 2, avgdl = (3 + 1) / 2, df(appl) = 1, tf = 2, dl = 3: Lucene idf and BM25 saturation.
     idf = math.log(1 + (2 - 1 + 0.5) / (1 + 0.5))
     expected = idf * 2 * (k1 + 1) / (2 + k1 * (1 - b + b * 3 / 2))
-    assert await index.lexical("apples", 5) == [("a", pytest.approx(expected))]
+    assert await lexical(index, "apples", 5) == [("a", pytest.approx(expected))]
