@@ -179,7 +179,7 @@ def synthetic_experiences(count: int, actions: int, seed: int = 0) -> list[Rewar
     chosen = rng.integers(actions, size=count)
     rewards = rng.random(count)
     return [
-        RewardedSearch(x.tolist(), int(a), float(r), 1.0 / actions, 0)
+        RewardedSearch(x.tolist(), int(a), quality=float(r), cost=0.0, propensity=1.0 / actions, policy_version=0)
         for x, a, r in zip(contexts, chosen, rewards, strict=True)
     ]
 

@@ -1,7 +1,8 @@
 """What the `LearningState` actor holds, without Ray or a database: replay, value model, rate limit.
 
-Flow: rewarded experiences are `add`ed: the value model first scores itself on them (the gate's
-prequential evidence, `ValueModel.observe`), then they enter the prioritized replay. A learner
+Flow: searches with their measured quality and costs are `add_searches`ed: each gets its rewards,
+the value model first scores itself on them (the gate's prequential evidence, `ValueModel.observe`),
+then they enter the prioritized replay. A learner
 `sample`s a batch together with the snapshot it must compute against, computes the batch's
 statistics and TD errors elsewhere (`learners.value_model.compute_deltas`), and hands them back
 to `apply_update`, which adds them, refits, bumps the version and re-prioritises the sampled slots.
@@ -9,6 +10,11 @@ to `apply_update`, which adds them, refits, bumps the version and re-prioritises
 Samples per insert (as in Reverb's rate limiter): sampling is refused while the experiences
 drawn so far exceed `samples_per_insert` times those inserted, so a fast learner cannot fit the
 same few experiences over and over while traffic is slow.
+
+Reward: r(a) = quality(a) - cost_weight * c(a), where c(a) is the action's expected CPU ms, the
+mean of its last COST_MEMORY measured costs. The cost a stage measures for one search carries the
+machine's load (on a busy 2-core machine a dense side's 56 ms varied by +-25 ms from search to
+search): noise no context can predict, which would bury a per-query choice worth a few ms.
 
 Staleness: a delta computed on a snapshot more than `max_staleness` versions old is rejected,
 since its TD targets and priorities came from values that later updates have already moved.
@@ -24,6 +30,8 @@ import numpy as np
 
 from learners.replay import PrioritizedReplayBuffer, experience_columns
 from learners.value_model import Transitions, ValueDelta, ValueModel, ValueSnapshot, fold_of
+
+COST_MEMORY = 1000  # measured costs per action in its expected cost: its noise falls below 1 ms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,7 @@ class LearningConfig:
     samples_per_insert: float
     min_replay_size: int
     max_staleness: int
+    cost_weight: float  # lambda: reward = quality - lambda * expected CPU ms
     seed: int | None = None  # of the replay's sampling; set in tests that replay a sequence
 
 
@@ -62,33 +71,43 @@ class Experience:
 class RewardedSearch:
     """A served search joined with its feedback, as the `experiences` table stores it.
 
-    With graded feedback every action's reward is known (`action_rewards`, computed at feedback
-    time), so one search teaches every action, each with the probability the behaviour policy
-    gave it; with clicks only the served action's reward is.
+    With graded feedback every action's quality and cost are known (`action_quality`,
+    `action_costs`, measured at feedback time), so one search teaches every action, each with the
+    probability the behaviour policy gave it; with clicks only the served action's are.
     """
 
     context: Sequence[float]
     action: int
-    reward: float  # of the served action: quality - cost_weight * CPU ms
+    quality: float  # of the served action: nDCG of its list, or the answer's rating
+    cost: float  # CPU ms the served action's stages took
     propensity: float
     policy_version: int
     next_context: Sequence[float] | None = None
-    action_rewards: Sequence[float] | None = None
+    action_quality: Sequence[float] | None = None
+    action_costs: Sequence[float] | None = None
     action_probabilities: Sequence[float] | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RewardedSearch:
         return cls(**{field.name: row[field.name] for field in dataclasses.fields(cls)})
 
-    def experiences(self) -> list[Experience]:
-        """The served action's experience, then one per other action when all were rewarded."""
-        served = Experience(self.context, self.action, self.reward, self.propensity, self.policy_version,
-                            self.next_context)
-        if self.action_rewards is None or self.action_probabilities is None:
+    @property
+    def graded(self) -> bool:
+        """Whether every action was measured."""
+        return self.action_quality is not None and self.action_costs is not None
+
+    def experiences(self, rewards: Sequence[float]) -> list[Experience]:
+        """The served action's experience, then one per other action when all were measured.
+
+        `rewards`: per action, as the learner defines them (only the served one's is read for clicks).
+        """
+        served = Experience(self.context, self.action, rewards[self.action], self.propensity,
+                            self.policy_version, self.next_context)
+        if not self.graded or self.action_probabilities is None:
             return [served]
         others = [
             Experience(self.context, a, r, self.action_probabilities[a], self.policy_version, self.next_context)
-            for a, r in enumerate(self.action_rewards) if a != self.action
+            for a, r in enumerate(rewards) if a != self.action
         ]
         return [served, *others]
 
@@ -144,6 +163,8 @@ class LearningCore:
 
     def _empty_replay(self) -> None:
         self.buffer = self._new_buffer()
+        self.expected_cost = np.zeros(len(self.actions))  # (A,) c(a): mean of the last measured costs
+        self.costs_measured = np.zeros(len(self.actions))  # (A,) how many, up to COST_MEMORY
         self.inserted = 0
         self.sampled = 0
         self.updates_applied = 0
@@ -156,14 +177,38 @@ class LearningCore:
         self.model.forget()
 
     def add_searches(self, searches: Sequence[RewardedSearch]) -> int:
-        """Score the model on each new search (the gate), then insert its experiences; the buffer size."""
+        """Reward each new search, score the model on it (the gate), then insert its experiences;
+        returns the buffer size."""
+        experiences = []
         for search in searches:
-            self.model.observe(search.context, search.action, search.action_rewards, search.reward,
-                               search.propensity)
+            rewards = self.rewards(search)
+            self.model.observe(search.context, search.action, rewards if search.graded else None,
+                               float(rewards[search.action]), search.propensity)
+            experiences += search.experiences(rewards.tolist())
         if searches:
             self.model.refresh()
             self.last_context = list(searches[-1].context)
-        return self.add([e for search in searches for e in search.experiences()])
+        return self.add(experiences)
+
+    def rewards(self, search: RewardedSearch) -> np.ndarray:
+        """r(a) = quality(a) - cost_weight * c(a) per action, after counting the search's costs; (A,).
+
+        Only the served action's entry means anything for a click.
+        """
+        if not 0 <= search.action < len(self.actions):
+            raise ValueError(f"action {search.action} is not in [0, {len(self.actions)})")
+        quality = np.zeros(len(self.actions))
+        if search.graded:
+            quality[:] = search.action_quality
+            self._measure_costs(np.arange(len(self.actions)), np.asarray(search.action_costs, np.float64))
+        quality[search.action] = search.quality
+        self._measure_costs(np.array([search.action]), np.array([search.cost], np.float64))
+        return quality - self.config.cost_weight * self.expected_cost
+
+    def _measure_costs(self, actions: np.ndarray, costs: np.ndarray) -> None:
+        """Fold measured costs into c(a): a running mean over the last COST_MEMORY (exponential beyond)."""
+        self.costs_measured[actions] = np.minimum(self.costs_measured[actions] + 1, COST_MEMORY)
+        self.expected_cost[actions] += (costs - self.expected_cost[actions]) / self.costs_measured[actions]
 
     def add(self, experiences: Sequence[Experience]) -> int:
         """Insert rewarded experiences at max priority; returns the buffer size."""
@@ -249,10 +294,13 @@ class LearningCore:
             "pooled_choice": self.actions[s.pooled_action()],
             "preferred_over_default": [self.actions[a] for a in s.preferred],
             "default_action": self.actions[s.default_action],
-            "gate": {**self.model.gate(), "open": s.gate_open},
+            "gates": {a: {**gate, "open": i in s.open_actions}
+                      for i, (a, gate) in enumerate(zip(self.actions, self.model.gates(), strict=True))},
             "margin": s.margin,
             "exploration_rate": s.epsilon,
             "tau": s.tau,
+            "cost_weight": self.config.cost_weight,
+            "expected_cost_cpu_ms": dict(zip(self.actions, self.expected_cost.tolist(), strict=True)),
         }
         if sample_context is not None:
             values = s.values(np.asarray(sample_context, np.float64))[0]
@@ -275,6 +323,8 @@ class LearningCore:
             "counters": {"inserted": self.inserted, "sampled": self.sampled,
                          "updates_applied": self.updates_applied,
                          "updates_rejected": self.updates_rejected},
+            "expected_cost": self.expected_cost.tolist(),
+            "costs_measured": self.costs_measured.tolist(),
             "last_context": self.last_context,
         }
 
@@ -283,6 +333,8 @@ class LearningCore:
         if list(state.get("actions", ())) != list(self.actions) or list(state.get("features", ())) != list(self.features):
             raise ValueError(f"state is for actions {state.get('actions')} and features {state.get('features')}, "
                              f"this model has {list(self.actions)} and {list(self.features)}")
+        expected_cost = np.array(state["expected_cost"], np.float64)
+        costs_measured = np.array(state["costs_measured"], np.float64)
         buffer = self._new_buffer()
         buffer.load_state_dict(state["buffer"])  # into a new buffer: a bad state leaves this core as it was
         self.model.load_state_dict(state["model"])
@@ -292,6 +344,7 @@ class LearningCore:
         self.sampled = counters["sampled"]
         self.updates_applied = counters["updates_applied"]
         self.updates_rejected = counters["updates_rejected"]
+        self.expected_cost, self.costs_measured = expected_cost, costs_measured
         self.last_context = state.get("last_context")
 
 
@@ -305,5 +358,6 @@ def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
         seen=np.array([report["experiences_per_action"][a] for a in actions]),
         preferred=tuple(actions.index(a) for a in report["preferred_over_default"]),
         default_action=actions.index(report["default_action"]), margin=report["margin"],
-        gate_open=report["gate"]["open"], epsilon=report["exploration_rate"], tau=report["tau"],
+        open_actions=tuple(i for i, a in enumerate(actions) if report["gates"][a]["open"]),
+        epsilon=report["exploration_rate"], tau=report["tau"],
     )

@@ -19,7 +19,8 @@ Acting (Dudik et al. call the fallback a "default policy"):
 
     a_b      = the action with the best mean advantage over the default action a_0, among those
                whose advantage is significant; else a_0                 the best fixed action so far
-    a*(x)    = argmax_a Q(x, a)   if Q(x, a*) - Q(x, a_b) > margin and the gate is open, else a_b
+    a*(x)    = argmax_a Q(x, a) over a_b and the actions whose gate is open,
+               if Q(x, a*) - Q(x, a_b) > margin, else a_b
     pi(a|x)  = (1 - eps) 1[a = a*(x)] + eps softmax(Q(x, .) / tau)(a)
 
 An action's advantage is measured on each new query before it is learned from: r(a) - r(a_0)
@@ -27,16 +28,20 @@ when every action was rewarded, by inverse propensity otherwise; it is significa
 one-sided lower bound, Bonferroni-corrected over the A - 1 candidates, is above 0. Picking the
 largest of A noisy means would otherwise move a small collection off a good default by chance.
 
-The gate opens when the context model has beaten the pooled row on queries it had not learned
-from. Queries are split in FOLDS folds by a stable hash of their context, and for each fold a
-model is fitted on every other fold (cross-fitting). Every new experience is scored before it is
-learned from, by the model that leaves its fold out: the reward of that model's choice minus the
-reward of its a_b, exactly when every action was rewarded, by inverse propensity otherwise. A query that comes
+Each action a other than a_b has a gate: it opens when the pairwise rule "a where Q(x, a) -
+Q(x, a_b) > margin, else a_b" has beaten a_b on queries the model had not learned from. One gate
+per action, not one for the argmax over all: among several near-equal actions (fusion weights
+that differ by 0.005 of nDCG) the argmax mostly follows noise, and its losses there would hide
+the one choice that pays (skip the dense side when BM25 alone will do). Queries are split in
+FOLDS folds by a stable hash of their context, and for each fold a model is fitted on every other
+fold (cross-fitting). Every new experience is scored before it is learned from, by the model that
+leaves its fold out: per action, the reward of the rule's choice minus the reward of that model's
+a_b, exactly when every action was rewarded, by inverse propensity otherwise. A query that comes
 back is then still judged by a model that never saw it, and it counts once while it stays among
-the last GATE_HORIZON distinct queries, so repeats cannot make an overfit model look good. The
-gate is open while the one-sided 95% lower bound of that uplift's mean over the last GATE_HORIZON
-queries is above 0: a collection with too little traffic for the model to generalise gets the
-best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from the
+the last GATE_HORIZON distinct queries, so repeats cannot make an overfit model look good. A gate
+is open while the one-sided 95% lower bound (Bonferroni over the A - 1 gates) of its uplift's
+mean over the last GATE_HORIZON queries is above 0: a collection with too little traffic for the
+model to generalise gets the best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from the
 share of feedback that rewards only the served action (clicks), since graded feedback rewards
 every action anyway.
 
@@ -56,11 +61,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-FORMAT = 6  # state_dict layout: 6 = per-fold, per-action statistics, advantages over the default
+FORMAT = 7  # state_dict layout: 7 = per-fold, per-action statistics, a gate per action
 FOLDS = 5  # the judging models learn from 4/5 of the queries: close to the served model, never the query
 MIN_SAMPLES = 30  # queries of evidence before a normal bound is trusted (advantages, the gate)
 GATE_HORIZON = 500  # searches of gate evidence kept: the model it judged keeps changing
-_Z_95 = 1.6448536269514722  # one-sided 95% normal quantile
 
 
 def _lower_bound(stats: np.ndarray, z: float) -> np.ndarray:
@@ -125,13 +129,18 @@ class ValueSnapshot:
     preferred: tuple[int, ...]  # actions significantly better than the default, best first
     default_action: int
     margin: float
-    gate_open: bool
+    open_actions: tuple[int, ...]  # actions whose gate is open: the context model may choose them
     epsilon: float
     tau: float
 
     @property
     def n_actions(self) -> int:
         return self.theta.shape[0]
+
+    @property
+    def gate_open(self) -> bool:
+        """Whether the context model acts at all."""
+        return bool(self.open_actions)
 
     def values(self, contexts: ArrayLike) -> np.ndarray:
         """Q(x, .) per context; (B, d) -> (B, A)."""
@@ -148,22 +157,25 @@ class ValueSnapshot:
         mask = self._allowed(allowed)
         return next((a for a in self.preferred if mask[a]), self.default_action)
 
-    def model_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
-        """The context model's choice, a_b unless it beats a_b by the margin; (B, d) -> (B,).
+    def beats_pooled(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Where each allowed action beats a_b by the margin, ignoring the gates: what they test; (B, d) -> (B, A)."""
+        q = self.values(contexts)
+        return self._allowed(allowed) & (q - q[:, [self.pooled_action(allowed)]] > self.margin)
 
-        Ignores the gate: this is the policy the gate is testing.
-        """
-        q = np.where(self._allowed(allowed), self.values(contexts), -np.inf)
-        best = q.argmax(axis=1)
-        fallback = self.pooled_action(allowed)
-        beats = q[np.arange(len(q)), best] - q[:, fallback] > self.margin
-        return np.where(beats, best, fallback)
+    def model_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
+        """The best of a_b and the actions that beat it by the margin, ignoring the gates; (B, d) -> (B,)."""
+        return self._best(contexts, self.beats_pooled(contexts, allowed), self.pooled_action(allowed))
 
     def greedy_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
-        """a*(x) per context, as served without exploration; (B, d) -> (B,)."""
-        if self.gate_open:
-            return self.model_actions(contexts, allowed)
-        return np.full(len(np.atleast_2d(contexts)), self.pooled_action(allowed))
+        """a*(x) per context, as served without exploration: model_actions among the open gates; (B, d) -> (B,)."""
+        opened = np.zeros(self.n_actions, bool)
+        opened[list(self.open_actions)] = True
+        return self._best(contexts, self.beats_pooled(contexts, allowed) & opened, self.pooled_action(allowed))
+
+    def _best(self, contexts: ArrayLike, candidates: np.ndarray, fallback: int) -> np.ndarray:
+        """argmax Q over each row's candidates, `fallback` where there are none; (B, A) -> (B,)."""
+        q = np.where(candidates, self.values(contexts), -np.inf)
+        return np.where(candidates.any(axis=1), q.argmax(axis=1), fallback)
 
     def probabilities(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """pi(.|x) as served: greedy mixed with eps of softmax(Q/tau) over the allowed actions; (B, d) -> (B, A)."""
@@ -235,7 +247,7 @@ class ValueModel:
         self._target = np.zeros((FOLDS, n_actions, dim))
         self._seen = np.zeros(n_actions)
         self._advantage = np.zeros((n_actions, 3))  # per action: n, sum, sum of squares of r(a) - r(a_0)
-        self._uplift = np.zeros(4)  # weight, sum, sum of squares of the cross-fitted uplift, non-zero ones
+        self._uplift = np.zeros((n_actions, 4))  # per gate: weight, sum, sum of squares of the uplift, non-zero ones
         self._judged: collections.OrderedDict[int, None] = collections.OrderedDict()  # recent context keys
         self._feedback = np.zeros(2)  # weight of experiences rewarding every action, of the others
         return self.refresh()
@@ -280,31 +292,33 @@ class ValueModel:
         advantage = gain(np.arange(len(self._seen)), self.default_action)
         self._advantage += np.stack([np.ones_like(advantage), advantage, advantage * advantage], axis=1)
         judge = self._judges()[fold_of(context)]
-        uplift = float(gain(int(judge.model_actions(context)[0]), judge.pooled_action()))
-        self._uplift += (1.0, uplift, uplift * uplift, float(uplift != 0))
+        uplift = np.where(judge.beats_pooled(context)[0], gain(np.arange(len(self._seen)), judge.pooled_action()), 0.0)
+        self._uplift += np.stack([np.ones_like(uplift), uplift, uplift * uplift, uplift != 0], axis=1)
         for stats in (self._advantage, self._uplift):
             if stats[..., 0].max() > GATE_HORIZON:
                 stats *= GATE_HORIZON / stats[..., 0].max()
 
-    def gate(self) -> dict[str, float | None]:
-        """The cross-fitted uplift of the context model over the pooled row: n, mean, lower 95% bound.
+    def gates(self) -> list[dict[str, float | None]]:
+        """Per action, the cross-fitted uplift of its pairwise rule over the pooled row: n, mean, lower bound.
 
-        The bound is None until MIN_SAMPLES queries were scored on which the model chose otherwise
-        than a_b: the uplift is 0 on every other query, and a normal bound over a handful of
-        non-zero values would be a guess.
+        The bound (one-sided 95%, Bonferroni over the A - 1 gates) is None until MIN_SAMPLES
+        queries were scored on which the rule chose a: its uplift is 0 on every other query, and
+        a normal bound over a handful of non-zero values would be a guess.
         """
-        n, total, squares, deviations = self._uplift
-        mean = total / n if n else 0.0
-        report = {"n": float(n), "deviations": float(deviations), "mean": float(mean), "lower_95": None}
-        if deviations >= MIN_SAMPLES:
-            report["lower_95"] = float(_lower_bound(np.array([n, total, squares]), _Z_95))
-        return report
+        lower = _lower_bound(self._uplift[:, :3], self._bonferroni_z())
+        return [
+            {"n": float(n), "deviations": float(deviations), "mean": float(total / n if n else 0.0),
+             "lower_95": float(bound) if deviations >= MIN_SAMPLES else None}
+            for (n, total, _, deviations), bound in zip(self._uplift, lower, strict=True)
+        ]
+
+    def _bonferroni_z(self) -> float:
+        """The one-sided 95% quantile corrected for testing every action but one against it."""
+        return NormalDist().inv_cdf(1 - 0.05 / max(len(self._seen) - 1, 1))
 
     def _preferred(self) -> tuple[int, ...]:
         """Actions whose advantage over the default is significant (Bonferroni), best mean first."""
-        candidates = max(len(self._seen) - 1, 1)
-        z = NormalDist().inv_cdf(1 - 0.05 / candidates)
-        better = np.flatnonzero(_lower_bound(self._advantage, z) > 0)
+        better = np.flatnonzero(_lower_bound(self._advantage, self._bonferroni_z()) > 0)
         means = self._advantage[:, 1] / np.maximum(self._advantage[:, 0], 1.0)
         return tuple(int(a) for a in better[np.argsort(-means[better], kind="stable")])
 
@@ -333,23 +347,24 @@ class ValueModel:
 
     def _fit(self) -> ValueSnapshot:
         """The served model on every sample; the gate's judges are fitted when a query needs them."""
-        lower = self.gate()["lower_95"]
+        open_actions = tuple(a for a, gate in enumerate(self.gates())
+                             if gate["lower_95"] is not None and gate["lower_95"] > 0)
         seen = self._seen.copy()
         seen.flags.writeable = False
         self._shared = (seen, self._preferred(), self.epsilon())  # what every snapshot of this version shares
         self._holdout: list[ValueSnapshot] | None = None
-        return self._snapshot_of(self._gram.sum(axis=0), self._target.sum(axis=0), lower is not None and lower > 0)
+        return self._snapshot_of(self._gram.sum(axis=0), self._target.sum(axis=0), open_actions)
 
     def _judges(self) -> list[ValueSnapshot]:
         """Per fold, the model fitted without it (cross-fitting): learners' updates only refit them
         once a new query is judged, not on every delta."""
         if self._holdout is None:
             gram, target = self._gram.sum(axis=0), self._target.sum(axis=0)
-            self._holdout = [self._snapshot_of(gram - self._gram[f], target - self._target[f], False)
+            self._holdout = [self._snapshot_of(gram - self._gram[f], target - self._target[f], ())
                              for f in range(FOLDS)]
         return self._holdout
 
-    def _snapshot_of(self, gram: np.ndarray, target: np.ndarray, gate_open: bool) -> ValueSnapshot:
+    def _snapshot_of(self, gram: np.ndarray, target: np.ndarray, open_actions: tuple[int, ...]) -> ValueSnapshot:
         """theta_a by ridge in standard units (slopes shrunk to 0 by k, intercept free), per action."""
         n_actions, dim = target.shape
         weight = gram[:, 0, 0]
@@ -373,7 +388,7 @@ class ValueModel:
             array.flags.writeable = False
         seen, preferred, epsilon = self._shared
         return ValueSnapshot(self._version, theta, pooled, seen, preferred, self.default_action, self.margin,
-                             gate_open, epsilon, self.tau)
+                             open_actions, epsilon, self.tau)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: hyperparameters, version and statistics."""

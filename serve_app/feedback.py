@@ -130,8 +130,8 @@ class FeedbackStore:
 
     def _answer_search(self, served: asyncpg.Record, rating: float) -> RewardedSearch:
         """The answer head's experience: only the served mode is rated (bandit feedback)."""
-        return RewardedSearch(context=served["context"], action=served["answer_action"],
-                              reward=self._answer_reward(served, rating), propensity=served["answer_propensity"],
+        return RewardedSearch(context=served["context"], action=served["answer_action"], quality=rating,
+                              cost=served["answer_cost_cpu_ms"], propensity=served["answer_propensity"],
                               policy_version=served["policy_version"])
 
     async def _rate_answer(self, request: FeedbackRequest, served: asyncpg.Record) -> tuple[float | None, bool]:
@@ -177,10 +177,10 @@ class FeedbackStore:
         if not learnable:
             return FeedbackOutcome(search_id, served["arm"], quality, None, None, None, None, False, [])
         searched = RewardedSearch(
-            context=served["context"], action=served["action"], reward=value,
-            propensity=served["propensity"], policy_version=served["policy_version"],
-            next_context=next_context, action_rewards=action_rewards,
-            action_probabilities=served["action_probabilities"],
+            context=served["context"], action=served["action"], quality=quality,
+            cost=served["cost_cpu_ms"] or 0.0, propensity=served["propensity"],
+            policy_version=served["policy_version"], next_context=next_context, action_quality=action_quality,
+            action_costs=action_costs, action_probabilities=served["action_probabilities"],
         )
         return FeedbackOutcome(search_id, served["arm"], quality, served["cost_cpu_ms"], action_quality,
                                action_rewards, None, False, [searched])

@@ -63,7 +63,7 @@ class Ingress:
         self._environment = settings.environment
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
-        self._cost_weight = settings.learning.cost_weight
+        self._cost_weight = settings.learning.core.cost_weight
         self._feedback = FeedbackStore(self._pool, self._cost_weight, self._rank_every_action)
         self._arms = arms
         self._actions = [action.name for action in settings.retrieval.actions]

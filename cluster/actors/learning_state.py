@@ -42,15 +42,16 @@ HEADS = ("retrieval", "answer")
 # Per head, the rewarded searches recorded after a checkpoint, in the columns of RewardedSearch.
 _REWARDED_SINCE = {
     "retrieval": """
-SELECT context, action, reward, propensity, policy_version, next_context, action_rewards,
-       action_probabilities
+SELECT context, action, quality, coalesce(cost_cpu_ms, 0) AS cost, propensity, policy_version, next_context,
+       action_quality, action_costs, action_probabilities
 FROM experiences
 WHERE reward IS NOT NULL AND context IS NOT NULL AND ($1::timestamptz IS NULL OR feedback_at > $1)
 ORDER BY feedback_at DESC
 LIMIT $2""",
     "answer": """
-SELECT context, answer_action AS action, answer_reward AS reward, answer_propensity AS propensity,
-       policy_version, NULL::real[] AS next_context, NULL::double precision[] AS action_rewards,
+SELECT context, answer_action AS action, answer_rating AS quality, answer_cost_cpu_ms AS cost,
+       answer_propensity AS propensity, policy_version, NULL::real[] AS next_context,
+       NULL::double precision[] AS action_quality, NULL::double precision[] AS action_costs,
        answer_probabilities AS action_probabilities
 FROM experiences
 WHERE answer_reward IS NOT NULL AND ($1::timestamptz IS NULL OR answer_rated_at > $1)

@@ -97,7 +97,6 @@ class ServeSettings:
 @dataclasses.dataclass(frozen=True)
 class LearningSettings:
     core: LearningConfig  # replay and value-model hyperparameters (the `learning.*` keys it names)
-    cost_weight: float  # lambda: reward = quality - lambda * CPU ms of the action's stages
     batch_size: int
     learners: int
     checkpoint_interval_s: float

@@ -59,7 +59,7 @@ async def test_feedback_becomes_a_reward_once(service, live_settings):
     quality, rewards = body["action_quality"], body["action_rewards"]
     assert list(quality) == list(rewards) == ACTIONS
     assert quality[served["strategy"]] == body["reward"] and body["cost_cpu_ms"] > 0
-    weight = live_settings.learning.cost_weight
+    weight = live_settings.learning.core.cost_weight
     assert rewards[served["strategy"]] == pytest.approx(body["reward"] - weight * body["cost_cpu_ms"])
     assert rewards["lexical"] == quality["lexical"]  # nothing after the lexical stage: no cost
     assert all(rewards[a] < quality[a] for a in ACTIONS if a != "lexical")

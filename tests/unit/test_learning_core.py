@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from learners.learning_core import (
+    COST_MEMORY,
     Experience,
     LearningConfig,
     LearningCore,
@@ -21,7 +22,7 @@ DEFAULT = 0
 # The shipped hyperparameters (configs/settings.yaml); each test changes what it is about.
 CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.0002,
                         gamma=0.0, prior_count=50.0, margin=0.005, explore_max=0.05, samples_per_insert=8.0,
-                        min_replay_size=32, max_staleness=8, seed=0)
+                        min_replay_size=32, max_staleness=8, cost_weight=0.0005, seed=0)
 
 
 def config(**changes) -> LearningConfig:
@@ -55,10 +56,10 @@ def searches(rng: np.random.Generator, n: int, click_every: int = 4) -> list[Rew
         x = rng.uniform(-1, 1, len(FEATURES))
         rewards = action_rewards(x)
         if i % click_every == 0:
-            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 1.0, 0))
+            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 0.0, 1.0, 0))
         else:
-            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 1.0, 0, action_rewards=rewards,
-                                      action_probabilities=[1.0, 0.0, 0.0]))
+            out.append(RewardedSearch(x.tolist(), DEFAULT, rewards[DEFAULT], 0.0, 1.0, 0, action_quality=rewards,
+                                      action_costs=[0.0, 20.0, 20.0], action_probabilities=[1.0, 0.0, 0.0]))
     return out
 
 
@@ -152,7 +153,8 @@ def test_state_dict_round_trip_restores_the_same_policy_and_buffer():
     x = np.random.default_rng(1).uniform(-1, 1, (50, len(FEATURES)))
     np.testing.assert_array_equal(a.model.values(x), b.model.values(x))
     np.testing.assert_array_equal(a.model.probabilities(x), b.model.probabilities(x))
-    assert core.model.gate() == restored.model.gate()
+    assert core.model.gates() == restored.model.gates()
+    np.testing.assert_array_equal(core.expected_cost, restored.expected_cost)
     buffer_a, buffer_b = core.buffer.state_dict(), restored.buffer.state_dict()
     for key in buffer_a:
         np.testing.assert_array_equal(buffer_a[key], buffer_b[key], err_msg=key)
@@ -180,29 +182,53 @@ def test_load_refuses_other_actions_features_or_capacity_and_changes_nothing(oth
 
 
 def test_graded_feedback_teaches_every_action_and_clicks_only_the_served_one():
-    full = RewardedSearch((0.1, 0.2), 2, 0.7, 0.4, 3, action_rewards=[0.1, 0.2, 0.7],
-                          action_probabilities=[0.1, 0.5, 0.4]).experiences()
-    assert [(e.action, e.reward, e.propensity) for e in full] == [(2, 0.7, 0.4), (0, 0.1, 0.1), (1, 0.2, 0.5)]
-    assert {(tuple(e.context), e.policy_version, e.next_context) for e in full} == {((0.1, 0.2), 3, None)}
-    clicks = RewardedSearch((0.1, 0.2), 2, 0.7, 0.4, 3, next_context=(0.3, 0.4),
-                            action_probabilities=[0.1, 0.5, 0.4]).experiences()
-    assert clicks == [Experience((0.1, 0.2), 2, 0.7, 0.4, 3, (0.3, 0.4))]
+    full = RewardedSearch((0.1, 0.2), 2, 0.7, 30.0, 0.4, 3, action_quality=[0.1, 0.2, 0.7],
+                          action_costs=[0.0, 20.0, 30.0], action_probabilities=[0.1, 0.5, 0.4])
+    experiences = full.experiences([0.1, 0.19, 0.68])
+    assert [(e.action, e.reward, e.propensity) for e in experiences] == [(2, 0.68, 0.4), (0, 0.1, 0.1), (1, 0.19, 0.5)]
+    assert {(tuple(e.context), e.policy_version, e.next_context) for e in experiences} == {((0.1, 0.2), 3, None)}
+    clicks = RewardedSearch((0.1, 0.2), 2, 0.7, 30.0, 0.4, 3, next_context=(0.3, 0.4),
+                            action_probabilities=[0.1, 0.5, 0.4])
+    assert clicks.experiences([0.0, 0.0, 0.68]) == [Experience((0.1, 0.2), 2, 0.68, 0.4, 3, (0.3, 0.4))]
 
 
 def test_add_searches_inserts_every_actions_experience_for_graded_feedback_only():
     core = make_core()
-    graded = RewardedSearch((0.1, 0.2), 0, 0.5, 1.0, 0, action_rewards=[0.5, 0.6, 0.4],
-                            action_probabilities=[1.0, 0.0, 0.0])
-    click = RewardedSearch((0.3, 0.4), 1, 0.9, 0.5, 0)
+    graded = RewardedSearch((0.1, 0.2), 0, 0.5, 0.0, 1.0, 0, action_quality=[0.5, 0.6, 0.4],
+                            action_costs=[0.0, 10.0, 20.0], action_probabilities=[1.0, 0.0, 0.0])
+    click = RewardedSearch((0.3, 0.4), 1, 0.9, 30.0, 0.5, 0)
     assert core.add_searches([graded, click]) == 4
     np.testing.assert_array_equal(core.policy().model.seen, [1, 2, 1])
     assert core.policy().model.epsilon == pytest.approx(CONFIG.explore_max / 2)
 
 
+def test_rewards_charge_each_actions_expected_cost_not_the_searchs_measured_one():
+    core = make_core()
+    for dense_ms in (40.0, 60.0, 50.0):  # one action's cost varying with the machine's load
+        search = RewardedSearch((0.1, 0.2), 0, 0.5, 0.0, 1.0, 0, action_quality=[0.5, 0.6, 0.7],
+                                action_costs=[0.0, dense_ms, dense_ms + 14.0], action_probabilities=[1.0, 0.0, 0.0])
+        rewards = core.rewards(search)
+    np.testing.assert_allclose(core.expected_cost, [0.0, 50.0, 64.0])
+    np.testing.assert_allclose(rewards, [0.5, 0.6 - 0.0005 * 50.0, 0.7 - 0.0005 * 64.0])
+    click = RewardedSearch((0.1, 0.2), 1, 1.0, 70.0, 0.5, 0)  # only the served action's cost is measured
+    assert core.rewards(click)[1] == pytest.approx(1.0 - 0.0005 * 55.0)
+    np.testing.assert_allclose(core.expected_cost, [0.0, 55.0, 64.0])
+    with pytest.raises(ValueError, match="action 3"):
+        core.rewards(RewardedSearch((0.1, 0.2), 3, 1.0, 0.0, 1.0, 0))
+
+
+def test_expected_costs_follow_the_last_measurements_once_memory_is_full():
+    core = make_core()
+    for cost in [10.0] * COST_MEMORY + [30.0] * (3 * COST_MEMORY):
+        core.rewards(RewardedSearch((0.1, 0.2), 1, 1.0, cost, 1.0, 0))
+    assert core.expected_cost[1] == pytest.approx(30.0, abs=1.0)
+
+
 def test_a_stored_row_becomes_a_rewarded_search_by_column_name():
-    row = {"context": [0.1, 0.2], "action": 1, "reward": 0.5, "propensity": 0.25, "policy_version": 2,
-           "next_context": None, "action_rewards": None, "action_probabilities": None, "arm": "control"}
-    assert RewardedSearch.from_row(row) == RewardedSearch([0.1, 0.2], 1, 0.5, 0.25, 2)
+    row = {"context": [0.1, 0.2], "action": 1, "quality": 0.5, "cost": 12.0, "propensity": 0.25,
+           "policy_version": 2, "next_context": None, "action_quality": None, "action_costs": None,
+           "action_probabilities": None, "arm": "control"}
+    assert RewardedSearch.from_row(row) == RewardedSearch([0.1, 0.2], 1, 0.5, 12.0, 0.25, 2)
 
 
 def test_forget_bumps_the_version_and_empties_replay():
@@ -213,7 +239,7 @@ def test_forget_bumps_the_version_and_empties_replay():
     assert len(core.buffer) == 0 and core.sample(1) is None
     assert core.stats()["inserted"] == core.stats()["sampled"] == 0
     np.testing.assert_array_equal(core.policy().model.values([[0.5, 0.5]]), [[0.0, 0.0, 0.0]])
-    assert core.model.gate()["n"] == 0 and not core.policy().model.gate_open
+    assert all(gate["n"] == 0 for gate in core.model.gates()) and not core.policy().model.gate_open
 
 
 def test_policy_from_report_reproduces_the_snapshots_greedy_actions_and_probabilities():

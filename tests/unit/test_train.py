@@ -19,10 +19,10 @@ MATRIX = policy_scores.TestMatrix(
 )
 
 
-def policy(gate_open: bool = True, epsilon: float = 0.0) -> ValueSnapshot:
+def policy(open_actions: tuple[int, ...] = (0, 1, 2), epsilon: float = 0.0) -> ValueSnapshot:
     """Q(x, .) = [0, x, -x]: action 1 where x > 0, action 2 where x < 0; the pooled row picks 0."""
     theta = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-    return ValueSnapshot(3, theta, np.array([0.1, 0.0, 0.0]), np.full(3, 100.0), (), 0, 0.0, gate_open, epsilon, 0.5)
+    return ValueSnapshot(3, theta, np.array([0.1, 0.0, 0.0]), np.full(3, 100.0), (), 0, 0.0, open_actions, epsilon, 0.5)
 
 
 def test_split_half_is_disjoint_complete_and_depends_on_ids_and_seed_only():
@@ -52,7 +52,7 @@ def test_fixed_takes_one_action_on_every_query():
 
 def test_greedy_follows_the_context_only_when_the_gate_is_open():
     np.testing.assert_array_equal(greedy(MATRIX, policy()), [[0, 1, 0], [0, 0, 1]])
-    np.testing.assert_array_equal(greedy(MATRIX, policy(gate_open=False)), [[1, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(greedy(MATRIX, policy(open_actions=())), [[1, 0, 0], [1, 0, 0]])
 
 
 def test_served_includes_exploration():

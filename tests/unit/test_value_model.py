@@ -36,15 +36,18 @@ def learn(model: ValueModel, contexts, actions, rewards) -> np.ndarray:
     return td
 
 
-def snapshot(theta, pooled, *, margin=0.0, gate_open=True, seen=100.0, default_action=0, epsilon=0.0,
+def snapshot(theta, pooled, *, margin=0.0, open_actions=None, seen=100.0, default_action=0, epsilon=0.0,
              tau=0.1, preferred=None) -> ValueSnapshot:
-    """A snapshot whose pooled choice is the best pooled row (as if its advantage were significant)."""
+    """A snapshot whose pooled choice is the best pooled row (as if its advantage were significant),
+    every gate open unless `open_actions` says otherwise."""
     theta = np.asarray(theta, np.float64)
     pooled = np.asarray(pooled, np.float64)
     if preferred is None:
         preferred = tuple(int(a) for a in np.argsort(-pooled, kind="stable") if pooled[a] > pooled[default_action])
+    if open_actions is None:
+        open_actions = tuple(range(len(theta)))
     return ValueSnapshot(1, theta, pooled, np.broadcast_to(seen, len(theta)).astype(float), preferred,
-                         default_action, margin, gate_open, epsilon, tau)
+                         default_action, margin, open_actions, epsilon, tau)
 
 
 def test_without_data_q_is_zero_and_the_default_action_is_served():
@@ -132,7 +135,7 @@ def test_the_model_leaves_the_pooled_action_only_beyond_the_margin():
     np.testing.assert_array_equal(snapshot(theta, pooled, margin=0.1).model_actions(x), [0, 0, 1, 1])
     np.testing.assert_array_equal(snapshot(theta, pooled, margin=0.0).model_actions(x), [0, 1, 1, 1])
     np.testing.assert_array_equal(snapshot(theta, pooled, margin=0.1).greedy_actions(x), [0, 0, 1, 1])
-    closed = snapshot(theta, pooled, margin=0.1, gate_open=False)
+    closed = snapshot(theta, pooled, margin=0.1, open_actions=())
     np.testing.assert_array_equal(closed.greedy_actions(x), [0, 0, 0, 0])
 
 
@@ -186,7 +189,7 @@ def test_the_gate_stays_closed_below_min_samples_and_opens_when_the_model_is_bet
         chosen = 1 if rewards[1] - rewards[0] > 0.005 else 0  # what the model (exact here) picks
         uplifts.append(rewards[chosen] - rewards[0])
         deviations = np.count_nonzero(uplifts)
-        gate = model.gate()
+        gate = model.gates()[1]
         assert gate["deviations"] == deviations and gate["mean"] == pytest.approx(np.mean(uplifts))
         # closed, without a bound, until MIN_SAMPLES queries where the model chose otherwise; then open
         assert (gate["lower_95"] is not None) == (deviations >= MIN_SAMPLES) == s.gate_open
@@ -201,10 +204,34 @@ def test_the_gate_stays_closed_when_the_models_choices_are_worse_on_fresh_data()
     for context, rewards in zip(x, feature_decides(x)):
         model.observe(context, 0, rewards.tolist(), float(rewards[0]), 1.0)
     s = model.refresh()
-    gate = model.gate()
+    gate = model.gates()[1]
     assert gate["deviations"] >= MIN_SAMPLES and gate["mean"] < 0 and gate["lower_95"] < 0
     assert not s.gate_open
     np.testing.assert_array_equal(s.greedy_actions([[0.5], [-0.5]]), [0, 0])
+
+
+def test_each_action_has_its_own_gate_so_a_noisy_twin_cannot_hide_the_action_that_pays():
+    # 0 earns 0.5; 1 pays where x > 0.07 (as in feature_decides); 2 is 0 plus noise, a near-equal twin
+    rng = np.random.default_rng(4)
+
+    def rewards_of(x: np.ndarray) -> np.ndarray:
+        return np.column_stack([feature_decides(x), 0.5 + rng.normal(0, 0.1, len(x))])
+
+    model = make_model(n_actions=3, n_features=1, margin=0.005)
+    x = np.linspace(-1, 1, 401)[:, None]
+    rewards = rewards_of(x)
+    for action in range(3):
+        learn(model, x, np.full(len(x), action), rewards[:, action])
+    fresh = fresh_contexts(400)
+    for context, r in zip(fresh, rewards_of(fresh)):
+        model.observe(context, 0, r.tolist(), float(r[0]), 1.0)
+    s = model.refresh()
+    gates = model.gates()
+    assert gates[2]["deviations"] >= MIN_SAMPLES  # the twin looked better on many queries ...
+    assert gates[2]["lower_95"] < 0 < gates[1]["lower_95"]  # ... and earned nothing there
+    assert s.open_actions == (1,)
+    served = s.greedy_actions(fresh_contexts(200, seed=7))
+    assert 2 not in served and 1 in served
 
 
 def test_each_query_is_judged_by_the_model_fitted_without_its_fold():
@@ -215,18 +242,18 @@ def test_each_query_is_judged_by_the_model_fitted_without_its_fold():
     unseen_fold_0 = pool[folds == 0][1::2]  # fresh queries, but of the fold the judges left out
     for x, rewards in zip(unseen_fold_0, feature_decides(unseen_fold_0)):
         model.observe(x, 0, rewards.tolist(), float(rewards[0]), 1.0)
-    assert model.gate()["deviations"] == 0  # judged by a model that saw no data: the pooled row
+    assert model.gates()[1]["deviations"] == 0  # judged by a model that saw no data: the pooled row
     other_folds = pool[folds == 1]
     for x, rewards in zip(other_folds, feature_decides(other_folds)):
         model.observe(x, 0, rewards.tolist(), float(rewards[0]), 1.0)
-    assert model.gate()["deviations"] > MIN_SAMPLES and model.gate()["mean"] > 0
+    assert model.gates()[1]["deviations"] > MIN_SAMPLES and model.gates()[1]["mean"] > 0
 
 
 def test_a_repeated_query_is_gate_evidence_once():
     model = trained_on(flipped=False)
     for _ in range(100):
         model.observe([0.9], 0, [0.5, 1.17], 0.5, 1.0)
-    gate = model.gate()
+    gate = model.gates()[1]
     assert (gate["n"], gate["deviations"]) == (1, 1) and gate["mean"] == pytest.approx(0.67)
     np.testing.assert_array_equal(model.refresh().seen, [100, 100])  # but every experience counts
 
@@ -234,9 +261,9 @@ def test_a_repeated_query_is_gate_evidence_once():
 def test_click_feedback_scores_the_model_by_inverse_propensity_and_counts_the_served_action():
     model = trained_on(flipped=False)  # at x > 0.07 the model picks 1, the pooled row 0
     model.observe([0.9], 1, None, 0.8, 0.25)
-    assert model.gate()["mean"] == pytest.approx(0.8 / 0.25)
+    assert model.gates()[1]["mean"] == pytest.approx(0.8 / 0.25)
     model.observe([0.8], 0, None, 0.5, 0.5)
-    assert model.gate()["mean"] == pytest.approx((3.2 - 1.0) / 2)
+    assert model.gates()[1]["mean"] == pytest.approx((3.2 - 1.0) / 2)
     np.testing.assert_array_equal(model.refresh().seen, [1, 1])
 
 
@@ -342,7 +369,7 @@ def test_state_dict_round_trip_restores_the_same_snapshot():
     np.testing.assert_array_equal(a.theta, b.theta)
     np.testing.assert_array_equal(a.pooled, b.pooled)
     np.testing.assert_array_equal(a.seen, b.seen)
-    assert model.gate() == restored.gate()
+    assert model.gates() == restored.gates()
     assert a.epsilon > 0 and a.seen.min() > 0  # the state was not trivial
 
 
