@@ -1,0 +1,109 @@
+"""Off-policy evaluation: what a target policy would earn, estimated from searches logged under another.
+
+Logged row i: context x_i, action a_i taken with probability mu_i = mu(a_i | x_i) (the propensity the
+behaviour policy logged with it), reward r_i. The target policy gives pi(. | x_i), shape (n, A).
+
+    w_i   = pi(a_i | x_i) / mu_i                                           importance weight
+    IPS   = mean_i  w_i r_i                            unbiased wherever mu > 0 where pi > 0
+    SNIPS = sum_i w_i r_i / sum_i w_i                  self-normalised: slightly biased, steadier
+    DR    = mean_i [ sum_a pi(a | x_i) q(x_i, a) + w_i (r_i - q(x_i, a_i)) ]   (Dudik et al., 2011)
+    ESS   = (sum_i w_i)^2 / sum_i w_i^2                the on-policy rows the estimate is worth
+
+q is a reward model, cross-fitted: the model that scores row i was fitted without row i's fold
+(folds by the context's hash, so a repeated query stays in one fold), so its errors are not fitted
+to the noise the correction term measures. A row without a usable propensity (missing, not finite,
+not in (0, 1]) cannot be reweighted: it is refused and counted, never guessed. Intervals are
+percentile bootstraps over rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from learners.value_model import FOLDS, Transitions, ValueModel, compute_deltas, fold_of
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedSearches:
+    """n logged rows; build with `LoggedSearches.usable` to drop and count unusable propensities."""
+
+    contexts: np.ndarray  # (n, d)
+    actions: np.ndarray  # (n,) ints in [0, A)
+    propensities: np.ndarray  # (n,) mu(a_i | x_i) in (0, 1]
+    rewards: np.ndarray  # (n,)
+    refused: int = 0  # rows dropped for a missing or impossible propensity
+
+    @classmethod
+    def usable(cls, contexts: ArrayLike, actions: ArrayLike, propensities: ArrayLike,
+               rewards: ArrayLike) -> LoggedSearches:
+        """The rows whose propensity is in (0, 1] and whose reward is finite; the others are counted."""
+        mu = np.array([np.nan if p is None else p for p in np.asarray(propensities, object)], np.float64)
+        r = np.asarray(rewards, np.float64)
+        keep = np.isfinite(mu) & (mu > 0) & (mu <= 1) & np.isfinite(r)
+        return cls(np.atleast_2d(np.asarray(contexts, np.float64))[keep], np.asarray(actions, np.int64)[keep],
+                   mu[keep], r[keep], int((~keep).sum()))
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    estimator: str  # ips, snips or dr
+    value: float
+    low: float  # 2.5th percentile of the bootstrap
+    high: float  # 97.5th
+    effective_sample_size: float
+    rows: int
+    refused: int
+
+    def __str__(self) -> str:
+        return (f"{self.estimator}: {self.value:.4f} [{self.low:.4f}, {self.high:.4f}] "
+                f"(ESS {self.effective_sample_size:.0f} of {self.rows} rows, {self.refused} refused)")
+
+
+def cross_fitted_rewards(logs: LoggedSearches, n_actions: int, prior_count: float = 50.0) -> np.ndarray:
+    """q(x_i, a) for every row and action, each row scored by ridge models fitted without its fold; (n, A)."""
+    folds = np.array([fold_of(x) for x in logs.contexts], np.int64)
+    q = np.zeros((len(logs), n_actions))
+    for fold in range(FOLDS):
+        held_out, train = folds == fold, folds != fold
+        if not held_out.any():
+            continue
+        model = ValueModel(n_actions, logs.contexts.shape[1], prior_count=prior_count, lr=1e-12, tau=1.0,
+                           margin=0.0, explore_max=0.0, default_action=0)
+        batch = Transitions(logs.contexts[train], folds[train], logs.actions[train], logs.rewards[train],
+                            logs.contexts[train], np.zeros(int(train.sum()), bool))
+        delta, _ = compute_deltas(model.snapshot(), batch, np.ones(int(train.sum())), 0.0)
+        model.apply_deltas(delta)
+        q[held_out] = model.snapshot().values(logs.contexts[held_out])
+    return q
+
+
+def evaluate(logs: LoggedSearches, target: np.ndarray, rewards_model: np.ndarray | None = None,
+             resamples: int = 2000, seed: int = 0) -> dict[str, Estimate]:
+    """IPS, SNIPS and (given q, shape (n, A)) DR of the target policy pi, shape (n, A), with intervals."""
+    if len(logs) == 0:
+        raise ValueError(f"no usable logged rows ({logs.refused} refused for missing or zero propensities)")
+    target = np.asarray(target, np.float64)
+    rows = np.arange(len(logs))
+    w = target[rows, logs.actions] / logs.propensities  # (n,)
+    terms = {"ips": w * logs.rewards}
+    if rewards_model is not None:
+        q = np.asarray(rewards_model, np.float64)
+        terms["dr"] = (target * q).sum(axis=1) + w * (logs.rewards - q[rows, logs.actions])
+    draws = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
+    ess = float(w.sum() ** 2 / max(float((w * w).sum()), 1e-300))
+
+    def estimate(name: str, value: float, resampled: np.ndarray) -> Estimate:
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        return Estimate(name, float(value), float(low), float(high), ess, len(logs), logs.refused)
+
+    out = {name: estimate(name, t.mean(), t[draws].mean(axis=1)) for name, t in terms.items()}
+    weight_sums = np.maximum(w[draws].sum(axis=1), 1e-300)
+    out["snips"] = estimate("snips", terms["ips"].sum() / max(w.sum(), 1e-300),
+                            terms["ips"][draws].sum(axis=1) / weight_sums)
+    return out
