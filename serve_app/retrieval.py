@@ -34,23 +34,29 @@ JOIN lexeme_stats l ON l.lexeme = q.lexeme
 JOIN postings p ON p.lexeme = q.lexeme
 CROSS JOIN corpus_stats s"""
 
-_BM25 = f"""{_QUERY_TERMS}
-SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-GROUP BY p.doc_id
-ORDER BY score DESC, p.doc_id
-LIMIT $4"""
+# The top k by BM25, each row also carrying the idf of every query term the corpus has: one
+# statement analyses the query once. No row means no term is in the corpus, so no idf either.
+_BM25_WITH_IDF = f"""{_QUERY_TERMS},
+ranked AS (
+    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
+    GROUP BY p.doc_id
+    ORDER BY score DESC, p.doc_id
+    LIMIT $4
+)
+SELECT r.doc_id, r.score, i.idf
+FROM ranked r
+CROSS JOIN (
+    SELECT array_agg(ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))) AS idf
+    FROM query_terms q
+    JOIN lexeme_stats l ON l.lexeme = q.lexeme
+    CROSS JOIN corpus_stats s
+) i
+ORDER BY r.score DESC, r.doc_id"""
 
 _BM25_OF = f"""{_QUERY_TERMS}
 SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
 WHERE p.doc_id = ANY($4::text[])
 GROUP BY p.doc_id"""
-
-# Inverse document frequency of each query term the corpus has.
-_TERM_IDF = f"""{_QUERY_TERMS}
-SELECT ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf
-FROM query_terms q
-JOIN lexeme_stats l ON l.lexeme = q.lexeme
-CROSS JOIN corpus_stats s"""
 
 _KNN = """
 SELECT id, 1 - (embedding <=> $1) AS score
@@ -81,11 +87,11 @@ class DocumentIndex:
 
     async def lexical_with_idf(self, query: str, k: int) -> tuple[Ranking, list[float]]:
         """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
-        idf of each query term the corpus has, on one connection."""
-        async with unavailable_on_connection_errors("lexical retrieval"), self._pool.acquire() as connection:
-            rows = await connection.fetch(_BM25, query, self._k1, self._b, k)
-            idf = await connection.fetch(_TERM_IDF, query)
-        return [(row["doc_id"], float(row["score"])) for row in rows], [float(row["idf"]) for row in idf]
+        idf of each query term the corpus has."""
+        async with unavailable_on_connection_errors("lexical retrieval"):
+            rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
+        idf = [float(value) for value in rows[0]["idf"]] if rows else []
+        return [(row["doc_id"], float(row["score"])) for row in rows], idf
 
     async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
         """BM25 of the given documents (absent: no query term, a real score of 0)."""

@@ -111,3 +111,16 @@ async def test_complete_scores_rank_a_one_sided_candidate_by_its_real_score(pipe
     complete = await rank(pipeline, query, Strategy.HYBRID_COMPLETE, 20)
     partial = await rank(pipeline, query, Strategy.HYBRID_WEIGHTED, 20)
     assert complete != partial and len(complete) == len(partial) == 20
+
+
+async def test_lexical_ranking_carries_the_idf_of_each_query_term_the_corpus_has(pool, live_settings):
+    retrieval = live_settings.retrieval
+    index = DocumentIndex(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search)
+    ranking, idf = await index.lexical_with_idf("photosynthesis chlorophyll zzqxjv", 5)
+    expected = await pool.fetch(
+        """SELECT ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf
+           FROM unnest(to_tsvector('english', 'photosynthesis chlorophyll zzqxjv')) u
+           JOIN lexeme_stats l ON l.lexeme = u.lexeme CROSS JOIN corpus_stats s""")
+    assert ranking and len(expected) == 2  # the made-up term is not in the corpus
+    assert sorted(idf) == pytest.approx(sorted(float(row["idf"]) for row in expected))
+    assert await index.lexical_with_idf("zzqxjv", 5) == ([], [])
