@@ -108,7 +108,7 @@ def format_report(report: TrainingReport) -> str:
              *(f"seed {run.seed}: {run.split}; served {dict(run.served)}"
                + (f"; skipped {dict(run.skipped)}" if run.skipped else "")
                + (f"; {run.trimmed} judgements trimmed to the API limit" if run.trimmed else "")
-               + f"; gate {'open' if run.snapshots[-1].policy.gate_open else 'closed'}"
+               + f"; gates open: {', '.join(report.actions[a] for a in run.snapshots[-1].policy.open_actions) or 'none'}"
                for run in report.runs),
              "", f"After {final} judged queries (test queries, mean [95% paired bootstrap interval]):", "",
              "| policy | nDCG@10 | CPU ms | dense share | reward |", "|---|---:|---:|---:|---:|"]
