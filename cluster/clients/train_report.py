@@ -147,7 +147,9 @@ def report_json(report: TrainingReport) -> dict[str, Any]:
             "seed": run.seed, "split": run.split, "served": dict(run.served), "skipped": dict(run.skipped),
             "trimmed": run.trimmed, "snapshots": [{"judged": s.judged, "model": s.report} for s in run.snapshots],
             "test": {qid: {"quality": dict(zip(report.actions, q.tolist(), strict=True)),
-                           "cpu_ms": dict(zip(report.actions, c.tolist(), strict=True))}
-                     for qid, q, c in zip(run.test.query_ids, run.test.quality, run.test.cost, strict=True)},
+                           "cpu_ms": dict(zip(report.actions, c.tolist(), strict=True)),
+                           "context": x.tolist()}
+                     for qid, q, c, x in zip(run.test.query_ids, run.test.quality, run.test.cost, run.test.contexts,
+                                             strict=True)},
         } for run in report.runs],
     }

@@ -182,5 +182,7 @@ async def test_dtrag_train_resets_trains_and_scores_every_policy_per_seed(servic
     assert "learned, as served" in text and "strict gain" in text
     record = json.loads(json.dumps(report_json(report)))  # plain JSON all the way down
     assert record["judged"] == report.final_judged and len(record["seeds"]) == 2
+    first = report.runs[0].test
+    assert record["seeds"][0]["test"][first.query_ids[0]]["context"] == first.contexts[0].tolist()
     plot_cost_quality(report, tmp_path / "cost_quality.png")
     assert (tmp_path / "cost_quality.png").read_bytes().startswith(b"\x89PNG")
