@@ -88,7 +88,10 @@ async def _plan(connection: asyncpg.Connection, policy: RetentionPolicy) -> tupl
 
 async def prunable_count(connection: asyncpg.Connection, policy: RetentionPolicy) -> tuple[int, int]:
     """(rows a prune would delete now, rows past the limits it would keep for learning)."""
-    plan = await _plan(connection, policy)
+    return await _counts(connection, await _plan(connection, policy))
+
+
+async def _counts(connection: asyncpg.Connection, plan: tuple[Any, ...]) -> tuple[int, int]:
     past_limits = await connection.fetchval(
         "SELECT count(*) FROM experiences WHERE created_at < $1 OR (created_at, search_id) <= ($2::timestamptz, $3)",
         *plan[:3])
@@ -103,7 +106,7 @@ async def prune_experiences(connection: asyncpg.Connection, policy: RetentionPol
     report = PruneReport(latest_checkpoint=plan[3])
     if plan[0] is None and plan[1] is None:
         return report
-    _, report.kept_for_learning = await prunable_count(connection, policy)
+    _, report.kept_for_learning = await _counts(connection, plan)
     schema = await arrow_schema(connection) if export_dir is not None else None
     run = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     for batch in itertools.count():

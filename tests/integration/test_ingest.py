@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from cluster.cli.main import main as dtrag
 from cluster.data import corpus as corpus_module
 from cluster.data.corpus import MAX_TEXT_BYTES
 from cluster.data.ingest import ingest
@@ -219,3 +220,18 @@ async def test_interrupted_runs_leave_statistics_to_be_refreshed_by_the_next(emp
 
     again = await ingest(empty_pool, corpus, embed_must_not_run, show_progress=False)
     assert not again.statistics_refreshed  # nothing changed since: no refresh
+
+
+def test_dtrag_ingest_summarises_skips_and_fails_only_when_nothing_is_stored(fresh_database_url, monkeypatch,
+                                                                               tmp_path: Path, capsys):
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    bad = write_corpus(tmp_path / "bad.jsonl", [{"_id": "n", "text": "a\u0000b"}, "{oops"])
+    assert dtrag(["ingest", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "line 1: NUL character" in captured.err and "line 2: invalid JSON" in captured.err
+    assert "no document of" in captured.err
+    assert "0 inserted" in captured.out and "2 skipped (1 NUL character, 1 invalid JSON)" in captured.out
+
+    mixed = write_corpus(tmp_path / "mixed.jsonl", [{"_id": "ok", "text": "Tides follow the moon."}, "{oops"])
+    assert dtrag(["ingest", str(mixed)]) == 0
+    assert "1 inserted" in (out := capsys.readouterr().out) and "1 skipped (1 invalid JSON)" in out
