@@ -9,9 +9,11 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from cluster.actors.learning_state import _REWARDED_SINCE
+from cluster.actors.learning_state import _REWARDED_SINCE, LearningState
+from cluster.actors.start import learning_heads
 from cluster.cli.main import main as dtrag
 from cluster.data.retention import RetentionPolicy, prunable_count, prune_experiences
+from cluster.platform.settings import RetentionSettings
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +35,8 @@ KEPT_FOR_LEARNING = {"new4", "new5", "rewarded_kept", "rewarded_after_checkpoint
 POLICY = RetentionPolicy(max_age=28 * DAY, max_rows=3, capacity=2)
 
 
-async def seed(pool) -> dt.datetime:
-    """The rows of ROWS and a checkpoint CHECKPOINT_AGE old; returns the database's now."""
+async def seed(pool, rows: dict = ROWS, checkpoint: bool = True) -> dt.datetime:
+    """The `rows` (of ROWS) and a checkpoint CHECKPOINT_AGE old; returns the database's now."""
     now = await pool.fetchval("SELECT now()")
     await pool.executemany(
         """INSERT INTO experiences (search_id, created_at, arm, state_key, action, strategy, propensity,
@@ -45,10 +47,11 @@ async def seed(pool) -> dt.datetime:
         [(name, now - age,
           0.5 if feedback else None, now - feedback if feedback else None,
           1 if rated else None, 1.0 if rated else None, 1.0 if rated else None, now - rated if rated else None)
-         for name, (age, feedback, rated) in ROWS.items()])
-    await pool.execute(
-        "INSERT INTO q_table_snapshots (created_at, policy_version, actions, q_table, replay_state, stats) "
-        "VALUES ($1, 1, ARRAY['bm25'], '{}', '', '{}')", now - CHECKPOINT_AGE)
+         for name, (age, feedback, rated) in rows.items()])
+    if checkpoint:
+        await pool.execute(
+            "INSERT INTO q_table_snapshots (created_at, policy_version, actions, q_table, replay_state, stats) "
+            "VALUES ($1, 1, ARRAY['bm25'], '{}', '', '{}')", now - CHECKPOINT_AGE)
     return now
 
 
@@ -126,3 +129,22 @@ async def test_dtrag_db_prune_exports_and_deletes(empty_pool, fresh_database_url
     assert await empty_pool.fetchval("SELECT count(*) FROM experiences") == len(ROWS) - len(gone)
     assert dtrag(["db", "prune", "--max-rows", "-1"]) == 1
     assert ">= 0" in capsys.readouterr().err
+
+
+async def test_the_learning_actor_prunes_on_its_schedule(ray_session, empty_pool, fresh_database_url, settings,
+                                                          tmp_path: Path, eventually):
+    import ray
+
+    unrewarded = {name: row for name, row in ROWS.items() if name[:3] in ("new", "mid", "old")}
+    await seed(empty_pool, unrewarded, checkpoint=False)
+    retention = RetentionSettings(max_age_days=28, max_rows=3, interval_s=0.5, export_dir=str(tmp_path / "out"))
+    actor = LearningState.remote(fresh_database_url, settings.learning, learning_heads(settings), retention)
+    try:
+        async def pruned() -> set[str]:
+            remaining = {r["search_id"] for r in await empty_pool.fetch("SELECT search_id FROM experiences")}
+            return remaining if remaining == {"new1", "new2", "new3"} else set()
+
+        await eventually(pruned, timeout_s=120)
+        assert set(pd.read_parquet(tmp_path / "out")["search_id"]) == set(unrewarded) - {"new1", "new2", "new3"}
+    finally:
+        ray.kill(actor, no_restart=True)
