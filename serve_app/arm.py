@@ -8,11 +8,9 @@ refresh interval without a restart; until the control actor answers, the setting
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 
 import numpy as np
-import psutil
 from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
@@ -20,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.core.rollout import LiveConfig
 from cluster.core.vocabulary import Arm
 from cluster.platform.database import create_pool
-from cluster.platform.metrics import AnswerMetrics, ArmMetrics
+from cluster.platform.metrics import AnswerMetrics, ArmMetrics, ProcessMemory
 from cluster.platform.settings import Settings
 from learners.learning_core import Policies
 from serve_app.experience_log import ExperienceLog
@@ -117,10 +115,10 @@ class PipelineArm:
     async def _report(self) -> None:
         """Every few seconds: memory to the rollout guard, counters to Prometheus."""
         replica = serve.get_replica_context().replica_id.unique_id
-        process = psutil.Process(os.getpid())
+        memory = ProcessMemory("arm")  # what the guard judges is what ArmMemoryHigh alerts on
         while True:
             self._metrics.policy_version.set(self._policy.version, tags={"arm": self._arm})
             self._metrics.experiences_dropped.set(self._experiences.dropped,
                                                   tags={"arm": self._arm, "replica": replica})
-            self._control.observe_memory.remote(self._arm, replica, process.memory_info().rss / 2**20)
+            self._control.observe_memory.remote(self._arm, replica, memory.report())
             await asyncio.sleep(_REPORT_INTERVAL_S)

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 from ray import serve
 
+from cluster.platform.metrics import report_memory_every
 from serve_app.embedding import TextEmbedder
 
 
@@ -18,6 +19,7 @@ class Embedder:
         # One thread for the one CPU the replica reserves: on one query, a second thread doubled
         # the CPU (40 vs 19 ms, measured) and was no faster (24 vs 19 ms wall).
         self._model = TextEmbedder(threads=1)
+        report_memory_every("embedder")
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
 

@@ -25,7 +25,7 @@ from cluster.core.vocabulary import ARMS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.database import create_pool
 from cluster.platform.errors import ServiceUnavailable
-from cluster.platform.metrics import IngressMetrics
+from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.feedback import FeedbackStore
@@ -61,6 +61,7 @@ class Ingress:
         url = settings.database.url
         assert url, "the database URL is resolved before deployment"
         self._environment = settings.environment
+        report_memory_every("ingress")
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
         self._cost_weight = settings.learning.core.cost_weight

@@ -95,6 +95,17 @@ async def fresh_database_url(live_settings: Settings) -> AsyncIterator[str]:
         await admin.close()
 
 
+@pytest.fixture
+async def empty_pool(fresh_database_url: str, live_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool to a fresh database, migrated and empty."""
+    connection = await asyncpg.connect(fresh_database_url)
+    await migrate(connection)
+    await connection.close()
+    pool = await create_pool(fresh_database_url, live_settings.database)
+    yield pool
+    await pool.close()
+
+
 @pytest.fixture(scope="session")
 def ray_session(settings: Settings) -> Iterator[None]:
     """One local, loopback-only Ray for every Serve test."""

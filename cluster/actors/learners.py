@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from cluster.platform.metrics import LearnerMetrics
+from cluster.platform.metrics import LearnerMetrics, report_memory_every
 from learners.learning_core import LearnerBatch
 from learners.value_model import compute_deltas
 
@@ -40,6 +40,7 @@ class Learner:
 
     def __init__(self, state: ray.actor.ActorHandle):
         self._state = state
+        report_memory_every("learning")
 
     def step(self, batch_size: int) -> str:
         """One learning step: 'applied', 'stale', or 'idle' (rate limit or too little data)."""
@@ -59,6 +60,7 @@ class LearnerDriver:
 
     def __init__(self, state: ray.actor.ActorHandle, learners: int, batch_size: int):
         self._pool = [Learner.remote(state) for _ in range(learners)]
+        report_memory_every("learning")
         self._batch_size = batch_size
         self._outcomes: collections.Counter[str] = collections.Counter()
         self._last_outcome = ""

@@ -5,7 +5,9 @@ Two heads learn side by side, each a `LearningCore` over the same context featur
 mode, rewarded by the user's rating of the answer - lambda x CPU ms). It wraps them with persistence: a checkpoint (the model's parameters as JSON, the whole
 state as a blob) goes to PostgreSQL on a schedule and on request; on (re)start the latest
 checkpoint is loaded and rewarded experiences that arrived after it are replayed in, so a killed
-actor comes back with what it had, less only the updates since its last checkpoint.
+actor comes back with what it had, less only the updates since its last checkpoint. Another
+thread applies the retention settings to the experiences table (`cluster.data.retention`), which
+never deletes a row that such a restart would replay.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 import asyncpg
 import ray
 
+from cluster.data.retention import RetentionPolicy, prune_experiences
 from cluster.platform.database import run_blocking
-from cluster.platform.metrics import LearningMetrics
-from cluster.platform.settings import LearningSettings
+from cluster.platform.metrics import LearningMetrics, report_memory_every
+from cluster.platform.settings import LearningSettings, RetentionSettings
 from learners.context import FEATURES
 from learners.learning_core import LearnerBatch, LearningCore, Policies, RewardedSearch
 from learners.value_model import ValueDelta
@@ -72,7 +75,8 @@ class Head:
 class LearningState:
     """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
 
-    def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head]):
+    def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head],
+                 retention: RetentionSettings | None = None):
         self._url = database_url
         self._cores = {name: LearningCore(heads[name].actions, FEATURES, heads[name].default_action, settings.core)
                        for name in HEADS}
@@ -80,10 +84,16 @@ class LearningState:
         self._lock = threading.Lock()  # the checkpoint thread reads the cores too
         self._restored_from = run_blocking(self._restore())
         self._metrics = LearningMetrics()
+        report_memory_every("learning")
         self._publish()
         threading.Thread(
             target=self._checkpoint_every, args=(settings.checkpoint_interval_s,), daemon=True
         ).start()
+        if retention is not None and retention.interval_s > 0:
+            policy = RetentionPolicy.from_settings(retention, settings.core.capacity)
+            export_dir = Path(retention.export_dir) if retention.export_dir else None
+            threading.Thread(target=self._prune_every, args=(retention.interval_s, policy, export_dir),
+                             daemon=True).start()
 
     async def _restore(self) -> int | None:
         """Load the latest checkpoint and the rewards recorded after it; returns its version."""
@@ -216,6 +226,22 @@ class LearningState:
                 last_saved = current
             except Exception:  # keep serving; the next tick retries
                 log.exception("checkpoint failed")
+
+    def _prune_every(self, interval_s: float, policy: RetentionPolicy, export_dir: Path | None) -> None:
+        """Apply retention to the experiences; it never deletes what `_restore` would replay."""
+        async def prune() -> None:
+            connection = await asyncpg.connect(self._url)
+            try:
+                await prune_experiences(connection, policy, export_dir)
+            finally:
+                await connection.close()
+
+        while True:
+            time.sleep(interval_s)
+            try:
+                run_blocking(prune())
+            except Exception:  # keep learning; the next tick retries
+                log.exception("pruning experiences failed")
 
     def export_parquet(self, path: str) -> int:
         """Write the retrieval head's replay to a Parquet file; returns the row count."""

@@ -43,7 +43,8 @@ def start_actors(settings: Settings) -> ClusterActors:
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
-    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(url, learning, learning_heads(settings))
+    learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(
+        url, learning, learning_heads(settings), settings.retention)
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),

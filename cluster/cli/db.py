@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -12,8 +13,15 @@ import asyncpg
 
 from cluster.core.vocabulary import SCOPES
 from cluster.data.ingest import IngestReport, ingest
+from cluster.data.retention import RetentionPolicy, prunable_count, prune_experiences
 from cluster.platform.api_keys import create_key, list_keys, revoke_key
-from cluster.platform.database import DatabaseUnavailable, create_pool, redact, resolve_database_url
+from cluster.platform.database import (
+    DatabaseUnavailable,
+    create_pool,
+    redact,
+    resolve_database_url,
+    unavailable_on_connection_errors,
+)
 from cluster.platform.migrate import migrate, migration_status
 from cluster.platform.settings import Settings
 
@@ -53,23 +61,28 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
     await apply_migrations(settings.database.url)
     pool = await create_pool(settings.database.url, settings.database)
     try:
-        # The model loads on the first changed document: a re-run of unchanged data skips it.
-        return await ingest(
-            pool, path, lambda texts: _embedder().encode(texts, settings.embedding.batch_size),
-            show_progress=show_progress,
-        )
+        # A lost database ends the run; chunks written so far stay, and a re-run completes it.
+        async with unavailable_on_connection_errors(f"ingest {path} (run it again to resume)"):
+            # The model loads on the first changed document: a re-run of unchanged data skips it.
+            return await ingest(
+                pool, path, lambda texts: _embedder().encode(texts, settings.embedding.batch_size),
+                show_progress=show_progress,
+            )
     finally:
         await pool.close()
 
 
 def print_ingest_report(report: IngestReport) -> None:
+    """Each skipped record on stderr (the first 50), then one summary line on stdout."""
     for error in report.errors[:50]:
         print(f"  line {error.line}: {error.reason}", file=sys.stderr)
     if len(report.errors) > 50:
-        print(f"  ... and {len(report.errors) - 50} more malformed lines", file=sys.stderr)
+        print(f"  ... and {len(report.errors) - 50} more skipped records", file=sys.stderr)
+    kinds = ", ".join(f"{count} {kind}" for kind, count in report.skipped_by_kind.items())
     print(
         f"read {report.read} documents: {report.inserted} inserted, {report.updated} updated, "
-        f"{report.unchanged} unchanged, {len(report.errors)} malformed lines skipped; "
+        f"{report.unchanged} unchanged, {len(report.errors)} skipped{f' ({kinds})' if kinds else ''}; "
+        f"statistics {'refreshed' if report.statistics_refreshed else 'already current'}; "
         f"{report.seconds:.1f} s, {report.docs_per_second:.1f} docs/s"
     )
 
@@ -89,13 +102,45 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     if args.db_command == "migrate":
         applied = asyncio.run(apply_migrations(url))
         print(f"applied {', '.join(applied)}" if applied else "database is up to date")
+    elif args.db_command == "prune":
+        return asyncio.run(prune(args, settings, url))
     else:
         asyncio.run(status(url))
     return 0
 
 
+async def prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    """`dtrag db prune`: the retention settings, or the limits given, applied once now."""
+    limits = dataclasses.replace(settings.retention, **{
+        name: value for name, value in (("max_age_days", args.max_age_days), ("max_rows", args.max_rows),
+                                        ("export_dir", args.export)) if value is not None})
+    if limits.max_age_days < 0 or limits.max_rows < 0:
+        raise ValueError("--max-age-days and --max-rows must be >= 0 (0 turns that limit off)")
+    policy = RetentionPolicy.from_settings(limits, settings.learning.core.capacity)
+    await apply_migrations(url)
+    connection = await connect(url)
+    try:
+        if args.dry_run:
+            prunable, kept = await prunable_count(connection, policy)
+            print(f"would delete {prunable} experiences; {kept} past the limits kept for the learning actor")
+            return 0
+        export = Path(limits.export_dir) if limits.export_dir else None
+        report = await prune_experiences(connection, policy, export)
+    finally:
+        await connection.close()
+    exported = f", exported first to {len(report.files)} Parquet files under {export}" if export else ""
+    print(f"deleted {report.deleted} experiences{exported}; "
+          f"{report.kept_for_learning} past the limits kept for the learning actor")
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    print_ingest_report(asyncio.run(ingest_collection(with_live_database(settings), Path(args.path))))
+    """0 when the file's documents are stored, bad records skipped; 1 when none could be."""
+    report = asyncio.run(ingest_collection(with_live_database(settings), Path(args.path)))
+    print_ingest_report(report)
+    if report.stored == 0:
+        print(f"error: no document of {args.path} could be ingested", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -123,8 +168,17 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    db = commands.add_parser("db", help="schema migrations")
-    db.add_argument("db_command", choices=["migrate", "status"])
+    db = commands.add_parser("db", help="schema migrations and retention")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("migrate", help="apply pending migrations")
+    db_commands.add_parser("status", help="list migrations and when each was applied")
+    prune_parser = db_commands.add_parser(
+        "prune", help="delete experiences past the retention limits (DTRAG_RETENTION_*), now")
+    prune_parser.add_argument("--max-age-days", type=float, help="instead of DTRAG_RETENTION_MAX_AGE_DAYS (0: none)")
+    prune_parser.add_argument("--max-rows", type=int, help="instead of DTRAG_RETENTION_MAX_ROWS (0: none)")
+    prune_parser.add_argument("--export", metavar="DIR",
+                              help="write the rows to DIR/date=YYYY-MM-DD/*.parquet before deleting them")
+    prune_parser.add_argument("--dry-run", action="store_true", help="only count what would go")
     db.set_defaults(handler=cmd_db)
 
     ingest_parser = commands.add_parser("ingest", help="load a BEIR folder or a JSONL file of documents")

@@ -9,12 +9,27 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.data.corpus import CorpusError
+
 
 def load_queries(dataset: Path, name: str = "queries.jsonl") -> dict[str, str]:
-    """{query id: text} from a JSONL file of `{"_id", "text"}` in the folder `dataset`."""
-    with (dataset / name).open(encoding="utf-8") as stream:
-        records = [json.loads(line) for line in stream if line.strip()]
-    return {str(r["_id"]): r["text"] for r in records}
+    """{query id: text} from a JSONL file of `{"_id", "text"}` in the folder `dataset`.
+
+    Unlike documents, a bad query is not skipped: an evaluation on fewer queries than the
+    file holds would not measure what it claims. The error names the line to fix.
+    """
+    path = dataset / name
+    queries: dict[str, str] = {}
+    with path.open(encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                queries[str(record["_id"])] = str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CorpusError(f"{path}, line {number}: not a query {{\"_id\", \"text\"}} ({error!r})") from None
+    return queries
 
 
 def load_qrels(path: Path) -> dict[str, dict[str, float]]:

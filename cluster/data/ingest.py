@@ -3,10 +3,23 @@
 Each chunk is one transaction: staged with COPY, upserted by id, its postings rebuilt from the
 stored tsvector. Documents whose title and text are unchanged (same SHA-256) are neither
 re-embedded nor rewritten, so a re-run changes nothing and costs only the read.
+
+A bad record is skipped and reported with its line number, never fatal. Most are refused while
+reading (`cluster.data.corpus.record_problem`); should PostgreSQL still refuse a chunk for its
+data, the chunk is written again one document at a time, so only the offender is skipped.
+
+The BM25 statistics are materialized views over the whole collection, too costly to refresh
+per chunk, so a flag keeps them honest: each chunk sets `statistics_state.dirty` in the
+transaction that writes it, and `refresh_statistics` clears it in the transaction that
+refreshes, holding the row so a chunk committing meanwhile waits and sets it again. Every run
+ends by refreshing when the flag is set, whatever it wrote itself: a run interrupted after
+some chunks (Ctrl-C, a crash, a lost connection) leaves the flag set, and the next run, even
+one that finds every document unchanged, brings the statistics up to date.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -26,12 +39,22 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 
 @dataclasses.dataclass
 class IngestReport:
-    read: int = 0
+    read: int = 0  # well-formed documents
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
-    errors: list[LineError] = dataclasses.field(default_factory=list)
+    errors: list[LineError] = dataclasses.field(default_factory=list)  # records skipped, with why
+    statistics_refreshed: bool = False
     seconds: float = 0.0
+
+    @property
+    def stored(self) -> int:
+        """Documents now in the database as the file has them (written or already there)."""
+        return self.inserted + self.updated + self.unchanged
+
+    @property
+    def skipped_by_kind(self) -> dict[str, int]:
+        return dict(collections.Counter(error.kind for error in self.errors).most_common())
 
     @property
     def docs_per_second(self) -> float:
@@ -66,42 +89,71 @@ FROM documents d, unnest(d.tsv) u
 WHERE d.id = ANY($1::text[])"""
 
 
-async def _write_chunk(
-    connection: asyncpg.Connection, documents: Sequence[Document], embed: Embed
-) -> tuple[int, int, int]:
-    """Upsert one chunk atomically; returns (inserted, updated, unchanged)."""
+# Unconditional, so it always takes the row's lock: a chunk ending while a refresh holds the
+# row waits for it, then marks the statistics stale again.
+_MARK_DIRTY = "UPDATE statistics_state SET dirty = true"
+
+# What PostgreSQL (or asyncpg encoding a value) raises for a value it cannot store; anything
+# else, a lost connection above all, is systemic and ends the run.
+_REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, ValueError)
+
+
+async def _upsert(connection: asyncpg.Connection, documents: Sequence[Document],
+                  vectors: Sequence[np.ndarray]) -> int:
+    """Write `documents` and their postings in one transaction; returns how many were new."""
     ids = [d.id for d in documents]
-    stored = dict(
-        await connection.fetch(
-            "SELECT id, content_sha256 FROM documents WHERE id = ANY($1::text[])", ids
-        )
-    )
-    changed = [d for d in documents if stored.get(d.id) != d.content_sha256]
-    if not changed:
-        return 0, 0, len(documents)
-    vectors = embed([embedding_input(d) for d in changed])
-    changed_ids = [d.id for d in changed]
     async with connection.transaction():
         await connection.execute(_STAGE)
         await connection.copy_records_to_table(
             "staged_documents",
-            records=[
-                (d.id, d.title, d.text, d.content_sha256, vector)
-                for d, vector in zip(changed, vectors, strict=True)
-            ],
+            records=[(d.id, d.title, d.text, d.content_sha256, vector)
+                     for d, vector in zip(documents, vectors, strict=True)],
         )
         results = await connection.fetch(_UPSERT)
-        await connection.execute(_DOC_LENGTHS, changed_ids)
-        await connection.execute("DELETE FROM postings WHERE doc_id = ANY($1::text[])", changed_ids)
-        await connection.execute(_POSTINGS, changed_ids)
-    inserted = sum(1 for row in results if row["inserted"])
-    return inserted, len(changed) - inserted, len(documents) - len(changed)
+        await connection.execute(_DOC_LENGTHS, ids)
+        await connection.execute("DELETE FROM postings WHERE doc_id = ANY($1::text[])", ids)
+        await connection.execute(_POSTINGS, ids)
+        await connection.execute(_MARK_DIRTY)
+    return sum(1 for row in results if row["inserted"])
 
 
-async def refresh_statistics(connection: asyncpg.Connection) -> None:
-    """Recompute document frequencies and average length for BM25, without blocking readers."""
-    await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY lexeme_stats")
-    await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY corpus_stats")
+async def _write_chunk(connection: asyncpg.Connection, documents: Sequence[Document], embed: Embed,
+                       report: IngestReport) -> None:
+    """Upsert the chunk's new and changed documents, adding the outcome to `report`."""
+    stored = dict(await connection.fetch(
+        "SELECT id, content_sha256 FROM documents WHERE id = ANY($1::text[])", [d.id for d in documents]))
+    changed = [d for d in documents if stored.get(d.id) != d.content_sha256]
+    report.unchanged += len(documents) - len(changed)
+    if not changed:
+        return
+    vectors = embed([embedding_input(d) for d in changed])
+    try:
+        written, inserted = len(changed), await _upsert(connection, changed, vectors)
+    except _REFUSED:  # a value the checks while reading did not foresee: find it, keep the rest
+        written = inserted = 0
+        for document, vector in zip(changed, vectors, strict=True):
+            try:
+                inserted += await _upsert(connection, [document], [vector])
+                written += 1
+            except _REFUSED as error:
+                report.errors.append(LineError(document.line, f"refused by PostgreSQL: {error}"))
+    report.inserted += inserted
+    report.updated += written - inserted
+
+
+async def refresh_statistics(connection: asyncpg.Connection, *, timeout_s: float = 3600) -> bool:
+    """Recompute document frequencies and average length for BM25 if any write made them stale.
+
+    Readers are never blocked (CONCURRENTLY); returns whether a refresh was needed. The refresh
+    scans every posting, so it gets its own time limit rather than the pool's per-command one.
+    """
+    async with connection.transaction():
+        if not await connection.fetchval("SELECT dirty FROM statistics_state FOR UPDATE"):
+            return False
+        await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY lexeme_stats", timeout=timeout_s)
+        await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY corpus_stats", timeout=timeout_s)
+        await connection.execute("UPDATE statistics_state SET dirty = false, refreshed_at = now()")
+    return True
 
 
 def _chunks(items: Iterable[Document | LineError], size: int, report: IngestReport,
@@ -129,7 +181,10 @@ async def ingest(
     chunk_size: int = 256,
     show_progress: bool = True,
 ) -> IngestReport:
-    """Load the collection at `path` into the documents table; malformed lines are reported."""
+    """Load the collection at `path` into the documents table; bad records are skipped and reported.
+
+    Raises only for what no record can fix: an unreadable file or an unreachable database.
+    """
     source = corpus_file(path)
     report = IngestReport()
     started = time.perf_counter()
@@ -137,17 +192,14 @@ async def ingest(
               disable=not show_progress) as progress:
         async with pool.acquire() as connection:
             for chunk in _chunks(read_documents(source), chunk_size, report, progress):
-                inserted, updated, unchanged = await _write_chunk(connection, chunk, embed)
                 report.read += len(chunk)
-                report.inserted += inserted
-                report.updated += updated
-                report.unchanged += unchanged
-            if report.inserted or report.updated:
-                await refresh_statistics(connection)
+                await _write_chunk(connection, chunk, embed, report)
+            report.statistics_refreshed = await refresh_statistics(connection)
+    report.errors.sort(key=lambda error: error.line)  # those found by PostgreSQL came later
     report.seconds = time.perf_counter() - started
     log.info("ingested", extra={"source": str(source), **{
         k: v for k, v in dataclasses.asdict(report).items() if k != "errors"},
-        "errors": len(report.errors)})
+        "skipped": report.skipped_by_kind})
     return report
 
 

@@ -5,9 +5,53 @@ Each process that records builds its own set (metrics objects are per process).
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
+import psutil
 from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+# The deployment kinds whose memory is alerted on, each with its own threshold (configs/alerts.yml).
+MEMORY_KINDS = ("ingress", "arm", "embedder", "learning")
+MEMORY_REPORT_INTERVAL_S = 15.0
+
+
+class ProcessMemory:
+    """This process's resident memory as `process_rss_mb{kind, pid}`: what the memory alerts judge.
+
+    Ray's own `component_rss_mb` sums every process of one name on a node (two learners read
+    as one of twice the size, a replica mid-call as another component), so no per-process
+    threshold can be set on it; each process reports itself here instead.
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in MEMORY_KINDS:
+            raise ValueError(f"memory kind {kind!r} is none of {MEMORY_KINDS}")
+        self._gauge = Gauge("process_rss_mb", "Resident memory of one process, by deployment kind", ("kind", "pid"))
+        self._gauge.set_default_tags({"kind": kind, "pid": str(os.getpid())})
+        self._process = psutil.Process()
+
+    def report(self) -> float:
+        """Measure and export the resident memory now; returns it in MB (2**20 bytes)."""
+        megabytes = self._process.memory_info().rss / 2**20
+        self._gauge.set(megabytes)
+        return megabytes
+
+
+def report_memory_every(kind: str, interval_s: float = MEMORY_REPORT_INTERVAL_S) -> ProcessMemory:
+    """Export this process's memory now and then every `interval_s` from a daemon thread."""
+    memory = ProcessMemory(kind)
+
+    def loop() -> None:
+        while True:
+            memory.report()
+            time.sleep(interval_s)
+
+    threading.Thread(target=loop, name=f"memory-{kind}", daemon=True).start()
+    return memory
 
 
 class IngressMetrics:

@@ -112,6 +112,16 @@ class LearningSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionSettings:
+    """How long served searches stay in `experiences` (0 disables a limit); see cluster.data.retention."""
+
+    max_age_days: float
+    max_rows: int
+    interval_s: float  # how often the learning actor prunes; 0: only `dtrag db prune`
+    export_dir: str | None  # Parquet of the rows about to go, partitioned by date; None: not kept
+
+
+@dataclasses.dataclass(frozen=True)
 class AnswerSettings:
     provider: str  # extractive, gemini or openai (`auto` is resolved at load)
     default_mode: str  # auto, extractive, generated or debate
@@ -167,6 +177,7 @@ class Settings:
     embedding: EmbeddingSettings
     serve: ServeSettings
     learning: LearningSettings
+    retention: RetentionSettings
     rollout: RolloutSettings
     client: ClientSettings
     features: FeatureFlags
@@ -308,6 +319,10 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.policy_refresh_s", "DTRAG_POLICY_REFRESH_S", _positive_float),
     ("learning.experience_queue", "DTRAG_EXPERIENCE_QUEUE", _positive_int),
     ("learning.experience_flush_s", "DTRAG_EXPERIENCE_FLUSH_S", _positive_float),
+    ("retention.max_age_days", "DTRAG_RETENTION_MAX_AGE_DAYS", _non_negative_float),
+    ("retention.max_rows", "DTRAG_RETENTION_MAX_ROWS", _non_negative_int),
+    ("retention.interval_s", "DTRAG_RETENTION_INTERVAL_S", _non_negative_float),
+    ("retention.export_dir", "DTRAG_RETENTION_EXPORT_DIR", _optional(_text)),
     ("answers.provider", "DTRAG_ANSWER_PROVIDER", _choice(("auto", "extractive", "gemini", "openai"))),
     ("answers.default_mode", "DTRAG_ANSWER_MODE", _choice(("auto", "extractive", "generated", "debate"))),
     ("answers.budget_s", "DTRAG_ANSWER_BUDGET_S", _positive_float),
@@ -392,6 +407,7 @@ def load_settings(
         embedding=EmbeddingSettings(**section("embedding")),
         serve=ServeSettings(**section("serve")),
         learning=LearningSettings.from_section(section("learning")),
+        retention=RetentionSettings(**section("retention")),
         rollout=RolloutSettings(**section("rollout")),
         client=ClientSettings(**section("client")),
         features=FeatureFlags(**section("features")),

@@ -1,27 +1,22 @@
+import asyncio
 import json
 import math
+import random
+import string
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from cluster.platform.database import create_pool
+from cluster.cli.main import main as dtrag
+from cluster.data import corpus as corpus_module
+from cluster.data import ingest as ingest_module
+from cluster.data.corpus import MAX_TEXT_BYTES
 from cluster.data.ingest import ingest
-from cluster.platform.migrate import migrate
 from serve_app.fusion import Ranking
 from serve_app.retrieval import DocumentIndex
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def empty_pool(fresh_database_url: str, live_settings):
-    connection = await asyncpg.connect(fresh_database_url)
-    await migrate(connection)
-    await connection.close()
-    pool = await create_pool(fresh_database_url, live_settings.database)
-    yield pool
-    await pool.close()
 
 
 async def lexical(index: DocumentIndex, query: str, k: int) -> Ranking:
@@ -44,9 +39,7 @@ async def test_ingest_upserts_reports_bad_lines_and_reruns_as_no_op(empty_pool, 
     ])
     report = await ingest(empty_pool, corpus, embedder.encode, show_progress=False)
     assert (report.read, report.inserted, report.updated, report.unchanged) == (2, 2, 0, 0)
-    assert [(e.line, e.reason.split(":")[0]) for e in report.errors] == [
-        (2, "invalid JSON"), (4, "missing 'text'")
-    ]
+    assert [(e.line, e.kind) for e in report.errors] == [(2, "invalid JSON"), (4, "missing field")]
     before = await empty_pool.fetch("SELECT id, ingested_at FROM documents ORDER BY id")
 
     def embed_must_not_run(texts):
@@ -99,3 +92,143 @@ async def test_bm25_score_matches_a_hand_computation(empty_pool, embedder, tmp_p
     idf = math.log(1 + (2 - 1 + 0.5) / (1 + 0.5))
     expected = idf * 2 * (k1 + 1) / (2 + k1 * (1 - b + b * 3 / 2))
     assert await lexical(index, "apples", 5) == [("a", pytest.approx(expected))]
+
+
+def random_words(total_bytes: int, seed: int = 0) -> str:
+    """Distinct-looking words, so their tsvector is as large as the text (no repeats to fold)."""
+    rng = random.Random(seed)
+    words, size = [], 0
+    while size < total_bytes:
+        word = "".join(rng.choices(string.ascii_lowercase, k=9))
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+def bad_records_corpus(path: Path) -> Path:
+    """Good records around one of each kind of bad record; written as bytes (line 6 is not UTF-8)."""
+    incompressible_id = "".join(random.Random(1).choices(string.ascii_letters + string.digits, k=4000))
+    lines = [
+        json.dumps({"_id": "good-1", "title": "Glaciers", "text": "Glaciers carve valleys as they move."}),
+        "{broken json",
+        json.dumps({"_id": "no-text", "title": "Missing"}),
+        json.dumps({"title": "no id", "text": "Somewhere without a name."}),
+        json.dumps({"_id": "nul", "text": "Null \u0000 bytes end a C string."}),
+        None,  # raw Latin-1 bytes
+        json.dumps({"_id": incompressible_id, "text": "An id longer than a btree key."}),
+        json.dumps({"_id": "huge", "text": random_words(MAX_TEXT_BYTES + 1000)}),
+        json.dumps({"_id": "good-1", "text": "A second record with an id already used."}),
+        json.dumps({"_id": "good-2", "title": "Volcanoes", "text": "Volcanoes erupt molten rock called lava."}),
+    ]
+    with path.open("wb") as stream:
+        for line in lines:
+            stream.write(b'{"_id": "latin", "text": "caf\xe9"}' if line is None else line.encode())
+            stream.write(b"\n")
+    return path
+
+
+async def test_each_kind_of_bad_record_is_skipped_with_its_line(empty_pool, embedder, tmp_path):
+    report = await ingest(empty_pool, bad_records_corpus(tmp_path / "bad.jsonl"), embedder.encode,
+                          chunk_size=4, show_progress=False)
+    assert [(e.line, e.kind) for e in report.errors] == [
+        (2, "invalid JSON"), (3, "missing field"), (4, "missing field"), (5, "NUL character"),
+        (6, "invalid UTF-8"), (7, "id too long"), (8, "text too long"), (9, "duplicate id")]
+    assert (report.read, report.inserted, report.stored, report.statistics_refreshed) == (2, 2, 2, True)
+    assert report.skipped_by_kind["missing field"] == 2
+    assert [r["id"] for r in await empty_pool.fetch("SELECT id FROM documents ORDER BY id")] == ["good-1", "good-2"]
+    assert await empty_pool.fetchval("SELECT n_docs FROM corpus_stats") == 2
+
+
+async def test_records_postgresql_refuses_are_isolated_from_their_chunk(empty_pool, embedder, tmp_path,
+                                                                        monkeypatch):
+    """The safety net behind the checks: with them off, PostgreSQL itself refuses the records,
+    and the chunk is written again document by document so only those are lost."""
+    monkeypatch.setattr(corpus_module, "record_problem", lambda document: None)
+    incompressible_id = "".join(random.Random(2).choices(string.ascii_letters + string.digits, k=6000))
+    corpus = write_corpus(tmp_path / "refused.jsonl", [
+        {"_id": "good-1", "text": "Tides follow the moon."},
+        {"_id": "nul", "text": "Null \u0000 byte."},
+        {"_id": incompressible_id, "text": "An id longer than a btree key."},
+        {"_id": "huge", "text": random_words(MAX_TEXT_BYTES + 1000)},
+        {"_id": "good-2", "text": "Owls hunt at night."},
+    ])
+    report = await ingest(empty_pool, corpus, embedder.encode, chunk_size=8, show_progress=False)
+    assert [(e.line, e.kind) for e in report.errors] == [(2, "refused by PostgreSQL"),
+                                                         (3, "refused by PostgreSQL"),
+                                                         (4, "refused by PostgreSQL")]
+    assert (report.inserted, report.updated, report.statistics_refreshed) == (2, 0, True)
+    assert [r["id"] for r in await empty_pool.fetch("SELECT id FROM documents ORDER BY id")] == ["good-1", "good-2"]
+    assert await empty_pool.fetchval("SELECT count(DISTINCT doc_id) FROM postings") == 2
+
+
+async def statistics(pool: asyncpg.Pool) -> tuple[list, list]:
+    return ([tuple(r) for r in await pool.fetch("SELECT lexeme, df FROM lexeme_stats ORDER BY lexeme")],
+            [tuple(r) for r in await pool.fetch("SELECT n_docs, avg_doc_len FROM corpus_stats")])
+
+
+async def test_interrupted_runs_leave_statistics_to_be_refreshed_by_the_next(empty_pool, embedder, tmp_path,
+                                                                              monkeypatch):
+    corpus = write_corpus(tmp_path / "docs.jsonl", [
+        {"_id": f"d{i}", "text": f"Document {i} about {word}."}
+        for i, word in enumerate(["glaciers", "volcanoes", "tides", "owls", "tulips", "comets"])])
+
+    # A crash after two chunks of two were committed: those stay, the statistics do not know them.
+    calls = 0
+
+    def embed_then_crash(texts):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("the embedder died")
+        return embedder.encode(texts)
+
+    with pytest.raises(RuntimeError, match="embedder died"):
+        await ingest(empty_pool, corpus, embed_then_crash, chunk_size=2, show_progress=False)
+    assert await empty_pool.fetchval("SELECT count(*) FROM documents") == 4
+    assert await empty_pool.fetchval("SELECT dirty FROM statistics_state")
+    assert await empty_pool.fetchval("SELECT n_docs FROM corpus_stats") == 0
+
+    # Ctrl-C once every document is written, before the refresh: asyncio.run cancels the main task.
+    async def cancelled(connection, **kwargs):
+        raise asyncio.CancelledError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest_module, "refresh_statistics", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await ingest(empty_pool, corpus, embedder.encode, chunk_size=2, show_progress=False)
+    assert await empty_pool.fetchval("SELECT count(*) FROM documents") == 6
+    assert await empty_pool.fetchval("SELECT dirty FROM statistics_state")
+    assert await empty_pool.fetchval("SELECT n_docs FROM corpus_stats") == 0
+
+    def embed_must_not_run(texts):
+        raise AssertionError(f"unchanged documents were re-embedded: {texts}")
+
+    # The re-run finds every document unchanged, and still brings the statistics up to date.
+    report = await ingest(empty_pool, corpus, embed_must_not_run, show_progress=False)
+    assert (report.unchanged, report.statistics_refreshed) == (6, True)
+    assert not await empty_pool.fetchval("SELECT dirty FROM statistics_state")
+    after_rerun = await statistics(empty_pool)
+    await empty_pool.execute("REFRESH MATERIALIZED VIEW lexeme_stats")  # what a clean run computes
+    await empty_pool.execute("REFRESH MATERIALIZED VIEW corpus_stats")
+    assert after_rerun == await statistics(empty_pool)
+    assert after_rerun[1] == [(6, pytest.approx(3.0))]
+    index = DocumentIndex(empty_pool, bm25_k1=0.9, bm25_b=0.4, ef_search=40)
+    assert [d for d, _ in await lexical(index, "comets", 5)] == ["d5"]
+
+    again = await ingest(empty_pool, corpus, embed_must_not_run, show_progress=False)
+    assert not again.statistics_refreshed  # nothing changed since: no refresh
+
+
+def test_dtrag_ingest_summarises_skips_and_fails_only_when_nothing_is_stored(fresh_database_url, monkeypatch,
+                                                                               tmp_path: Path, capsys):
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    bad = write_corpus(tmp_path / "bad.jsonl", [{"_id": "n", "text": "a\u0000b"}, "{oops"])
+    assert dtrag(["ingest", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "line 1: NUL character" in captured.err and "line 2: invalid JSON" in captured.err
+    assert "no document of" in captured.err
+    assert "0 inserted" in captured.out and "2 skipped (1 NUL character, 1 invalid JSON)" in captured.out
+
+    mixed = write_corpus(tmp_path / "mixed.jsonl", [{"_id": "ok", "text": "Tides follow the moon."}, "{oops"])
+    assert dtrag(["ingest", str(mixed)]) == 0
+    assert "1 inserted" in (out := capsys.readouterr().out) and "1 skipped (1 invalid JSON)" in out

@@ -54,6 +54,8 @@ def test_environment_overrides_with_operator_names():
         ("DTRAG_DEFAULT_STRATEGY", "magic"),
         ("ENVIRONMENT", "  "),
         ("DTRAG_ROLLOUT_PLAN", "/no/such/plan.yaml"),
+        ("DTRAG_RETENTION_MAX_ROWS", "-1"),
+        ("DTRAG_RETENTION_MAX_AGE_DAYS", "a month"),
     ],
 )
 def test_invalid_value_fails_naming_the_variable(variable, value):
@@ -112,3 +114,14 @@ def test_the_default_fusion_weight_must_be_one_of_the_policy_grid():
         load_settings(environ={"DTRAG_FUSION_GRID": "0.2,0.6"})
     with pytest.raises(SettingsError, match="DTRAG_FUSION_GRID"):
         load_settings(environ={"DTRAG_FUSION_GRID": "0.2,0.2"})
+
+
+def test_retention_defaults_keep_weeks_and_millions_and_zero_turns_a_limit_off():
+    from cluster.data.retention import RetentionPolicy
+
+    retention = load_settings(environ={}).retention
+    assert (retention.max_age_days, retention.max_rows, retention.export_dir) == (28, 3_000_000, None)
+    off = load_settings(environ={"DTRAG_RETENTION_MAX_AGE_DAYS": "0", "DTRAG_RETENTION_MAX_ROWS": "0",
+                                 "DTRAG_RETENTION_EXPORT_DIR": "/backups/experiences"}).retention
+    assert off.export_dir == "/backups/experiences"
+    assert RetentionPolicy.from_settings(off, capacity=10) == RetentionPolicy(None, None, 10)
