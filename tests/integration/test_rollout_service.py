@@ -256,7 +256,7 @@ def test_operator_commands(service, capsys):
 
 
 async def test_rollback_with_the_database_down_reaches_every_replica_within_a_second(
-        service, live_settings, pool, eventually):
+        service, live_settings, pool, eventually, capsys):
     from cluster.cli.main import main as dtrag
 
     await set_weight(service, eventually, 0.5)
@@ -275,13 +275,15 @@ async def test_rollback_with_the_database_down_reaches_every_replica_within_a_se
             on_it = {name: sum(1 for r, v in replicas.items() if r.startswith(f"{name}#") and v == status["version"])
                      for name in expected}
             if on_it == expected and all(v == status["version"] for v in replicas.values()):
+                reached = time.monotonic()
                 break
             assert time.monotonic() < deadline, f"not every replica has version {status['version']}: {replicas}"
             await asyncio.sleep(0.05)
-        print(f"rollback with the database down: {returned - started:.2f} s to answer, "
-              f"{time.monotonic() - returned:.2f} s more until every replica had it")
         assert status["treatment_weight"] == 0.0 and status["rolled_back"] == "database down"
         assert status["store"] == {"loaded": True, "saved": False}
+        assert "rolled back: database down" in (shown := capsys.readouterr().out) and "not saved yet" in shown
+        print(f"rollback with the database down: {returned - started:.2f} s to answer, "
+              f"{reached - returned:.2f} s more until every replica had it")
 
     async def stored() -> dict | None:  # saved in the background once the database is back
         try:
@@ -291,7 +293,11 @@ async def test_rollback_with_the_database_down_reaches_every_replica_within_a_se
         return state if raw and (state := json.loads(raw))["rolled_back"] == "database down" else None
 
     assert (await eventually(stored, timeout_s=30))["treatment_weight"] == 0.0
-    assert (await service.get("/api/v1/admin/rollout")).json()["store"]["saved"] is True
+
+    async def saved() -> bool:
+        return (await service.get("/api/v1/admin/rollout")).json()["store"]["saved"]
+
+    await eventually(saved)
 
     ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=False)
 
