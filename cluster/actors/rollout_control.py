@@ -96,9 +96,16 @@ class RolloutController:
             retry_until_done("saving the rollout state", self._save_latest)
 
     async def _load(self) -> RolloutState | None:
+        """The stored state; None when there is none, or none this code can read (the defaults hold)."""
         async with connection(self._url) as conn:
             raw = await conn.fetchval("SELECT state FROM rollout_state WHERE singleton")
-        return None if raw is None else RolloutState.from_json(json.loads(raw))
+        if raw is None:
+            return None
+        try:
+            return RolloutState.from_json(json.loads(raw))
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("stored rollout state not readable; starting from the defaults", extra={"error": repr(error)})
+            return None
 
     def _adopt(self, stored: RolloutState | None) -> None:
         """Take the stored state, with the changes made before it was loaded applied on top.
