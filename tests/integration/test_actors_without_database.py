@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from cluster.actors.learning_state import HEADS
 from cluster.actors.start import learning_heads, start_actors, stop_actors
@@ -100,4 +99,3 @@ async def test_an_unreadable_checkpoint_is_rebuilt_from_the_rewards(clean_state,
     assert await state.checkpoint.remote() >= 0  # and it checkpoints again, in the current format
     blob = await pool.fetchval("SELECT replay_state FROM q_table_snapshots ORDER BY id DESC LIMIT 1")
     assert set(checkpoint.decode(blob)) == set(HEADS)
-    ray.kill(state, no_restart=True)
