@@ -65,7 +65,7 @@ async def prepare_database(settings: Settings, key_name: str) -> str:
             await ingest(pool, sample_corpus_dir(),
                          lambda texts: embedder.encode(texts, settings.embedding.batch_size))
         async with pool.acquire() as connection:
-            return await create_key(connection, key_name, ["search", "admin"])
+            return await create_key(connection, key_name, ["search", "admin", "name_users"])
     finally:
         await pool.close()
 

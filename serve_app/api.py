@@ -241,7 +241,8 @@ def create_api(
     async def search(
         body: SearchRequest,
         principal: Principal = Depends(require_search),
-        x_user_id: str | None = Header(None, max_length=128, description="Keeps a user on one arm."),
+        x_user_id: str | None = Header(None, max_length=128,
+                                       description="Keeps a user on one arm (keys with the name_users scope only)."),
         x_session_id: str | None = Header(None, max_length=128, description="Links a session's queries."),
     ) -> SearchResponse | StreamingResponse:
         caller = Caller(x_user_id, x_session_id)

@@ -3,6 +3,8 @@
 Control and treatment are deployments of this same class. Its flags come from the live config
 that `RolloutControl` owns, read once per request, so a flip reaches the replica within the
 refresh interval without a restart; until the control actor answers, the settings' defaults hold.
+A fault switched on in the live config (a drill) is obeyed only by arms that themselves run with
+`ENVIRONMENT=test`, whatever the control actor says.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from cluster.core.rollout import LiveConfig
 from cluster.core.vocabulary import Arm
 from cluster.platform.database import create_pool
 from cluster.platform.metrics import AnswerMetrics, ArmMetrics, ProcessMemory
 from cluster.platform.settings import Settings
 from learners.learning_core import Policies
 from serve_app.experience_log import ExperienceLog
+from serve_app.live_config import live_config
 from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
 from serve_app.stages import Cost
@@ -51,6 +53,7 @@ class PipelineArm:
             return await embedder.embed.remote(query)
 
         self._arm = arm
+        self._faults_allowed = settings.environment == "test"
         self._default = ArmConfig(0, settings.features)
         self._control = rollout_control
         self._metrics = ArmMetrics()
@@ -58,8 +61,7 @@ class PipelineArm:
         self._experiences = ExperienceLog(pool, learning.experience_queue, learning.experience_flush_s)
         self._policy: VersionedCache[Policies] = VersionedCache(
             "policy", learning_state.policy_if_newer.remote, learning.policy_refresh_s)
-        self._live: VersionedCache[LiveConfig] = VersionedCache(
-            "live config", rollout_control.live_if_newer.remote, settings.rollout.live_refresh_s)
+        self._live = live_config(rollout_control, settings.rollout.live_refresh_s)
         self._pipeline = SearchPipeline(
             index, embed_query, retrieval, composer_from_settings(settings), arm,
             answer_modes=settings.answers.modes, current_policy=lambda: self._policy.current,
@@ -76,7 +78,7 @@ class PipelineArm:
 
     def _check_fault(self) -> None:
         live = self._live.current
-        if live and live.faults.get(self._arm):
+        if self._faults_allowed and live and live.faults.get(self._arm):
             raise InjectedFault(f"fault injected into arm '{self._arm}' (ENVIRONMENT=test)")
 
     def _record_answer(self, answer: AnswerBody) -> None:

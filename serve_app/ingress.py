@@ -1,8 +1,9 @@
 """The ingress deployment: the HTTP API, API-key checks, sticky A/B routing, and reporting.
 
-Each search goes to the arm `serve_app.router` assigns the caller under the live weights; its
-latency and outcome are batched to `RolloutControl`, which guards the treatment. The actors
-come in through `.bind()` (created once, in `cluster.actors.start`).
+Each search goes to the arm `serve_app.router` assigns the caller under the live weights: the
+caller is the API key, or the user the request names when the key has the `name_users` scope.
+Its latency and whether the arm failed it are batched to `RolloutControl`, which guards the
+treatment. The actors come in through `.bind()` (created once, in `cluster.actors.start`).
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import asyncpg
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from cluster.actors.start import ClusterActors
 from cluster.core.rollout import LiveConfig, Observation
-from cluster.core.vocabulary import ARMS, Arm, Flag
+from cluster.core.vocabulary import ARMS, NAME_USERS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
-from cluster.platform.database import create_pool
+from cluster.platform.database import DatabaseUnavailable, create_pool
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.feedback import FeedbackStore
+from serve_app.live_config import live_config
 from serve_app.pipeline import SearchEvent
-from serve_app.router import choose_arm
+from serve_app.router import caller_key, choose_arm
 from serve_app.schemas import (
     FeedbackRequest,
     FeedbackResponse,
@@ -39,7 +43,6 @@ from serve_app.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from serve_app.versioned_cache import VersionedCache
 
 _ARM_PING_TIMEOUT_S = 2.0
 _ACTOR_TIMEOUT_S = 2.0
@@ -48,10 +51,30 @@ _OBSERVATION_FLUSH_S = 0.5
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ARM_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)  # a 503, not the arm's error
+# Failures a search's arm did not cause: a shared dependency down, or the caller's own bad value
+# reaching PostgreSQL (SQLSTATE class 22). They do not count against the arm in the guard.
+_NOT_THE_ARMS_FAULT = (DatabaseUnavailable, asyncpg.DataError)
 
 
-def _arm_unavailable(arm: Arm, error: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable(f"arm '{arm}' is unavailable: {error}")
+class ArmUnavailable(ServiceUnavailable):
+    """The arm's replicas are dead or overloaded (a 503 that counts against the arm)."""
+
+
+def _arm_unavailable(arm: Arm, error: Exception) -> ArmUnavailable:
+    return ArmUnavailable(f"arm '{arm}' is unavailable: {error}")
+
+
+def _arm_failed(error: Exception) -> bool:
+    """Whether a failed search counts against its arm: a server-side failure of the arm itself.
+
+    Not a 4xx nor a failure of something both arms share, so no caller can steer the guard with
+    bad requests, and a database outage does not roll the treatment back.
+    """
+    if isinstance(error, ArmUnavailable):
+        return True
+    if isinstance(error, HTTPException):
+        return error.status_code >= 500
+    return not isinstance(error, _NOT_THE_ARMS_FAULT)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -71,8 +94,7 @@ class Ingress:
         self._control = actors.rollout_control
         self._learning = actors.learning_state
         self._learners = actors.learner_driver
-        self._live: VersionedCache[LiveConfig] = VersionedCache(
-            "live config", self._control.live_if_newer.remote, settings.rollout.live_refresh_s)
+        self._live = live_config(self._control, settings.rollout.live_refresh_s)
         self._observations: list[Observation] = []
         self._metrics = IngressMetrics()
         self._background = [asyncio.create_task(self._live.run()),
@@ -83,9 +105,12 @@ class Ingress:
 
     # -- routing ---------------------------------------------------------------------------
     def _arm_for(self, principal: Principal, caller: Caller) -> Arm:
+        """The caller's arm: by the key's identity, or by `X-User-Id` when the key may name users
+        (a front end serving many users); any other key's `X-User-Id` is ignored."""
         live = self._live.current
         weight = live.treatment_weight if live else 0.0
-        return choose_arm(caller.user_id or principal.key_id, {Arm.TREATMENT: weight})
+        key = caller_key(principal.key_id, caller.user_id, NAME_USERS in principal.scopes)
+        return choose_arm(key, {Arm.TREATMENT: weight})
 
     @staticmethod
     async def _from_arm(arm: Arm, call: Awaitable[T]) -> T:
@@ -97,31 +122,33 @@ class Ingress:
 
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
         arm = self._arm_for(principal, caller)
-        started, failed = time.perf_counter(), True
+        started = time.perf_counter()
         try:
             response = await self._from_arm(arm, self._arms[arm].search.remote(request, caller.session_id))
-            failed = False
-            return response
-        finally:
-            self._observe(arm, started, failed)
+        except Exception as error:  # a caller who went away cancels: no observation at all
+            self._observe(arm, started, _arm_failed(error))
+            raise
+        self._observe(arm, started, False)
+        return response
 
     async def search_events(self, request: SearchRequest, principal: Principal,
                             caller: Caller) -> AsyncIterator[SearchEvent]:
         arm = self._arm_for(principal, caller)
-        started, failed = time.perf_counter(), True
+        started = time.perf_counter()
         stream = self._arms[arm].options(stream=True).search_events.remote(request, caller.session_id)
         try:
             async for event in stream:
                 yield event
-            failed = False
         except _ARM_UNAVAILABLE as error:
+            self._observe(arm, started, True)
             raise _arm_unavailable(arm, error) from error
-        except (GeneratorExit, asyncio.CancelledError):
-            failed = False  # the caller went away: not the arm's failure
+        except Exception as error:  # not GeneratorExit or CancelledError: the caller going away is not observed
+            self._observe(arm, started, _arm_failed(error))
             raise
+        else:
+            self._observe(arm, started, False)
         finally:
             stream.cancel()  # stops the arm's search, and its provider calls, if it is still running
-            self._observe(arm, started, failed)
 
     def _observe(self, arm: Arm, started: float, failed: bool) -> None:
         self._observations.append(Observation(arm, time.time(), (time.perf_counter() - started) * 1000, failed))

@@ -1,8 +1,8 @@
 """Sticky weighted assignment of callers to arms.
 
-Each caller key (a user id, else an API key id) hashes to a fixed point u in [0, 1). Arms own
-consecutive slices of [0, 1) in a fixed order, treatments first, control last: with a
-treatment at weight w, callers with u < w get it. Raising w only adds callers (everyone who had
+Each caller key (the API key id, or the user id a key allowed to name users gives) hashes to a
+fixed point u in [0, 1). Arms own consecutive slices of [0, 1) in a fixed order, treatments
+first, control last: with a treatment at weight w, callers with u < w get it. Raising w only adds callers (everyone who had
 the treatment keeps it); lowering it only removes them. SHA-256 rather than `hash()`, so every
 replica and every restart agrees.
 """
@@ -13,6 +13,14 @@ import hashlib
 from collections.abc import Mapping
 
 from cluster.core.vocabulary import Arm
+
+
+def caller_key(key_id: str, user_id: str | None, may_name_users: bool) -> str:
+    """Who is routed: the key, unless it may name its users (a front end) and names one.
+
+    Otherwise any caller could pick its arm, and steer the guard, by trying user ids.
+    """
+    return user_id if may_name_users and user_id else key_id
 
 
 def unit_interval_point(caller_key: str) -> float:

@@ -180,7 +180,7 @@ def reset_control_actors(pool):
 
 @pytest.fixture(scope="session")
 def deployed(ray_session, pool, reset_control_actors):
-    """Deploy the app with some settings; yields a client holding a search+admin key.
+    """Deploy the app with some settings; yields a client holding a search+admin+name_users key.
 
     Learning and rollout state are reset before and after, so modules do not see each other's.
     """
@@ -198,7 +198,7 @@ def deployed(ray_session, pool, reset_control_actors):
         start_serve(settings.http)
         deploy(build_app(settings), APP_NAME)
         async with pool.acquire() as connection:
-            key = await create_key(connection, key_name, ["search", "admin"])
+            key = await create_key(connection, key_name, ["search", "admin", "name_users"])
         try:
             async with httpx.AsyncClient(base_url=f"http://{settings.http.host}:{settings.http.port}",
                                          headers={"X-API-Key": key}, timeout=30) as client:

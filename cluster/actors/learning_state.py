@@ -2,10 +2,14 @@
 
 Two heads learn side by side, each a `LearningCore` over the same context features: `retrieval`
 (what runs after the lexical stage, rewarded by nDCG - lambda x CPU ms) and `answer` (the answer
-mode, rewarded by the user's rating of the answer - lambda x CPU ms). It wraps them with persistence: a checkpoint (the model's parameters as JSON, the whole
-state as a blob) goes to PostgreSQL on a schedule and on request; on (re)start the latest
-checkpoint is loaded and rewarded experiences that arrived after it are replayed in, so a killed
-actor comes back with what it had, less only the updates since its last checkpoint. Another
+mode, rewarded by the user's rating of the answer - lambda x CPU ms). It wraps them with
+persistence: a checkpoint (the model's parameters as JSON, the whole state in the versioned
+`learners.checkpoint` format, never pickle) goes to PostgreSQL on a schedule and on request. The
+constructor never touches the database: it serves the default policy and loads, on a thread that
+retries until PostgreSQL answers, the latest checkpoint and the rewarded experiences that arrived
+after it. A checkpoint that cannot be restored for any reason is skipped and the model is rebuilt
+from the recorded rewards. So a killed actor comes back with what it had, less only the updates
+since its last checkpoint, and an actor started while the database is down comes up anyway. Another
 thread applies the retention settings to the experiences table (`cluster.data.retention`), which
 never deletes a row that such a restart would replay.
 """
@@ -16,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Sequence
@@ -26,10 +29,13 @@ from typing import Any
 import asyncpg
 import ray
 
+from cluster.actors.persistence import connection, in_background, retry_until_done
 from cluster.data.retention import RetentionPolicy, prune_experiences
 from cluster.platform.database import run_blocking
+from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.metrics import LearningMetrics, report_memory_every
 from cluster.platform.settings import LearningSettings, RetentionSettings
+from learners import checkpoint as codec
 from learners.context import FEATURES
 from learners.learning_core import LearnerBatch, LearningCore, Policies, RewardedSearch
 from learners.value_model import ValueDelta
@@ -63,6 +69,25 @@ LIMIT $2""",
 }
 
 
+def _load_checkpoint(cores: dict[str, LearningCore], checkpoint: asyncpg.Record) -> bool:
+    """Load a stored checkpoint into fresh `cores`; False (cores forgotten) when it cannot be.
+
+    Any failure counts: damaged bytes, another format, another layout or shape. The caller
+    then learns again from the recorded rewards.
+    """
+    try:
+        state = codec.decode(checkpoint["replay_state"])
+        for name, core in cores.items():
+            core.load_state_dict(state[name])
+        return True
+    except Exception as error:
+        log.warning("checkpoint not restored; rebuilding from the recorded rewards",
+                    extra={"policy_version": checkpoint["policy_version"], "error": repr(error)})
+        for core in cores.values():  # one head may have loaded before the other failed
+            core.forget()
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Head:
     """What a head chooses among, and what it serves until it has learned otherwise."""
@@ -78,51 +103,54 @@ class LearningState:
     def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head],
                  retention: RetentionSettings | None = None):
         self._url = database_url
-        self._cores = {name: LearningCore(heads[name].actions, FEATURES, heads[name].default_action, settings.core)
-                       for name in HEADS}
+        self._settings = settings
+        self._heads = heads
+        self._cores = self._new_cores()  # the default policy until the stored state is loaded
         self._next_head = itertools.cycle(HEADS)  # learners take turns between the heads
-        self._lock = threading.Lock()  # the checkpoint thread reads the cores too
-        self._restored_from = run_blocking(self._restore())
+        self._lock = threading.Lock()  # the checkpoint and load threads use the cores too
+        self._loaded = False
+        self._restored_from: int | None = None
         self._metrics = LearningMetrics()
         report_memory_every("learning")
         self._publish()
-        threading.Thread(
-            target=self._checkpoint_every, args=(settings.checkpoint_interval_s,), daemon=True
-        ).start()
+        in_background("learning-load", self._load)
         if retention is not None and retention.interval_s > 0:
             policy = RetentionPolicy.from_settings(retention, settings.core.capacity)
             export_dir = Path(retention.export_dir) if retention.export_dir else None
-            threading.Thread(target=self._prune_every, args=(retention.interval_s, policy, export_dir),
-                             daemon=True).start()
+            in_background("learning-retention", lambda: self._prune_every(retention.interval_s, policy, export_dir))
 
-    async def _restore(self) -> int | None:
-        """Load the latest checkpoint and the rewards recorded after it; returns its version."""
-        connection = await asyncpg.connect(self._url)
-        try:
-            checkpoint = await connection.fetchrow(
-                "SELECT policy_version, replay_state, created_at FROM q_table_snapshots "
-                "ORDER BY id DESC LIMIT 1"
-            )
-            since = None
-            if checkpoint is not None:
-                try:
-                    state = pickle.loads(checkpoint["replay_state"])
-                    for name in HEADS:  # each refuses another layout before changing anything
-                        self._cores[name].load_state_dict(state[name])
-                    since = checkpoint["created_at"]
-                except (ValueError, KeyError, TypeError) as error:  # an older layout: learn again from the rewards
-                    log.warning("checkpoint not restored; rebuilding from the recorded rewards",
-                                extra={"policy_version": checkpoint["policy_version"], "error": repr(error)})
-                    checkpoint = None
-                    for core in self._cores.values():  # one head may have loaded before the other refused
-                        core.forget()
-            rows = {name: await connection.fetch(_REWARDED_SINCE[name], since, core.config.capacity)
-                    for name, core in self._cores.items()}
-        finally:
-            await connection.close()
-        for name, core in self._cores.items():
+    def _new_cores(self) -> dict[str, LearningCore]:
+        return {name: LearningCore(self._heads[name].actions, FEATURES, self._heads[name].default_action,
+                                   self._settings.core) for name in HEADS}
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Restore from the database (retrying while it is down), then checkpoint on a schedule."""
+        retry_until_done("loading the learning state", lambda: run_blocking(self._restore()))
+        self._checkpoint_every(self._settings.checkpoint_interval_s)
+
+    async def _restore(self) -> None:
+        """Swap in cores rebuilt from the latest checkpoint and the rewards recorded after it.
+
+        They are built aside and swapped in at once; until then callers get the default policy
+        (or keep the one they have), and learners are given nothing to learn.
+        """
+        cores = self._new_cores()
+        async with connection(self._url) as conn:
+            checkpoint = await conn.fetchrow(
+                "SELECT policy_version, replay_state, created_at FROM q_table_snapshots ORDER BY id DESC LIMIT 1")
+            if checkpoint is not None and not _load_checkpoint(cores, checkpoint):
+                checkpoint = None
+            since = None if checkpoint is None else checkpoint["created_at"]
+            rows = {name: await conn.fetch(_REWARDED_SINCE[name], since, core.config.capacity)
+                    for name, core in cores.items()}
+        for name, core in cores.items():
             core.add_searches([RewardedSearch.from_row(row) for row in reversed(rows[name])])
-        return None if checkpoint is None else checkpoint["policy_version"]
+        with self._lock:
+            self._cores, self._loaded = cores, True
+            self._restored_from = None if checkpoint is None else checkpoint["policy_version"]
+            self._publish()
+        log.info("learning state loaded", extra={"restored_from_version": self._restored_from})
 
     def _publish(self) -> None:
         policy = self._cores["retrieval"].model.snapshot()
@@ -142,8 +170,10 @@ class LearningState:
             return size
 
     def sample(self, batch_size: int) -> tuple[str, LearnerBatch] | None:
-        """A batch of the next head that has one to give, and that head's name."""
+        """A batch of the next head that has one to give, and that head's name (none while loading)."""
         with self._lock:
+            if not self._loaded:
+                return None
             for _ in HEADS:
                 head = next(self._next_head)
                 batch = self._cores[head].sample(batch_size)
@@ -158,9 +188,13 @@ class LearningState:
             return applied
 
     def policy_if_newer(self, version: int) -> Policies | None:
-        """Both heads' policies when their version differs from `version` (cheap to poll), else None."""
+        """Both heads' policies when their version differs from `version` (cheap to poll), else None.
+
+        While the stored state is loading, a replica that has a policy (version > 0) keeps it and
+        a new one gets the default policy.
+        """
         with self._lock:
-            if self._version() == version:
+            if self._version() == version or (version > 0 and not self._loaded):
                 return None
             return Policies(self._version(), self._cores["retrieval"].policy(), self._cores["answer"].policy())
 
@@ -168,7 +202,7 @@ class LearningState:
         """The retrieval head's counters (the answer head's are in `model`)."""
         with self._lock:
             return {**self._cores["retrieval"].stats(), "policy_version": self._version(),
-                    "restored_from_version": self._restored_from}
+                    "loaded": self._loaded, "restored_from_version": self._restored_from}
 
     def model(self) -> dict[str, Any]:
         """Per head: the model's parameters, gate, exploration, counters and its values for the last
@@ -179,6 +213,7 @@ class LearningState:
     def reset(self) -> int:
         """Forget what was learned, and checkpoint at once so a restart does not replay older rewards."""
         with self._lock:
+            self._require_loaded()
             for core in self._cores.values():
                 core.forget()
             self._publish()
@@ -187,29 +222,29 @@ class LearningState:
     def checkpoint(self) -> int:
         """Write a checkpoint now; returns the policy version saved."""
         with self._lock:
+            self._require_loaded()
             version = self._version()
-            blob = pickle.dumps({name: core.state_dict() for name, core in self._cores.items()},
-                                protocol=pickle.HIGHEST_PROTOCOL)
+            blob = codec.encode({name: core.state_dict() for name, core in self._cores.items()})
             q_table = {name: core.model_report() for name, core in self._cores.items()}
             stats = {name: core.stats() for name, core in self._cores.items()}
         run_blocking(self._write_checkpoint(version, blob, q_table, stats))
         return version
 
     async def _write_checkpoint(self, version: int, blob: bytes, q_table: dict, stats: dict) -> None:
-        connection = await asyncpg.connect(self._url)
-        try:
-            async with connection.transaction():
-                await connection.execute(
-                    "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
-                    "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
-                    version, list(self._cores["retrieval"].actions), json.dumps(q_table), blob, json.dumps(stats),
-                )
-                await connection.execute(
-                    "DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
-                    _KEEP_CHECKPOINTS,
-                )
-        finally:
-            await connection.close()
+        async with connection(self._url) as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
+                "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
+                version, list(self._cores["retrieval"].actions), json.dumps(q_table), blob, json.dumps(stats),
+            )
+            await conn.execute(
+                "DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
+                _KEEP_CHECKPOINTS,
+            )
+
+    def _require_loaded(self) -> None:
+        if not self._loaded:
+            raise ServiceUnavailable("the learning state is still loading from the database; retry when it is up")
 
     def _checkpoint_every(self, interval_s: float) -> None:
         def progress() -> tuple[int, int]:
@@ -230,11 +265,8 @@ class LearningState:
     def _prune_every(self, interval_s: float, policy: RetentionPolicy, export_dir: Path | None) -> None:
         """Apply retention to the experiences; it never deletes what `_restore` would replay."""
         async def prune() -> None:
-            connection = await asyncpg.connect(self._url)
-            try:
-                await prune_experiences(connection, policy, export_dir)
-            finally:
-                await connection.close()
+            async with connection(self._url) as conn:
+                await prune_experiences(conn, policy, export_dir)
 
         while True:
             time.sleep(interval_s)

@@ -4,8 +4,14 @@ Replicas poll `live_if_newer(version)` a few times a second, so a change reaches
 within a second with no restart. The ingress reports each request's arm, latency and outcome,
 and rewards from feedback; a guard thread compares treatment with control over a sliding window
 (`cluster.core.rollout`) and, after `failures_to_rollback` failed checks in a row, sets the
-treatment to 0% by itself and records why. State is saved to PostgreSQL on every change and
-restored on restart, so a rollback survives the actor.
+treatment to 0% by itself and records why.
+
+A change (a rollback above all) never waits on PostgreSQL: it is applied in memory, replicas see
+it on their next poll, and a background thread saves it, retrying while the database is down.
+The constructor does not read the database either: until the stored state is loaded (on a thread
+that retries) the defaults hold, control serving everyone, and changes made meanwhile are applied
+again on top of the stored state once it arrives. So a rollback works with the database down,
+and survives a restart of the actor once it is saved. Fault injection is in memory only.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import asyncpg
 import ray
 
 from cluster.core.rollout import (
@@ -32,11 +37,13 @@ from cluster.core.rollout import (
     compare_rewards,
     gate_failures,
 )
+from cluster.actors.persistence import connection, in_background, retry_until_done
 from cluster.core.vocabulary import ARMS, Arm, FeatureFlags, parse_arm
 from cluster.platform.database import run_blocking
 
 ACTOR_NAME = "rollout_control"
 _MAX_EVENTS = 50
+_REPLICA_GONE_S = 5.0  # a replica that has not polled for this long is not listed
 
 log = logging.getLogger(__name__)
 
@@ -45,75 +52,144 @@ class RolloutError(ValueError):
     """An operator request that cannot be carried out (unknown arm or flag, last stage, ...)."""
 
 
-# What a change returns: the event to record and the new state (its version is set by `_change`).
+# What a change returns: the event to record and the new state (its version is set by `_applied`).
 Change = Callable[[RolloutState], tuple[str, RolloutState]]
 
 
-@ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
-class RolloutControl:
+def _applied(state: RolloutState, change: Change, at: float) -> tuple[str, RolloutState]:
+    """`change` applied to `state`: the event, and the new state with its event and next version."""
+    event, new = change(state)
+    events = (*state.events, RolloutEvent(at, event))[-_MAX_EVENTS:]
+    return event, dataclasses.replace(new, version=state.version + 1, events=events)
+
+
+class RolloutController:
+    """The actor's body (`RolloutControl` below is it as a Ray actor); no call waits on the database."""
+
     def __init__(self, database_url: str, plan: RolloutPlan, default_flags: FeatureFlags,
                  allow_faults: bool):
         self._url = database_url
         self._plan = plan
         self._allow_faults = allow_faults
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held across database I/O
         self._windows = self._new_windows()
         self._consecutive_failures = 0
         self._last_failures: list[str] = []
-        saved = run_blocking(self._load())
-        self._state = saved or RolloutState.initial(plan, default_flags)
-        threading.Thread(target=self._guard_loop, daemon=True).start()
+        self._state = RolloutState.initial(plan, default_flags)  # control serves everyone until loaded
+        self._loaded = False
+        self._pending: list[tuple[float, Change]] = []  # changes made before the stored state was loaded
+        self._saved_version: int | None = None
+        self._unsaved = threading.Event()
+        self._replicas: dict[str, tuple[int, float]] = {}  # replica -> (live version it has, when it asked)
+        in_background("rollout-guard", self._guard_loop)
+        in_background("rollout-store", self._load_then_save)
 
     def _new_windows(self) -> dict[Arm, ArmWindow]:
         return {arm: ArmWindow(self._plan.guard.window_s) for arm in ARMS}
 
-    # -- persistence -----------------------------------------------------------------------
+    # -- persistence (background) ----------------------------------------------------------
+    def _load_then_save(self) -> None:
+        retry_until_done("loading the rollout state", lambda: self._adopt(run_blocking(self._load())))
+        while True:
+            self._unsaved.wait()
+            self._unsaved.clear()
+            retry_until_done("saving the rollout state", self._save_latest)
+
     async def _load(self) -> RolloutState | None:
-        connection = await asyncpg.connect(self._url)
+        """The stored state; None when there is none, or none this code can read (the defaults hold)."""
+        async with connection(self._url) as conn:
+            raw = await conn.fetchval("SELECT state FROM rollout_state WHERE singleton")
+        if raw is None:
+            return None
         try:
-            raw = await connection.fetchval("SELECT state FROM rollout_state WHERE singleton")
-        finally:
-            await connection.close()
-        return None if raw is None else RolloutState.from_json(json.loads(raw))
+            return RolloutState.from_json(json.loads(raw))
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("stored rollout state not readable; starting from the defaults", extra={"error": repr(error)})
+            return None
+
+    def _adopt(self, stored: RolloutState | None) -> None:
+        """Take the stored state, with the changes made before it was loaded applied on top.
+
+        Its version moves past every version handed out meanwhile, so each replica notices.
+        """
+        with self._lock:
+            old, state = self._state, self._state
+            if stored is not None:
+                state = dataclasses.replace(stored, version=max(stored.version, old.version), faults=old.faults)
+                for at, change in self._pending:
+                    try:
+                        state = _applied(state, change, at)[1]
+                    except RolloutError as error:
+                        log.warning("a change made before the rollout state was loaded no longer applies",
+                                    extra={"error": str(error)})
+            self._install(old, state)
+            self._loaded = True
+            if self._pending:
+                self._unsaved.set()
+            else:
+                self._saved_version = state.version
+            self._pending.clear()
+        log.info("rollout state loaded", extra={"version": state.version, "stored": stored is not None})
+
+    def _save_latest(self) -> None:
+        with self._lock:
+            state = self._state
+        run_blocking(self._save(state))
+        with self._lock:
+            self._saved_version = state.version
 
     async def _save(self, state: RolloutState) -> None:
-        connection = await asyncpg.connect(self._url)
-        try:
-            await connection.execute(
+        async with connection(self._url) as conn:
+            await conn.execute(
                 "INSERT INTO rollout_state (singleton, state, updated_at) VALUES (true, $1::jsonb, now()) "
                 "ON CONFLICT (singleton) DO UPDATE SET state = excluded.state, updated_at = now()",
                 json.dumps(state.to_json()),
             )
-        finally:
-            await connection.close()
 
+    # -- changes ---------------------------------------------------------------------------
     def _change(self, change: Change) -> LiveConfig:
-        """Apply `change`, bump the version, record the event, persist.
+        """Apply `change` in memory now, and have it saved in the background.
 
         The new state is built from the current one inside the lock, so an operator's call and a
-        guard rollback that race cannot overwrite each other. A change to what the treatment
-        serves (its share or its flags) starts the guard's windows afresh: the gates judge the
-        configuration that is live, not observations of one that was replaced.
+        guard rollback that race cannot overwrite each other. Replicas see it on their next poll,
+        whether or not the database is up.
         """
+        at = time.time()
         with self._lock:
             old = self._state
-            event, new = change(old)
-            events = (*old.events, RolloutEvent(time.time(), event))[-_MAX_EVENTS:]
-            new = dataclasses.replace(new, version=old.version + 1, events=events)
-            run_blocking(self._save(new))
-            self._state = new
-            if new.treatment_weight != old.treatment_weight:
-                self._consecutive_failures = 0
-            if new.treatment_weight > 0 and (new.treatment_weight, new.flags) != (old.treatment_weight, old.flags):
-                self._windows = self._new_windows()
-            log.log(logging.WARNING if event.startswith("rolled back") else logging.INFO,
-                    "rollout change: %s", event)
-            return new.live
+            event, new = _applied(old, change, at)
+            self._install(old, new)
+            if self._loaded:
+                self._unsaved.set()
+            else:  # replayed on the stored state once it is loaded
+                self._pending.append((at, change))
+        log.log(logging.WARNING if event.startswith("rolled back") else logging.INFO, "rollout change: %s", event)
+        return new.live
+
+    def _install(self, old: RolloutState, new: RolloutState) -> None:
+        """Make `new` current (lock held). A change to what the treatment serves (its share or its
+        flags) starts the guard's windows afresh: the gates judge the configuration that is live,
+        not observations of one that was replaced."""
+        self._state = new
+        if new.treatment_weight != old.treatment_weight:
+            self._consecutive_failures = 0
+        if new.treatment_weight > 0 and (new.treatment_weight, new.flags) != (old.treatment_weight, old.flags):
+            self._windows = self._new_windows()
 
     # -- what replicas call ----------------------------------------------------------------
-    def live_if_newer(self, version: int) -> LiveConfig | None:
+    def live_if_newer(self, version: int, replica: str | None = None) -> LiveConfig | None:
+        """The live config if it differs from `version` (what `replica` has), else None.
+
+        Until the stored state is loaded, a replica that has a config (version > 0) keeps it,
+        unless a change (a rollback) was made meanwhile; a new one gets the defaults.
+        """
         with self._lock:
-            return None if self._state.version == version else self._state.live
+            if replica is not None:
+                self._replicas[replica] = (version, time.monotonic())
+            current = self._state
+            if current.version == version or (version > 0 and not self._loaded and not self._pending):
+                return None
+            return current.live
 
     def observe(self, observations: list[Observation]) -> None:
         with self._lock:
@@ -176,12 +252,18 @@ class RolloutControl:
                                        dataclasses.replace(s, faults={**s.faults, target: failing})))
 
     def status(self) -> dict[str, Any]:
-        """The state, per-arm window summaries, the reward comparison and the guard, as JSON."""
-        now = time.time()
+        """The state, per-arm window summaries, the reward comparison, the guard, whether the state is
+        loaded and saved, and the live version each replica polling now has, as JSON."""
+        now, monotonic = time.time(), time.monotonic()
         with self._lock:
             summaries = {arm: self._windows[arm].summary(now) for arm in ARMS}
+            for replica in [r for r, (_, seen) in self._replicas.items() if monotonic - seen > _REPLICA_GONE_S]:
+                del self._replicas[replica]
             return {
                 **self._state.to_json(),
+                "faults": {arm.value: failing for arm, failing in self._state.faults.items()},
+                "store": {"loaded": self._loaded, "saved": self._saved_version == self._state.version},
+                "replicas": {replica: version for replica, (version, _) in sorted(self._replicas.items())},
                 "stages": [s.name for s in self._plan.stages],
                 "arms": {arm.value: summary.as_dict() for arm, summary in summaries.items()},
                 "reward_difference": dataclasses.asdict(rewards) if (rewards := self._rewards(now)) else None,
@@ -218,3 +300,6 @@ class RolloutControl:
                 self.check_gates()
             except Exception:  # keep guarding; the next check retries
                 log.exception("guard check failed")
+
+
+RolloutControl = ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)(RolloutController)

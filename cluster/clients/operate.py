@@ -56,6 +56,19 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _store_and_replicas(status: dict[str, Any]) -> str:
+    """Whether the state is stored yet, and how many replicas serve this version."""
+    store, replicas = status["store"], status["replicas"]
+    if not store["loaded"]:
+        stored = "defaults (the stored state is not loaded yet: the database is not answering)"
+    elif store["saved"]:
+        stored = "saved"
+    else:
+        stored = "not saved yet (retrying in the background until the database answers)"
+    current = sum(1 for version in replicas.values() if version == status["version"])
+    return f"state {stored}; {current} of {len(replicas)} replicas on version {status['version']}"
+
+
 def format_status(status: dict[str, Any]) -> str:
     weight = status["treatment_weight"]
     lines = [
@@ -64,6 +77,7 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status.get("rolled_back") and weight == 0.0:
         lines.append(f"rolled back: {status['rolled_back']}")
+    lines.append(_store_and_replicas(status))
     lines.append(f"{'arm':<10} {'requests':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} "
                  f"{'rewards':>7} {'mean reward (95% CI)':>24}")
     for arm, s in status["arms"].items():

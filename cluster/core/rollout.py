@@ -111,16 +111,17 @@ class RolloutState(LiveConfig):
         return LiveConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(LiveConfig)})
 
     def to_json(self) -> dict[str, Any]:
+        """What is stored: everything but the faults, which are a drill's and never outlive the actor."""
         return {"version": self.version, "stage": self.stage, "treatment_weight": self.treatment_weight,
                 "flags": {arm.value: flags.as_dict() for arm, flags in self.flags.items()},
-                "faults": {arm.value: failing for arm, failing in self.faults.items()},
                 "events": [dataclasses.asdict(e) for e in self.events], "rolled_back": self.rolled_back}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> RolloutState:
+        """A stored state, with no fault injected (whatever an older row says)."""
         return cls(raw["version"], raw["stage"], raw["treatment_weight"],
                    {Arm(arm): FeatureFlags.from_mapping(flags) for arm, flags in raw["flags"].items()},
-                   {Arm(arm): failing for arm, failing in raw["faults"].items()},
+                   {arm: False for arm in ARMS},
                    tuple(RolloutEvent(**e) for e in raw["events"]), raw.get("rolled_back"))
 
 

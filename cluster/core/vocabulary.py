@@ -61,7 +61,8 @@ _BEHAVIOUR = {
     Flag.DEBATE_MODE: "answer_mode auto debates: two drafts at once, then a cited synthesis",
 }
 
-SCOPES = ("search", "admin")
+NAME_USERS = "name_users"  # the key may name its users (`X-User-Id`), each then routed to an arm of its own
+SCOPES = ("search", "admin", NAME_USERS)
 
 
 def _parse(kind: type[enum.StrEnum], noun: str, plural: str, name: str) -> enum.StrEnum:

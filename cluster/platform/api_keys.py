@@ -17,7 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from cluster.core.vocabulary import SCOPES
-from cluster.platform.database import unavailable_on_connection_errors
+from cluster.platform.database import DatabaseUnavailable, unavailable_on_connection_errors
 
 _PREFIX = "dtrag"
 
@@ -86,7 +86,8 @@ class ApiKeyVerifier:
     """Checks keys against the database, trusting an answer for `cache_seconds`.
 
     The cache keeps the database off the request path; revocation reaches a replica within
-    that time.
+    that time. While the database is unavailable, a key's last answer stands, however old, so an
+    operator can still act (roll back) during an outage; no key can be revoked meanwhile anyway.
     """
 
     def __init__(self, pool: asyncpg.Pool, cache_seconds: float):
@@ -99,7 +100,12 @@ class ApiKeyVerifier:
         cached = self._cache.get(token)
         if cached and now - cached[0] < self._cache_seconds:
             return cached[1]
-        principal = await self._lookup(token)
+        try:
+            principal = await self._lookup(token)
+        except DatabaseUnavailable:
+            if cached is None:
+                raise
+            return cached[1]
         if len(self._cache) > 10_000:  # bound memory against floods of random keys
             self._cache.clear()
         self._cache[token] = (now, principal)

@@ -147,9 +147,10 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
 
     async def stats_once_back() -> dict | None:
         try:
-            return await learning_state().stats.remote()
+            stats = await learning_state().stats.remote()
         except ray.exceptions.RayError:  # still restarting
             return None
+        return stats if stats["loaded"] else None  # it loads from the database after it starts
 
     restored = await eventually(stats_once_back)
     assert restored["restored_from_version"] == saved_version

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 
 import httpx
 import pytest
+import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.actors import NAMESPACE
+from cluster.actors.rollout_control import ACTOR_NAME
 from cluster.core.rollout import GuardSettings
 from cluster.core.vocabulary import Arm
+from cluster.platform.api_keys import create_key
 from serve_app.router import choose_arm
+from support.postgres import postgres_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +177,43 @@ async def test_failing_treatment_is_rolled_back_by_the_guard(service, eventually
     await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
 
 
+async def test_without_name_users_the_key_not_x_user_id_picks_the_arm(service, pool, eventually):
+    await set_weight(service, eventually, 0.5)
+    async with pool.acquire() as connection:
+        key = await create_key(connection, "no-name-users", ["search"])
+    key_id = key.split("_")[1]
+    arms = set()
+    for user in PROBES:  # these users fall on both arms when they may be named
+        response = await service.post("/api/v1/search/", json={"q": "ocean tides", "final_topk": 1},
+                                      headers={"X-API-Key": key, "X-User-Id": user})
+        assert response.status_code == 200, response.text
+        arms.add(response.json()["arm"])
+    assert arms == {choose_arm(key_id, {Arm.TREATMENT: 0.5}).value}
+    await set_weight(service, eventually, 0.0)
+
+
+async def test_client_errors_and_aborted_requests_do_not_count_against_the_arm(service, eventually):
+    await set_weight(service, eventually, 1.0)  # every caller on the treatment; its windows start afresh
+    before = (await service.get("/api/v1/admin/rollout")).json()["arms"]["treatment"]
+    for _ in range(3):
+        response = await service.post("/api/v1/search/", json={"q": "tide\u0000s"}, headers={"X-User-Id": "nul"})
+        assert response.status_code != 200
+    async with httpx.AsyncClient(base_url=service.base_url, headers=service.headers, timeout=0.005) as impatient:
+        for _ in range(5):
+            with pytest.raises(httpx.TimeoutException):  # the caller hangs up while the arm searches
+                await impatient.post("/api/v1/search/", json={"q": "volcanoes and glaciers"})
+    for _ in range(5):
+        assert (await service.post("/api/v1/search/", json={"q": "rainforest"})).status_code == 200
+
+    async def flushed() -> dict | None:  # observations reach the guard in order, every 0.5 s
+        arm = (await service.get("/api/v1/admin/rollout")).json()["arms"]["treatment"]
+        return arm if arm["requests"] >= before["requests"] + 5 else None
+
+    after = await eventually(flushed)
+    assert after["errors"] == before["errors"] == 0
+    await set_weight(service, eventually, 0.0)
+
+
 async def test_metrics_are_exported_for_prometheus(service, live_settings, eventually):
     wanted = {"ray_replay_buffer_size", "ray_context_model_active", "ray_pipeline_latency_seconds",
               "ray_batch_learning_success", "ray_arm_requests", "ray_arm_errors",
@@ -209,3 +253,58 @@ def test_operator_commands(service, capsys):
     assert "mean reward" in capsys.readouterr().out
     assert dtrag(["rollout", "set-weight", "2", *target]) == 1
     assert "treatment_weight" in capsys.readouterr().err
+
+
+async def test_rollback_with_the_database_down_reaches_every_replica_within_a_second(
+        service, live_settings, pool, eventually, capsys):
+    from cluster.cli.main import main as dtrag
+
+    await set_weight(service, eventually, 0.5)
+    target = ["--url", str(service.base_url).rstrip("/"), "--api-key", service.headers["X-API-Key"]]
+    serve = live_settings.serve
+    expected = {"Ingress": serve.ingress_replicas, "arm_control": serve.pipeline_replicas,
+                "arm_treatment": live_settings.rollout.treatment_replicas}
+    with postgres_stopped(live_settings.state_dir):
+        started = time.monotonic()
+        assert await asyncio.to_thread(dtrag, ["rollout", "rollback", "--reason", "database down", *target]) == 0
+        returned = time.monotonic()
+        deadline = returned + 1.0
+        while True:  # poll with a deadline: every replica polling the control actor has the rollback
+            status = (await service.get("/api/v1/admin/rollout")).json()
+            replicas = status["replicas"]
+            on_it = {name: sum(1 for r, v in replicas.items() if r.startswith(f"{name}#") and v == status["version"])
+                     for name in expected}
+            if on_it == expected and all(v == status["version"] for v in replicas.values()):
+                reached = time.monotonic()
+                break
+            assert time.monotonic() < deadline, f"not every replica has version {status['version']}: {replicas}"
+            await asyncio.sleep(0.05)
+        assert status["treatment_weight"] == 0.0 and status["rolled_back"] == "database down"
+        assert status["store"] == {"loaded": True, "saved": False}
+        assert "rolled back: database down" in (shown := capsys.readouterr().out) and "not saved yet" in shown
+        print(f"rollback with the database down: {returned - started:.2f} s to answer, "
+              f"{reached - returned:.2f} s more until every replica had it")
+
+    async def stored() -> dict | None:  # saved in the background once the database is back
+        try:
+            raw = await pool.fetchval("SELECT state FROM rollout_state WHERE singleton")
+        except Exception:  # the pool's connections died with the server; it reconnects
+            return None
+        return state if raw and (state := json.loads(raw))["rolled_back"] == "database down" else None
+
+    assert (await eventually(stored, timeout_s=30))["treatment_weight"] == 0.0
+
+    async def saved() -> bool:
+        return (await service.get("/api/v1/admin/rollout")).json()["store"]["saved"]
+
+    await eventually(saved)
+
+    ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=False)
+
+    async def reloaded() -> dict | None:
+        response = await service.get("/api/v1/admin/rollout")
+        status = response.json() if response.status_code == 200 else {}
+        return status if status.get("store", {}).get("loaded") else None
+
+    status = await eventually(reloaded)
+    assert status["rolled_back"] == "database down" and status["treatment_weight"] == 0.0

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
+from learners import checkpoint
 from learners.learning_core import (
     COST_MEMORY,
     Experience,
@@ -146,7 +147,7 @@ def test_state_dict_round_trip_restores_the_same_policy_and_buffer():
     core = trained_core()
     core.add(experiences(3) + [Experience((0.3, 0.1), 1, 0.2, 0.5, 0, next_context=(0.1, 0.0))])
     restored = make_core(min_replay_size=1, explore_max=0.5)
-    restored.load_state_dict(pickle.loads(pickle.dumps(core.state_dict())))
+    restored.load_state_dict(checkpoint.decode(checkpoint.encode(core.state_dict())))  # as stored
     assert restored.stats() == core.stats()
     a, b = core.policy(), restored.policy()
     assert (a.version, a.model.gate_open, a.model.epsilon) == (b.version, b.model.gate_open, b.model.epsilon)

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from cluster.core.vocabulary import Arm
-from serve_app.router import choose_arm, unit_interval_point
+from serve_app.router import caller_key, choose_arm, unit_interval_point
 
 USERS = [f"user-{i}" for i in range(20_000)]
 
@@ -27,3 +27,9 @@ def test_points_are_the_same_in_another_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert other.stdout.split() == [repr(unit_interval_point("alice")), repr(unit_interval_point("bob"))]
+
+
+def test_only_a_key_that_may_name_users_routes_by_the_user_it_names():
+    assert caller_key("key1", "alice", may_name_users=True) == "alice"
+    assert caller_key("key1", None, may_name_users=True) == "key1"
+    assert caller_key("key1", "alice", may_name_users=False) == "key1"  # X-User-Id cannot pick an arm
