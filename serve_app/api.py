@@ -16,21 +16,31 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster import __version__
 from cluster.actors.rollout_control import RolloutError
 from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.errors import ServiceUnavailable
+from serve_app.edge import (
+    ApiKeyGate,
+    BodyLimit,
+    RequestContext,
+    current_request_id,
+    error_response,
+    public_cause,
+    unavailable_response,
+)
 from serve_app.feedback import UnknownSearch
 from serve_app.pipeline import SearchEvent
 from serve_app.schemas import (
+    CONTROL_CHARACTERS,
     ErrorBody,
     FaultUpdate,
     FeedbackRequest,
     FeedbackResponse,
     FlagsUpdate,
+    Identifier,
     RankRequest,
     RankResponse,
     RollbackRequest,
@@ -39,7 +49,6 @@ from serve_app.schemas import (
     WeightUpdate,
 )
 
-MAX_BODY_BYTES = 64 * 1024
 log = logging.getLogger(__name__)
 
 
@@ -97,15 +106,15 @@ class Operations(Protocol):
     async def set_fault(self, arm: Arm, failing: bool) -> dict[str, Any]: ...
 
 
-def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
-
-
 def _field(error: dict[str, Any]) -> str:
-    """`("body", "final_topk")` -> `final_topk`; the body as a whole (e.g. bad JSON) is `body`."""
+    """`("body", "final_topk")` -> `final_topk`; the body as a whole (e.g. bad JSON) is `body`.
+
+    Control characters in a part (a dict key the caller sent) are escaped, not echoed.
+    """
     if error.get("type") == "json_invalid":
         return "body"
-    path = [str(part) for part in error.get("loc", ()) if part != "body"]
+    path = [CONTROL_CHARACTERS.sub(lambda m: f"\\u{ord(m[0]):04x}", str(part))
+            for part in error.get("loc", ()) if part != "body"]
     return ".".join(path) or "body"
 
 
@@ -116,29 +125,25 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return _error(422, "invalid_request", summary, errors=errors)
+    return error_response(422, summary, errors=errors)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-             413: "payload_too_large"}
-    response = _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
-    if exc.headers:
-        response.headers.update(exc.headers)
-    return response
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "service_unavailable", str(exc))
+    return unavailable_response(exc)
 
 
 async def _unknown_search(_: Request, exc: Exception) -> JSONResponse:
-    return _error(404, "not_found", str(exc))
+    return error_response(404, str(public_cause(exc)))
 
 
 async def _conflict(_: Request, exc: Exception) -> JSONResponse:
-    return _error(409, "conflict", str(exc.args[0]) if exc.args else str(exc))
+    cause = public_cause(exc)
+    return error_response(409, str(cause.args[0]) if cause.args else str(cause))
 
 
 def _sse(event: SearchEvent) -> bytes:
@@ -157,7 +162,7 @@ async def _event_stream(events: AsyncIterator[SearchEvent]) -> StreamingResponse
             async for event in events:
                 yield _sse(event)
         except Exception:
-            log.exception("streamed search failed after it started")
+            log.exception("streamed search failed after it started", extra={"request_id": current_request_id()})
             yield _sse(SearchEvent("error", {"error": "stream_failed",
                                              "message": "the search failed after it started; retry"}))
         finally:
@@ -172,35 +177,23 @@ _STREAM_DOC = ("With `stream: true`: text/event-stream of `hits` (the search wit
                "`search_latency_ms`); `error` if it fails after it started.")
 
 
-class BodySizeLimit:
-    """Reject bodies over `limit` bytes with 413 before anything parses them."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                response = _error(413, "payload_too_large",
-                                  f"request body must be at most {self.limit} bytes")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_api(
-    backend: SearchBackend, verifier: ApiKeyVerifier, operations: Operations | None = None
+    backend: SearchBackend, verifier: ApiKeyVerifier, *, max_body_bytes: int, operations: Operations | None = None
 ) -> FastAPI:
-    """The API; the admin flag and rollout routes exist only when `operations` is given."""
+    """The API; the admin flag and rollout routes exist only when `operations` is given.
+
+    The edge (outermost first): request ids and JSON errors, the body limit, then the key check,
+    all before FastAPI reads the body.
+    """
     app = FastAPI(
         title="DT-RAG search",
         version=__version__,
         description="Retrieval-augmented search that learns which retrieval strategy suits each query.",
         responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 503: {"model": ErrorBody}},
     )
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(ApiKeyGate, verifier=verifier)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestContext)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
@@ -209,12 +202,9 @@ def create_api(
 
     def require(scope: str):
         async def check(request: Request) -> Principal:
-            token = request.headers.get("x-api-key")
-            if not token:
-                raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "ApiKey"})
-            principal = await verifier.verify(token)
+            principal: Principal | None = getattr(request.state, "principal", None)  # set by ApiKeyGate
             if principal is None:
-                raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "ApiKey"})
+                raise HTTPException(401, "missing X-API-Key header", {"WWW-Authenticate": "ApiKey"})
             if scope not in principal.scopes:
                 raise HTTPException(403, f"this API key lacks the '{scope}' scope")
             return principal
@@ -241,9 +231,9 @@ def create_api(
     async def search(
         body: SearchRequest,
         principal: Principal = Depends(require_search),
-        x_user_id: str | None = Header(None, max_length=128,
-                                       description="Keeps a user on one arm (keys with the name_users scope only)."),
-        x_session_id: str | None = Header(None, max_length=128, description="Links a session's queries."),
+        x_user_id: Identifier | None = Header(
+            None, max_length=128, description="Keeps a user on one arm (keys with the name_users scope only)."),
+        x_session_id: Identifier | None = Header(None, max_length=128, description="Links a session's queries."),
     ) -> SearchResponse | StreamingResponse:
         caller = Caller(x_user_id, x_session_id)
         if body.stream:

@@ -26,11 +26,12 @@ from cluster.actors.start import ClusterActors
 from cluster.core.rollout import LiveConfig, Observation
 from cluster.core.vocabulary import ARMS, NAME_USERS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
-from cluster.platform.database import DatabaseUnavailable, create_pool
+from cluster.platform.database import DATABASE_DOWN, DatabaseUnavailable, create_pool
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
+from serve_app.edge import current_request_id, describe
 from serve_app.feedback import FeedbackStore
 from serve_app.live_config import live_config
 from serve_app.pipeline import SearchEvent
@@ -61,7 +62,8 @@ class ArmUnavailable(ServiceUnavailable):
 
 
 def _arm_unavailable(arm: Arm, error: Exception) -> ArmUnavailable:
-    return ArmUnavailable(f"arm '{arm}' is unavailable: {error}")
+    """A safe message; Ray's own (pid, IP, traceback) stays the `__cause__`, for the log."""
+    return ArmUnavailable(f"the '{arm}' arm is unavailable (restarting or overloaded); retry shortly")
 
 
 def _arm_failed(error: Exception) -> bool:
@@ -85,6 +87,7 @@ class Ingress:
         assert url, "the database URL is resolved before deployment"
         self._environment = settings.environment
         report_memory_every("ingress")
+        self._max_body_bytes = settings.http.max_body_bytes
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
         self._cost_weight = settings.learning.core.cost_weight
@@ -101,7 +104,7 @@ class Ingress:
                             asyncio.create_task(self._flush_observations())]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self, self._verifier, operations=self)
+        return create_api(self, self._verifier, max_body_bytes=self._max_body_bytes, operations=self)
 
     # -- routing ---------------------------------------------------------------------------
     def _arm_for(self, principal: Principal, caller: Caller) -> Arm:
@@ -204,7 +207,7 @@ class Ingress:
             return await asyncio.wait_for(asyncio.gather(*calls), _ACTOR_TIMEOUT_S)
         except (RayActorError, TimeoutError) as error:
             raise ServiceUnavailable(
-                f"a control actor is unavailable ({type(error).__name__}); it restarts by itself, retry shortly"
+                "a control actor is unavailable; it restarts by itself, retry shortly"
             ) from error
 
     async def learning(self) -> dict[str, Any]:
@@ -262,7 +265,9 @@ class Ingress:
             async with asyncio.timeout(_ARM_PING_TIMEOUT_S):
                 await self._pool.fetchval("SELECT 1")
         except Exception as error:  # /health reports every failure, never raises
-            database_error = f"{type(error).__name__}: {error}"
+            log.warning("health: database check failed",
+                        extra={"request_id": current_request_id(), "detail": describe(error)})
+            database_error = DATABASE_DOWN
         ready = await asyncio.gather(*(self._arm_ready(self._arms[arm]) for arm in ARMS))
         return Health(
             environment=self._environment,

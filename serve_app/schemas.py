@@ -1,18 +1,40 @@
 """Request and response bodies of the HTTP API.
 
 Requests are strict (no type coercion, unknown fields rejected) so a misspelt or mistyped field
-is a 422 that names it rather than a silent default.
+is a 422 that names it rather than a silent default. Every string a caller sends is `Text` or
+`Identifier`, so control characters stop here rather than in PostgreSQL.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.core.vocabulary import Arm, FeatureFlags, Strategy
 
 MAX_QUERY_CHARS = 1000
+
+# C0, DEL and C1 controls, and unpaired surrogates (which no encoder accepts); text keeps tab and newline.
+_DEL_C1_SURROGATES = r"\x7f-\x9f\ud800-\udfff"
+CONTROL_CHARACTERS = re.compile(rf"[\x00-\x1f{_DEL_C1_SURROGATES}]")
+_TEXT_CONTROL_CHARACTERS = re.compile(rf"[\x00-\x08\x0b-\x1f{_DEL_C1_SURROGATES}]")
+
+
+def _forbidding(characters: re.Pattern[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        if found := characters.search(value):
+            raise ValueError(f"must not contain control characters or unpaired surrogates "
+                             f"(U+{ord(found[0]):04X} at position {found.start()})")
+        return value
+
+    return AfterValidator(check)
+
+
+# Free text (queries, reasons) may hold tabs and newlines; ids, keys and header values nothing.
+Text = Annotated[str, _forbidding(_TEXT_CONTROL_CHARACTERS)]
+Identifier = Annotated[str, _forbidding(CONTROL_CHARACTERS)]
 
 # Enums take their JSON value (strictness would demand a Python enum member); nothing else.
 StrategyName = Annotated[Strategy, Field(strict=False)]
@@ -22,7 +44,7 @@ ArmName = Annotated[Arm, Field(strict=False)]
 class _StrictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The query text.")
+    q: Text = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The query text.")
     strategy: StrategyName | None = Field(
         None, description="Retrieval strategy; omitted, the arm's policy or default decides."
     )
@@ -131,7 +153,7 @@ class RankResponse(BaseModel):
 
 
 Grade = Annotated[int, Field(ge=0, le=4)]
-DocId = Annotated[str, Field(min_length=1, max_length=512)]
+DocId = Annotated[Identifier, Field(min_length=1, max_length=512)]
 
 
 AnswerGrade = Annotated[int, Field(ge=0, le=4)]
@@ -184,9 +206,18 @@ class FeedbackResponse(BaseModel):
                             "first feedback for each part is kept).")
 
 
-class ErrorBody(BaseModel):
-    error: str
+class FieldError(BaseModel):
+    field: str
     message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="A stable code, e.g. `invalid_request`, `unauthorized`, `service_unavailable`.")
+    message: str = Field(description="What is wrong and what to do; never internal detail.")
+    request_id: str = Field(description="Also in the `X-Request-Id` header and in the server's log line for "
+                            "this request.")
+    errors: list[FieldError] | None = Field(None, description="For 422: each bad field.")
 
 
 class _Operation(BaseModel):
@@ -195,7 +226,7 @@ class _Operation(BaseModel):
 
 class FlagsUpdate(_Operation):
     arm: ArmName = Arm.TREATMENT
-    flags: dict[str, bool] = Field(min_length=1, description="Flag name to on (true) or off (false).")
+    flags: dict[Identifier, bool] = Field(min_length=1, description="Flag name to on (true) or off (false).")
 
     @field_validator("flags")
     @classmethod
@@ -209,7 +240,7 @@ class WeightUpdate(_Operation):
 
 
 class RollbackRequest(_Operation):
-    reason: str = Field("rolled back by operator", min_length=1, max_length=500)
+    reason: Text = Field("rolled back by operator", min_length=1, max_length=500)
 
 
 class FaultUpdate(_Operation):

@@ -7,6 +7,7 @@ A baseline for the load benchmark, and a way to debug the pipeline without a clu
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +15,12 @@ import numpy as np
 import uvicorn
 
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
-from cluster.platform.database import create_pool
+from cluster.platform.database import DATABASE_DOWN, create_pool
 from cluster.platform.errors import ServiceUnavailable
 from cluster.core.vocabulary import FeatureFlags
 from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.api import Caller, Health, create_api
+from serve_app.edge import current_request_id, describe
 from serve_app.embedding import TextEmbedder
 from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
@@ -33,6 +35,7 @@ from serve_app.schemas import (
 )
 
 ARM = "standalone"
+log = logging.getLogger(__name__)
 
 
 class LocalBackend:
@@ -66,7 +69,9 @@ class LocalBackend:
         try:
             await self._pipeline.ping_database()
         except Exception as failure:  # /health reports every failure, never raises
-            error = f"{type(failure).__name__}: {failure}"
+            log.warning("health: database check failed",
+                        extra={"request_id": current_request_id(), "detail": describe(failure)})
+            error = DATABASE_DOWN
         return Health(self._environment, error is None, error, {ARM: error is None})
 
 
@@ -90,6 +95,7 @@ async def serve_standalone(settings: Settings) -> None:
                                     answer_modes=settings.answers.modes),
                      settings.environment, settings.features),
         ApiKeyVerifier(pool, settings.http.api_key_cache_s),
+        max_body_bytes=settings.http.max_body_bytes,
     )
     config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
                             log_level="warning", access_log=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from cluster.core.vocabulary import SCOPES
 from cluster.platform.database import DatabaseUnavailable, unavailable_on_connection_errors
 
 _PREFIX = "dtrag"
+_TOKEN = re.compile(rf"{_PREFIX}_([0-9a-f]+)_([A-Za-z0-9_-]+)")  # what `create_key` makes, nothing else
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +45,10 @@ def _hash(secret: str) -> bytes:
 
 
 def _split(token: str) -> tuple[str, str] | None:
-    prefix, _, rest = token.partition("_")
-    key_id, _, secret = rest.partition("_")
-    if prefix != _PREFIX or not key_id or not secret:
-        return None
-    return key_id, secret
+    """The key id and secret; None for anything `create_key` cannot have made (so it never
+    reaches the database, control characters included)."""
+    match = _TOKEN.fullmatch(token)
+    return (match[1], match[2]) if match else None
 
 
 def validate_scopes(scopes: Sequence[str]) -> list[str]:

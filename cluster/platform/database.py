@@ -67,13 +67,22 @@ _CONNECTION_ERRORS = (
 )
 
 
+# For /health: says what to check; the driver's own text goes to the log only.
+DATABASE_DOWN = ("the database did not answer; check that PostgreSQL is running and reachable "
+                 "(DATABASE_URL); the server log has the detail")
+
+
 @contextlib.asynccontextmanager
 async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
-    """Turn lost connections and time-outs into `DatabaseUnavailable` (a 503, not a 500)."""
+    """Turn lost connections and time-outs into `DatabaseUnavailable` (a 503, not a 500).
+
+    The message is for callers and names only the part that failed; the driver's error stays
+    the `__cause__`, which the HTTP edge logs.
+    """
     try:
         yield
     except _CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(f"{what}: database unavailable ({type(error).__name__}: {error})") from error
+        raise DatabaseUnavailable(f"{what}: database unavailable; retry shortly") from error
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:

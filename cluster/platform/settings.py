@@ -41,6 +41,7 @@ class HttpSettings:
     host: str
     port: int
     api_key_cache_s: float
+    max_body_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +278,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("http.host", "DTRAG_HTTP_HOST", _text),
     ("http.port", "DTRAG_HTTP_PORT", _port),
     ("http.api_key_cache_s", "DTRAG_API_KEY_CACHE_S", _non_negative_float),
+    ("http.max_body_bytes", "DTRAG_MAX_BODY_BYTES", _positive_int),
     ("ray.address", "RAY_ADDRESS", _optional(_text)),
     ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),

@@ -32,7 +32,7 @@ async def api_over_lost_database(pool, live_settings, embedder):
     app = create_api(LocalBackend(SearchPipeline(index, embed_query, live_settings.retrieval,
                                                  composer_from_settings(live_settings), "x"), "test",
                                   FeatureFlags()),
-                     verifier)
+                     verifier, max_body_bytes=live_settings.http.max_body_bytes)
     await own_pool.close()
     return app, key
 
