@@ -169,10 +169,9 @@ class RequestContext:
 
     async def _send_error(self, scope: Scope, send: Send, state: _RequestState, status: int,
                           start: Message | None, body: bytes) -> None:
-        payload = _our_error_body(body) or {
-            "error": ERROR_CODES.get(status, "http_error"),
-            "message": _GENERIC_MESSAGES.get(status) or HTTPStatus(status).phrase,
-        }
+        payload = _our_error_body(body) or {"error": ERROR_CODES.get(status, "http_error"),
+                                            "message": _generic_message(status)}
+        logged_inside = "request_id" in payload  # by the replica, when this edge is the proxy's
         payload["request_id"] = state.id
         response = JSONResponse(payload, status_code=status)
         if start is not None:  # keep the response's own headers (WWW-Authenticate, Retry-After, ...)
@@ -180,7 +179,8 @@ class RequestContext:
                     if k.lower() not in (b"content-length", b"content-type", REQUEST_ID_HEADER.encode())]
             response.raw_headers = kept + response.raw_headers
         response.headers[REQUEST_ID_HEADER] = state.id
-        self._log(scope, state, status, payload["error"])
+        if not logged_inside:
+            self._log(scope, state, status, payload["error"])
         await response(scope, _no_body, send)
 
     @staticmethod
@@ -189,6 +189,15 @@ class RequestContext:
         log.log(level, "request failed", extra={
             "request_id": state.id, "status": status, "error": error, "method": scope.get("method"),
             "path": scope.get("path"), "detail": state.detail})
+
+
+def _generic_message(status: int) -> str:
+    if status in _GENERIC_MESSAGES:
+        return _GENERIC_MESSAGES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # e.g. 499, which Serve uses for a client that went away
+        return "the request failed"
 
 
 def _our_error_body(body: bytes) -> dict[str, Any] | None:

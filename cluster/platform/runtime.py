@@ -69,10 +69,18 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
 
 
 def start_serve(http: HttpSettings) -> None:
+    """Start Serve's proxy with our HTTP edge in front of it (body limit, request ids, JSON errors).
+
+    The edge reaches the proxy through its controller's environment, which the proxy inherits;
+    it applies only when this call creates the controller.
+    """
     from ray import serve
 
+    from serve_app.edge import proxy_environment
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve sets its own INFO level
-    serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING)
+    serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING,
+                controller_options={"runtime_env": {"env_vars": proxy_environment(http.max_body_bytes)}})
 
 
 def deploy(application, name: str) -> None:

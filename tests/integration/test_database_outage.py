@@ -1,5 +1,7 @@
 """With the database gone, the API answers 503 with a reason, never 500, and /health says so."""
 
+import logging
+
 import httpx
 import pytest
 
@@ -51,3 +53,18 @@ async def test_search_and_health_report_the_outage(api_over_lost_database):
         health = await client.get("/health")
         assert health.status_code == 503
         assert health.json()["database"]["ready"] is False and health.json()["status"] == "unavailable"
+        for leaking in (response, unchecked, health):  # no driver text: its exception names, its words
+            assert not any(word in leaking.text for word in ("Error", "asyncpg", "pool is closed", "Traceback"))
+        assert response.json()["request_id"] == response.headers["x-request-id"]
+        assert "PostgreSQL" in health.json()["database"]["error"]
+
+
+async def test_the_driver_detail_goes_to_the_log_with_the_request_id(api_over_lost_database, caplog):
+    app, key = api_over_lost_database
+    caplog.set_level(logging.INFO, logger="serve_app")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        response = await client.post("/api/v1/search/", json={"q": "glaciers"},
+                                     headers={"X-API-Key": key, "X-Request-Id": "outage-1"})
+    assert response.status_code == 503
+    (line,) = [r for r in caplog.records if getattr(r, "request_id", None) == "outage-1"]
+    assert line.status == 503 and "InterfaceError" in line.detail
