@@ -21,8 +21,7 @@ from cluster import __version__
 from cluster.actors.rollout_control import RolloutError
 from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
-from cluster.platform.errors import ServiceUnavailable
-from serve_app.edge import (
+from cluster.platform.edge import (
     ApiKeyGate,
     BodyLimit,
     RequestContext,
@@ -31,6 +30,7 @@ from serve_app.edge import (
     public_cause,
     unavailable_response,
 )
+from cluster.platform.errors import ServiceUnavailable
 from serve_app.feedback import UnknownSearch
 from serve_app.pipeline import SearchEvent
 from serve_app.schemas import (

@@ -27,11 +27,11 @@ from cluster.core.rollout import LiveConfig, Observation
 from cluster.core.vocabulary import ARMS, NAME_USERS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.database import DATABASE_DOWN, DatabaseUnavailable, create_pool
+from cluster.platform.edge import current_request_id, describe
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
-from serve_app.edge import current_request_id, describe
 from serve_app.feedback import FeedbackStore
 from serve_app.live_config import live_config
 from serve_app.pipeline import SearchEvent

@@ -16,11 +16,11 @@ import uvicorn
 
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.database import DATABASE_DOWN, create_pool
+from cluster.platform.edge import current_request_id, describe
 from cluster.platform.errors import ServiceUnavailable
 from cluster.core.vocabulary import FeatureFlags
 from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.api import Caller, Health, create_api
-from serve_app.edge import current_request_id, describe
 from serve_app.embedding import TextEmbedder
 from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline

@@ -76,7 +76,7 @@ def start_serve(http: HttpSettings) -> None:
     """
     from ray import serve
 
-    from serve_app.edge import proxy_environment
+    from cluster.platform.edge import proxy_environment  # starlette: loaded only with Serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve sets its own INFO level
     serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING,

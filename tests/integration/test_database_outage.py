@@ -61,7 +61,7 @@ async def test_search_and_health_report_the_outage(api_over_lost_database):
 
 async def test_the_driver_detail_goes_to_the_log_with_the_request_id(api_over_lost_database, caplog):
     app, key = api_over_lost_database
-    caplog.set_level(logging.INFO, logger="serve_app")
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         response = await client.post("/api/v1/search/", json={"q": "glaciers"},
                                      headers={"X-API-Key": key, "X-Request-Id": "outage-1"})

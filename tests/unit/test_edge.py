@@ -16,7 +16,7 @@ from cluster.platform.api_keys import Principal
 from cluster.platform.database import DatabaseUnavailable
 from cluster.platform.errors import ServiceUnavailable
 from serve_app.api import Caller, Health, create_api
-from serve_app.edge import BodyLimit, RequestContext, error_response, proxy_middlewares
+from cluster.platform.edge import BodyLimit, RequestContext, error_response, proxy_middlewares
 from serve_app.schemas import AnswerBody, SearchRequest, SearchResponse
 
 LIMIT = 64 * 1024
@@ -189,7 +189,7 @@ def test_proxy_middlewares_read_the_limit_from_the_environment(monkeypatch):
 # -- request ids and error bodies ----------------------------------------------------------
 
 async def test_a_sane_request_id_is_kept_and_echoed(client, caplog):
-    caplog.set_level(logging.INFO, logger="serve_app.edge")
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
     response = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-Request-Id": "trace-42.a:b"})
     assert assert_error(response, 401, "unauthorized")["request_id"] == "trace-42.a:b"
     assert [r.request_id for r in caplog.records if r.msg == "request failed"] == ["trace-42.a:b"]
@@ -224,7 +224,7 @@ async def test_a_remote_ray_error_shows_only_our_message(client, parts, caplog):
                           "recent call last):\n  asyncpg.exceptions.ConnectionDoesNotExistError: connection was "
                           "closed", cause, pid=4242, ip="10.1.2.3").as_instanceof_cause()
     parts[0].failure = remote
-    caplog.set_level(logging.INFO, logger="serve_app.edge")
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
     response = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})
     body = assert_error(response, 503, "service_unavailable")
     assert body["message"] == "lexical retrieval: database unavailable; retry shortly"
@@ -237,7 +237,7 @@ async def test_a_remote_ray_error_shows_only_our_message(client, parts, caplog):
 
 async def test_a_lost_database_during_the_key_check_is_503_without_driver_text(client, parts, caplog):
     parts[1].down = True
-    caplog.set_level(logging.INFO, logger="serve_app.edge")
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
     response = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})
     assert assert_error(response, 503, "service_unavailable")["message"].startswith("API key check")
     assert "10.1.2.3" not in response.text and "Errno" not in response.text
@@ -264,7 +264,7 @@ async def test_a_plain_text_error_from_an_inner_layer_becomes_json():
 
 
 async def test_an_error_answered_inside_is_logged_once_not_again_at_the_outer_edge(caplog):
-    caplog.set_level(logging.INFO, logger="serve_app.edge")
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
     inner = RequestContext(error_response(401, "missing X-API-Key header"))
     transport = httpx.ASGITransport(app=RequestContext(inner))  # the proxy's edge in front of the replica's
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
