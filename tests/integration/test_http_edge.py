@@ -25,14 +25,14 @@ async def service(live_settings, deployed):
 
 def _serving_processes() -> dict[str, psutil.Process]:
     """Serve's proxy and the ingress replica: the processes that receive a request's body."""
-    found = {}
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        for name in ("ProxyActor", "ServeReplica:dtrag:Ingress"):
+    found: dict[str, list[psutil.Process]] = {"ProxyActor": [], "ServeReplica:dtrag:Ingress": []}
+    for process in psutil.Process().children(recursive=True):  # this session's Ray, not another's
+        command = " ".join(process.cmdline())
+        for name, processes in found.items():
             if command.startswith(f"ray::{name}"):
-                found[name] = process
-    assert found.keys() == {"ProxyActor", "ServeReplica:dtrag:Ingress"}, found
-    return found
+                processes.append(process)
+    assert all(len(processes) == 1 for processes in found.values()), found
+    return {name: processes[0] for name, processes in found.items()}
 
 
 class PeakMemory:
