@@ -121,8 +121,8 @@ class RequestContext:
 
     The id is a sane incoming `X-Request-Id` or a new one; it is written back into the request's
     headers so inner layers (Serve's proxy, the replica) use the same. Error responses are
-    buffered (they are small): ours gain `request_id`; anyone else's (Starlette's plain-text
-    defaults, Serve's proxy) are replaced by a generic body. An unhandled exception becomes a
+    buffered (they are small): JSON objects (ours) gain `request_id`; anything else (Starlette's
+    plain-text defaults, Serve's proxy) is replaced by a generic body. An unhandled exception becomes a
     500 JSON. Each error response writes one log line with the id and what failed.
     """
 
@@ -169,8 +169,8 @@ class RequestContext:
 
     async def _send_error(self, scope: Scope, send: Send, state: _RequestState, status: int,
                           start: Message | None, body: bytes) -> None:
-        payload = _our_error_body(body) or {"error": ERROR_CODES.get(status, "http_error"),
-                                            "message": _generic_message(status)}
+        code = ERROR_CODES.get(status, "http_error")
+        payload = _json_object(body) or {"error": code, "message": _generic_message(status)}
         logged_inside = "request_id" in payload  # by the replica, when this edge is the proxy's
         payload["request_id"] = state.id
         response = JSONResponse(payload, status_code=status)
@@ -180,7 +180,7 @@ class RequestContext:
             response.raw_headers = kept + response.raw_headers
         response.headers[REQUEST_ID_HEADER] = state.id
         if not logged_inside:
-            self._log(scope, state, status, payload["error"])
+            self._log(scope, state, status, str(payload.get("error", code)))
         await response(scope, _no_body, send)
 
     @staticmethod
@@ -200,14 +200,13 @@ def _generic_message(status: int) -> str:
         return "the request failed"
 
 
-def _our_error_body(body: bytes) -> dict[str, Any] | None:
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """An app's own JSON answer (an `ErrorBody`, or a report such as /health's); None for the rest."""
     try:
         payload = json.loads(body)
     except ValueError:
         return None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str) and isinstance(payload.get("message"), str):
-        return payload
-    return None
+    return payload if isinstance(payload, dict) else None
 
 
 async def _no_body() -> Message:

@@ -274,6 +274,21 @@ async def test_an_error_answered_inside_is_logged_once_not_again_at_the_outer_ed
     assert [r.request_id for r in caplog.records if r.msg == "request failed"] == ["r-1"]
 
 
+async def test_a_json_report_with_an_error_status_is_kept(client, parts, caplog):
+    """/health answers 503 with its report, not an `ErrorBody`; the report stays, with the id."""
+    caplog.set_level(logging.INFO, logger="cluster.platform.edge")
+
+    async def down() -> Health:
+        return Health("test", False, "the database did not answer", {"control": True})
+
+    parts[0].health = down
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["database"] == {"ready": False, "error": "the database did not answer"}
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    assert [(r.status, r.error) for r in caplog.records if r.msg == "request failed"] == [(503, "service_unavailable")]
+
+
 async def test_a_nonstandard_status_gets_a_generic_body():
     async def proxy(scope, receive, send):
         await send({"type": "http.response.start", "status": 499, "headers": []})
