@@ -122,8 +122,8 @@ class RequestContext:
     The id is a sane incoming `X-Request-Id` or a new one; it is written back into the request's
     headers so inner layers (Serve's proxy, the replica) use the same. Error responses are
     buffered (they are small): JSON objects (ours) gain `request_id`; anything else (Starlette's
-    plain-text defaults, Serve's proxy) is replaced by a generic body. An unhandled exception becomes a
-    500 JSON. Each error response writes one log line with the id and what failed.
+    plain-text defaults, Serve's proxy) is replaced by a generic body. An unhandled exception
+    becomes a 500 JSON. Each error response writes one log line with the id and what failed.
     """
 
     def __init__(self, app: ASGIApp):
