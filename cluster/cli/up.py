@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_report
 from cluster.cli.demo_key import ensure_demo_key
@@ -79,10 +80,12 @@ def _ray(settings: Settings, address: str | None) -> Iterator[None]:
     import ray
     from ray import serve
 
-    from cluster.platform.runtime import start_ray
+    from cluster.platform.runtime import record_session, start_ray
     from serve_app.app import APP_NAME
 
     start_ray(settings.ray, address)
+    if not address:
+        record_session(_session_record(settings))
     try:
         yield
     finally:
@@ -91,15 +94,21 @@ def _ray(settings: Settings, address: str | None) -> Iterator[None]:
         else:
             serve.shutdown()
         ray.shutdown()
+        _session_record(settings).unlink(missing_ok=True)
+
+
+def _session_record(settings: Settings) -> Path:
+    return settings.state_dir / "ray_session"
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.platform.runtime import check_port_free, deploy, start_serve
+    from cluster.platform.runtime import check_port_free, deploy, start_serve, stop_leftover_ray
     from serve_app.app import APP_NAME, build_app
 
     address = args.address or settings.ray.address
     address = None if address == "local" else address
     if not address:  # our own Ray and Serve will listen on these
+        stop_leftover_ray(_session_record(settings))
         check_port_free(settings.http.host, settings.http.port, "DTRAG_HTTP_PORT")
         check_port_free("127.0.0.1", settings.ray.metrics_port, "DTRAG_METRICS_PORT")
     _stop_on_signals()

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ def pgdata_dir(state_dir: Path) -> Path:
 
 def bin_dir() -> Path:
     """The package's PostgreSQL binaries (`pg_dump`, `pg_restore`, `pg_ctl`, ...)."""
-    return _package().POSTGRES_BIN_PATH
+    return _package()._commands.POSTGRES_BIN_PATH
 
 
 def _package() -> ModuleType:
@@ -51,11 +52,27 @@ def _package() -> ModuleType:
 def running_postmaster(pgdata: Path) -> psutil.Process | None:
     """The server process `pgdata/postmaster.pid` names, if it is alive and is a postgres."""
     try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        process = psutil.Process(pid)
-        return process if process.name() == "postgres" else None
+        process = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        return process if process.name() == "postgres" and alive(process) else None
     except (FileNotFoundError, IndexError, ValueError, psutil.Error):
         return None
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running and not a zombie: an init that reaps slowly leaves dead servers listed for a while."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _exited(process: psutil.Process, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while alive(process):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _system_user() -> str | None:
@@ -80,18 +97,14 @@ def stop_server(pgdata: Path, timeout_s: float = 30.0) -> bool:
     process = running_postmaster(pgdata)
     if process is None:
         return False
-    try:
+    try:  # -w: returns once the server is down
         _package().pg_ctl(["-w", "-m", "fast", "-t", str(int(timeout_s)), "stop"], pgdata=pgdata,
                           user=_system_user(), timeout=timeout_s + 5)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
         log.warning("pg_ctl stop failed; terminating the server", extra={"pid": process.pid})
         process.terminate()
-        try:
-            process.wait(10)
-        except psutil.TimeoutExpired:
+        if not _exited(process, 10):
             process.kill()
-    with contextlib.suppress(psutil.NoSuchProcess):
-        process.wait(timeout_s)
     return True
 
 

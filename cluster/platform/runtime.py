@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from pathlib import Path
 
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.settings import HttpSettings, RaySettings
@@ -108,6 +110,55 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             + (f" (resolved from {address!r})" if resolved != address else "")
             + f": {error}; start that cluster, or unset RAY_ADDRESS / --address to start a local one"
         ) from error
+
+
+def record_session(record: Path) -> None:
+    """Note the local Ray's session folder, so a later start can clean up after a `kill -9`."""
+    from ray._private import worker
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(worker.global_worker.node.get_session_dir_path())
+
+
+def stop_leftover_ray(record: Path) -> int:
+    """Stop what is left of the local Ray that `record` names if its driver died without stopping it.
+
+    A `kill -9` of the driver takes Ray's GCS and raylet with it, but its agents live on for
+    minutes, holding the metrics port. The session folder's name ends with the driver's pid.
+    Returns how many processes were stopped.
+    """
+    import psutil
+
+    try:
+        session = Path(record.read_text().strip())
+        driver = int(session.name.rsplit("_", 1)[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+    if psutil.pid_exists(driver):
+        return 0
+    leftovers = [process for process in psutil.process_iter(["cmdline"]) if _of_session(process, session.name)]
+    for process in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(leftovers, timeout=5)
+    record.unlink(missing_ok=True)
+    if leftovers:
+        log.warning("stopped Ray processes left running by an earlier run",
+                    extra={"session": str(session), "processes": len(leftovers)})
+    return len(leftovers)
+
+
+def _of_session(process, session: str) -> bool:
+    """Whether a process belongs to the Ray session: named on its command line or, for the ones
+    that retitle themselves (`ray::DashboardAgent`), by the session's log files they hold open."""
+    import psutil
+
+    cmdline = " ".join(process.info["cmdline"] or ())
+    try:
+        return session in cmdline or (
+            cmdline.startswith("ray::") and any(session in file.path for file in process.open_files()))
+    except psutil.Error:
+        return False
 
 
 def check_port_free(host: str, port: int, variable: str) -> None:

@@ -1,8 +1,12 @@
-"""`dtrag backup` and `dtrag restore` with the real client programs against real databases."""
+"""`dtrag backup` and `dtrag restore` with the real client programs against real databases.
+
+The tests are synchronous, as the commands run their own event loops."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,8 +48,6 @@ async def empty_database_url(live_settings) -> AsyncIterator[str]:
 def packaged_clients_first(monkeypatch):
     """The embedded package's client programs first on PATH, as the README tells operators whose
     system `pg_dump` is older than the server."""
-    import os
-
     monkeypatch.setenv("PATH", f"{bin_dir()}{os.pathsep}{os.environ['PATH']}")
 
 
@@ -97,6 +99,15 @@ async def _contents(url: str) -> dict[str, tuple[int, str]]:
         await connection.close()
 
 
+async def _execute(url: str, *statements: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 async def _key_works(url: str, key: str, live_settings) -> bool:
     pool = await create_pool(url, live_settings.database)
     try:
@@ -105,10 +116,10 @@ async def _key_works(url: str, key: str, live_settings) -> bool:
         await pool.close()
 
 
-async def test_backup_restores_every_table_into_a_fresh_database(
+def test_backup_restores_every_table_into_a_fresh_database(
         fresh_database_url, empty_database_url, live_settings, embedder, packaged_clients_first,
         monkeypatch, tmp_path: Path, capsys):
-    key = await _populate(fresh_database_url, live_settings, embedder, tmp_path)
+    key = asyncio.run(_populate(fresh_database_url, live_settings, embedder, tmp_path))
     archive = tmp_path / "dtrag.dump"
 
     monkeypatch.setenv("DATABASE_URL", fresh_database_url)
@@ -123,27 +134,24 @@ async def test_backup_restores_every_table_into_a_fresh_database(
     monkeypatch.setenv("DATABASE_URL", empty_database_url)
     assert dtrag(["restore", str(archive)]) == 0
     assert "restored" in capsys.readouterr().out
-    source = await _contents(fresh_database_url)
+    source = asyncio.run(_contents(fresh_database_url))
     assert {"documents", "postings", "api_keys", "experiences", "q_table_snapshots", "rollout_state",
             "schema_migrations", "lexeme_stats", "corpus_stats"} <= set(source)
     assert source["documents"][0] == 5 and source["experiences"][0] == 1
-    assert await _contents(empty_database_url) == source
-    assert await _key_works(empty_database_url, key, live_settings)
+    assert asyncio.run(_contents(empty_database_url)) == source
+    assert asyncio.run(_key_works(empty_database_url, key, live_settings))
 
     # A second restore into the now full database is refused, and changes nothing.
     assert dtrag(["restore", str(archive)]) == 1
     err = capsys.readouterr().err
     assert "is not empty" in err and "--clean" in err
     # --clean brings the database back to the backup's state, whatever was written since.
-    connection = await asyncpg.connect(empty_database_url)
-    await connection.execute("DELETE FROM api_keys")
-    await connection.execute("UPDATE rollout_state SET state = '{}'")
-    await connection.close()
+    asyncio.run(_execute(empty_database_url, "DELETE FROM api_keys", "UPDATE rollout_state SET state = '{}'"))
     assert dtrag(["restore", "--clean", str(archive)]) == 0
-    assert await _contents(empty_database_url) == source
+    assert asyncio.run(_contents(empty_database_url)) == source
 
 
-async def test_restore_rejects_what_is_not_an_archive(empty_database_url, packaged_clients_first,
+def test_restore_rejects_what_is_not_an_archive(empty_database_url, packaged_clients_first,
                                                       monkeypatch, tmp_path: Path, capsys):
     monkeypatch.setenv("DATABASE_URL", empty_database_url)
     bogus = tmp_path / "notes.txt"
@@ -152,14 +160,14 @@ async def test_restore_rejects_what_is_not_an_archive(empty_database_url, packag
     assert "is not a pg_dump archive" in capsys.readouterr().err
     assert dtrag(["restore", str(tmp_path / "missing.dump")]) == 1
     assert "no such backup" in capsys.readouterr().err
-    assert await _contents(empty_database_url) == {}
+    assert asyncio.run(_contents(empty_database_url)) == {}
 
 
-async def test_restore_into_the_embedded_server_starts_and_stops_it(
+def test_restore_into_the_embedded_server_starts_and_stops_it(
         fresh_database_url, live_settings, embedder, packaged_clients_first, monkeypatch,
         tmp_path: Path, capsys):
     """Without `dtrag up` running, restore starts the state folder's server, loads, stops it."""
-    key = await _populate(fresh_database_url, live_settings, embedder, tmp_path)
+    key = asyncio.run(_populate(fresh_database_url, live_settings, embedder, tmp_path))
     archive = tmp_path / "dtrag.dump"
     monkeypatch.setenv("DATABASE_URL", fresh_database_url)
     assert dtrag(["backup", str(archive)]) == 0
@@ -177,4 +185,4 @@ async def test_restore_into_the_embedded_server_starts_and_stops_it(
     assert running_postmaster(pgdata_dir(state)) is None
     monkeypatch.setenv("DATABASE_URL", fresh_database_url)
     assert dtrag(["restore", "--clean", str(again)]) == 0
-    assert await _key_works(fresh_database_url, key, live_settings)
+    assert asyncio.run(_key_works(fresh_database_url, key, live_settings))

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from cluster.cli.main import main as dtrag
+from cluster.platform.embedded import alive
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -102,12 +103,13 @@ def test_dtrag_up_starts_its_own_ray_beside_a_ray_start_cluster(ray_start_cluste
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    assert gcs.is_running()
+    assert alive(gcs)
     socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
 
 
 def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
-    """A killed `dtrag up` leaves its PostgreSQL; the next one on the folder stops it and starts."""
+    """A killed `dtrag up` leaves its PostgreSQL and Ray's agents; the next one on the folder stops
+    them and starts, on the same ports."""
     state = tmp_path / "state"
     env = _up_env(state, http_port)
     first = _start_up(env)
@@ -119,15 +121,15 @@ def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
         first.communicate(timeout=60)
     orphans = _postgres_of(state)
     assert orphans, "kill -9 should have left the embedded PostgreSQL running (nothing to test)"
-    _, alive = psutil.wait_procs(ray_processes, timeout=60)
-    assert not alive, f"Ray processes outlived the killed dtrag up: {alive}"
 
     second = _start_up(env)
     try:
         key, started = _wait_for_key(second, deadline=time.monotonic() + 240)
         _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
-        assert not any(p.is_running() for p in orphans)
-        third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=env, text=True,
+        assert not any(map(alive, orphans))
+        assert not any(map(alive, ray_processes))  # Ray's agents would hold the metrics port for minutes
+        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port())}
+        third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
                                capture_output=True, timeout=120)
         assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
     finally:
@@ -179,8 +181,9 @@ def ray_start_cluster() -> Iterator[tuple[int, dict[str, str], psutil.Process, p
         descendants = psutil.Process(head.pid).children(recursive=True)
         head.terminate()
         head.wait(timeout=60)
-        _, alive = psutil.wait_procs(descendants, timeout=30)
-        for process in alive:
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda: not any(map(alive, descendants)), "ray start's processes to stop", 30)
+        for process in filter(alive, descendants):
             process.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -220,7 +223,8 @@ def _postgres_of(state: Path) -> list[psutil.Process]:
         if process.info["name"] == "postgres" and pgdata in " ".join(process.info["cmdline"] or ()):
             with contextlib.suppress(psutil.NoSuchProcess):
                 found += [process, *process.children()]
-    return found
+    return [process for process in found if alive(process)]
+
 
 
 def _wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
