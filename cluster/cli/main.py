@@ -1,4 +1,4 @@
-"""`dtrag`: bring the cluster up, migrate, ingest, manage keys, evaluate, train, operate."""
+"""`dtrag`: bring the cluster up, migrate, ingest, manage keys, back up, evaluate, train, operate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cluster import __version__
-from cluster.cli import db, service, up
+from cluster.cli import backup, db, service, up
 from cluster.clients.operate import OperationFailed
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.log import configure_logging
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     up.add_parsers(commands)
     db.add_parsers(commands)
+    backup.add_parsers(commands)
     service.add_parsers(commands)
     return parser
 

@@ -1,17 +1,24 @@
-"""`dtrag up`: start (or join) Ray and the database, load the sample corpus if empty, deploy; Ctrl-C stops."""
+"""`dtrag up`: start Ray and the database, load the sample corpus if empty, deploy; Ctrl-C stops.
+
+Whatever it started it stops when it exits, on Ctrl-C, SIGTERM or an error; after a `kill -9`
+the next `dtrag up` on the same state folder stops the PostgreSQL the killed one left.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
-import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_report, with_live_database
+from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_report
 from cluster.cli.demo_key import ensure_demo_key
 from cluster.data.corpus import sample_corpus_dir
 from cluster.data.ingest import document_count
 from cluster.platform.database import create_pool
+from cluster.platform.embedded import owned_embedded
 from cluster.platform.settings import Settings
 
 
@@ -39,58 +46,103 @@ def _answers(settings: Settings) -> str:
     return "extractive (no provider configured: set GEMINI_API_KEY or DTRAG_OPENAI_BASE_URL)"
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM."""
-    stop = False
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM unwind like KeyboardInterrupt, so every cleanup below runs.
 
-    def request_stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
+    Only the first signal does: later ones are ignored, so an impatient second Ctrl-C cannot
+    cut the cleanup short and leave PostgreSQL running (`kill -9` can; the next `dtrag up`
+    then stops what it left).
+    """
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    while not stop:
-        time.sleep(0.2)
+    def interrupt(*_: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("shutting down ...", flush=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
-def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[Settings]:
+    """Settings with a live database: the configured one, or the embedded one, stopped on exit."""
+    if settings.database.url:
+        yield settings
+        return
+    with owned_embedded(settings.state_dir, "dtrag up") as url:
+        yield settings.with_database_url(url)
+
+
+@contextlib.contextmanager
+def _ray(settings: Settings, address: str | None) -> Iterator[None]:
+    """Ray for the block: our own local instance, or a shared cluster left as we found it."""
     import ray
     from ray import serve
 
-    from cluster.platform.runtime import deploy, start_ray, start_serve
-    from serve_app.app import APP_NAME, build_app
+    from cluster.platform.runtime import record_session, start_ray
+    from serve_app.app import APP_NAME
 
-    address = args.address or settings.ray.address
-    live = with_live_database(settings)
-    key = asyncio.run(_prepare(live, load_sample=not args.no_sample))
-    print("starting Ray and the Serve application ...", flush=True)
-    start_ray(live.ray, address)
+    start_ray(settings.ray, address)
+    if not address:
+        record_session(_session_record(settings))
     try:
-        start_serve(live.http)
-        deploy(build_app(live), APP_NAME)
-        url = f"http://{live.http.host}:{live.http.port}"
-        print(
-            f"\nDT-RAG is serving at {url}  (API docs: {url}/docs)\n"
-            f"answers: {_answers(live)}\n"
-            f"demo API key (search, admin): {key}\n\n"
-            f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n"
-            f"       -d '{{\"q\":\"machine learning\",\"final_topk\":5}}' {url}/api/v1/search/\n\n"
-            "Ctrl-C stops the service.",
-            flush=True,
-        )
-        _wait_for_stop()
-        print("shutting down ...", flush=True)
+        yield
     finally:
         if address:
-            serve.delete(APP_NAME)  # leave a shared cluster as we found it
+            serve.delete(APP_NAME)
         else:
             serve.shutdown()
         ray.shutdown()
-    return 0
+        _session_record(settings).unlink(missing_ok=True)
+
+
+def _session_record(settings: Settings) -> Path:
+    return settings.state_dir / "ray_session"
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.platform.runtime import check_port_free, deploy, start_serve, stop_leftover_ray
+    from serve_app.app import APP_NAME, build_app
+
+    address = args.address or settings.ray.address
+    address = None if address == "local" else address
+    if not address:  # our own Ray and Serve will listen on these
+        stop_leftover_ray(_session_record(settings))
+        check_port_free(settings.http.host, settings.http.port, "DTRAG_HTTP_PORT")
+        check_port_free("127.0.0.1", settings.ray.metrics_port, "DTRAG_METRICS_PORT")
+    _stop_on_signals()
+    serving = False
+    try:
+        with _database(settings) as live:
+            key = asyncio.run(_prepare(live, load_sample=not args.no_sample))
+            print("starting Ray and the Serve application ...", flush=True)
+            with _ray(live, address):
+                _stop_on_signals()  # ray.init installs its own SIGTERM handler
+                start_serve(live.http)
+                deploy(build_app(live), APP_NAME)
+                url = f"http://{live.http.host}:{live.http.port}"
+                print(
+                    f"\nDT-RAG is serving at {url}  (API docs: {url}/docs)\n"
+                    f"answers: {_answers(live)}\n"
+                    f"demo API key (search, admin): {key}\n\n"
+                    f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n"
+                    f"       -d '{{\"q\":\"machine learning\",\"final_topk\":5}}' {url}/api/v1/search/\n\n"
+                    "Ctrl-C stops the service.",
+                    flush=True,
+                )
+                serving = True
+                while True:
+                    signal.pause()
+    except KeyboardInterrupt:
+        pass
+    print("stopped", flush=True)
+    return 0 if serving else 130
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     up = commands.add_parser("up", help="start Ray, the database and the Serve app; Ctrl-C stops")
-    up.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    up.add_argument("--address", help="join an existing Ray cluster (host:port, ray://host:10001, or auto: "
+                    "the one `ray start` last recorded); default: start a local one")
     up.add_argument("--no-sample", action="store_true", help="do not load the sample corpus")
     up.set_defaults(handler=cmd_up)

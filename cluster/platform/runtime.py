@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+from pathlib import Path
 
+from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.settings import HttpSettings, RaySettings
 
 log = logging.getLogger(__name__)
@@ -46,26 +50,132 @@ def loopback_only_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+class RayUnavailable(ServiceUnavailable):
+    """Ray could not be started or reached; the message says what to check."""
+
+
 def start_ray(settings: RaySettings, address: str | None = None) -> None:
-    """Connect to `address` (or `settings.address`), else start a local instance."""
+    """Connect to `address` (or `settings.address`), else start a new local instance.
+
+    Never Ray's own default of joining the last cluster `ray start` recorded on this machine:
+    without an address we always start our own (`address="local"`), so a cluster someone
+    else started, or a stale record of one, neither captures us nor stalls the start.
+    """
     loopback_only_environment()
     import ray
     from ray._private import ray_constants
 
-    if ray_constants.ENABLE_RAY_CLUSTER and not (address or settings.address):
+    target = address or settings.address
+    target = None if target == "local" else target
+    if ray_constants.ENABLE_RAY_CLUSTER and not target:
         raise RuntimeError(
             "ray was imported before loopback_only_environment() ran, so a local Ray would talk over "
             "the machine's network address; call it before anything imports ray"
         )
     logging.getLogger("ray").setLevel(logging.WARNING)
-    target = address or settings.address
-    if target:
-        ray.init(address=target, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 _metrics_export_port=settings.metrics_port,
-                 runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+    try:
+        if target:
+            _check_reachable(target)
+            ray.init(address=target, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
+                     runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+    except RayUnavailable:
+        raise
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
+        what = f"connect to the Ray cluster at {target}" if target else "start a local Ray"
+        raise RayUnavailable(f"could not {what}: {type(error).__name__}: {error}") from error
     log.info("ray ready", extra={"address": target or "local"})
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing answers at a Ray address.
+
+    `auto` resolves to the cluster `ray start` last recorded, which may be long gone; Ray
+    itself then retries its GCS for minutes.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = address if address.startswith("ray://") else canonicalize_bootstrap_address(address)
+    except ConnectionError as error:
+        raise RayUnavailable(f"no Ray cluster to join at {address!r}: {error}") from error
+    host, _, port = (resolved or "").removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise RayUnavailable(
+            f"nothing answers at the Ray address {resolved or address}"
+            + (f" (resolved from {address!r})" if resolved != address else "")
+            + f": {error}; start that cluster, or unset RAY_ADDRESS / --address to start a local one"
+        ) from error
+
+
+def record_session(record: Path) -> None:
+    """Note the local Ray's session folder, so a later start can clean up after a `kill -9`."""
+    from ray._private import worker
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(worker.global_worker.node.get_session_dir_path())
+
+
+def stop_leftover_ray(record: Path) -> int:
+    """Stop what is left of the local Ray that `record` names if its driver died without stopping it.
+
+    A `kill -9` of the driver takes Ray's GCS and raylet with it, but its agents live on for
+    minutes, holding the metrics port. The session folder's name ends with the driver's pid.
+    Returns how many processes were stopped.
+    """
+    import psutil
+
+    try:
+        session = Path(record.read_text().strip())
+        driver = int(session.name.rsplit("_", 1)[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+    if psutil.pid_exists(driver):
+        return 0
+    leftovers = [process for process in psutil.process_iter(["cmdline"]) if _of_session(process, session.name)]
+    for process in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(leftovers, timeout=5)
+    record.unlink(missing_ok=True)
+    if leftovers:
+        log.warning("stopped Ray processes left running by an earlier run",
+                    extra={"session": str(session), "processes": len(leftovers)})
+    return len(leftovers)
+
+
+def _of_session(process, session: str) -> bool:
+    """Whether a process belongs to the Ray session: named on its command line or, for the ones
+    that retitle themselves (`ray::DashboardAgent`), by the session's log files they hold open."""
+    import psutil
+
+    cmdline = " ".join(process.info["cmdline"] or ())
+    try:
+        return session in cmdline or (
+            cmdline.startswith("ray::") and any(session in file.path for file in process.open_files()))
+    except psutil.Error:
+        return False
+
+
+def check_port_free(host: str, port: int, variable: str) -> None:
+    """Fail before starting anything when a port we are about to listen on is taken.
+
+    Ray's metrics exporter and Serve's proxy would otherwise fail inside Ray, far from a message
+    an operator can act on.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise RayUnavailable(
+                f"port {port} on {host} is in use ({error.strerror}): another dtrag up or Ray runs "
+                f"on this machine; stop it or set {variable} to a free port"
+            ) from None
 
 
 def start_serve(http: HttpSettings) -> None:

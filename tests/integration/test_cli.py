@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from cluster.cli.main import main as dtrag
+from cluster.platform.embedded import alive
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -64,31 +72,171 @@ def test_ingest_reports_progress_and_bad_lines(fresh_database_url, monkeypatch, 
 
 def test_dtrag_up_serves_search_and_stops_cleanly(tmp_path: Path, http_port: int):
     """The quick start as a user runs it: a fresh state folder, the sample corpus, Ctrl-C."""
-    port = http_port
-    env = {**os.environ, "DTRAG_STATE_DIR": str(tmp_path / "state"), "DTRAG_HTTP_PORT": str(port)}
-    env.pop("DATABASE_URL", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli.main", "up"], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    state = tmp_path / "state"
+    process = _start_up(_up_env(state, http_port))
     try:
-        key = _wait_for_key(process, deadline=time.monotonic() + 240)
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/api/v1/search/", headers={"X-API-Key": key},
-            json={"q": "machine learning", "final_topk": 5}, timeout=30,
-        )
-        assert response.status_code == 200, response.text
-        assert len(response.json()["hits"]) == 5
+        key, _ = _wait_for_key(process, deadline=time.monotonic() + 240)
+        _assert_search_works(http_port, key)
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "shutting down" in output
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5)
+    _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after Ctrl-C")
 
 
-def _wait_for_key(process: subprocess.Popen, deadline: float) -> str:
+def test_dtrag_up_starts_its_own_ray_beside_a_ray_start_cluster(ray_start_cluster, tmp_path: Path,
+                                                                http_port: int):
+    """Ray's default would join the cluster `ray start` recorded; `dtrag up` starts its own."""
+    gcs_port, ray_env, gcs, raylet = ray_start_cluster
+    state = tmp_path / "state"
+    process = _start_up({**_up_env(state, http_port), "RAY_TMPDIR": ray_env["RAY_TMPDIR"]})
+    try:
+        key, _ = _wait_for_key(process, deadline=time.monotonic() + 240)
+        own = [p.name() for p in psutil.Process(process.pid).children(recursive=True)]
+        assert "gcs_server" in own, own
+        assert not any("ServeController" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
+        _assert_search_works(http_port, key)
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert alive(gcs)
+    socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
+
+
+def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
+    """A killed `dtrag up` leaves its PostgreSQL and Ray's agents; the next one on the folder stops
+    them and starts, on the same ports."""
+    state = tmp_path / "state"
+    env = _up_env(state, http_port)
+    first = _start_up(env)
+    try:
+        _wait_for_key(first, deadline=time.monotonic() + 240)
+        ray_processes = psutil.Process(first.pid).children(recursive=True)  # postgres is detached
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    orphans = _postgres_of(state)
+    assert orphans, "kill -9 should have left the embedded PostgreSQL running (nothing to test)"
+
+    second = _start_up(env)
+    try:
+        key, started = _wait_for_key(second, deadline=time.monotonic() + 240)
+        _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
+        assert not any(map(alive, orphans))
+        assert not any(map(alive, ray_processes))  # Ray's agents would hold the metrics port for minutes
+        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port())}
+        third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
+                               capture_output=True, timeout=120)
+        assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
+    finally:
+        second.send_signal(signal.SIGTERM)
+        output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, started + output
+    assert "left running by an earlier run" in started and "database is empty" not in started
+    _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after SIGTERM")
+
+
+def test_dtrag_up_fails_fast_without_ray_and_stops_its_database(tmp_path: Path, http_port: int):
+    state = tmp_path / "state"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli.main", "up", "--no-sample", "--address", f"127.0.0.1:{free_port()}"],
+        env=_up_env(state, http_port), text=True, capture_output=True, timeout=180,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nothing answers at the Ray address" in result.stderr
+    assert time.monotonic() - started < 120
+    _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after the error")
+
+
+@pytest.fixture
+def ray_start_cluster() -> Iterator[tuple[int, dict[str, str], psutil.Process, psutil.Process]]:
+    """A cluster started with `ray start --head` on loopback, recorded as the machine's latest.
+
+    Its own RAY_TMPDIR (short: Ray's socket paths must fit a Unix socket's name) keeps the
+    record away from other Ray users of this machine; stopped by PID, never `ray stop`, which
+    would stop every Ray here. Yields its GCS port, environment, GCS and raylet processes.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--include-dashboard=false", "--num-cpus=1", "--disable-usage-stats",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--metrics-export-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: (temp / "ray" / "ray_current_cluster").exists() and _named(head, "raylet"),
+                  "ray start --head to record its cluster", timeout_s=180)
+        yield port, env, _named(head, "gcs_server"), _named(head, "raylet")
+    finally:
+        descendants = psutil.Process(head.pid).children(recursive=True)
+        head.terminate()
+        head.wait(timeout=60)
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda: not any(map(alive, descendants)), "ray start's processes to stop", 30)
+        for process in filter(alive, descendants):
+            process.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _named(parent: subprocess.Popen, name: str) -> psutil.Process | None:
+    return next((p for p in psutil.Process(parent.pid).children(recursive=True) if p.name() == name), None)
+
+
+def _up_env(state: Path, http_port: int) -> dict[str, str]:
+    env = {**os.environ, "DTRAG_STATE_DIR": str(state), "DTRAG_HTTP_PORT": str(http_port),
+           "DTRAG_METRICS_PORT": str(free_port())}
+    for name in ("DATABASE_URL", "RAY_ADDRESS"):
+        env.pop(name, None)
+    return env
+
+
+def _start_up(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli.main", "up", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _assert_search_works(port: int, key: str) -> None:
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/api/v1/search/", headers={"X-API-Key": key},
+        json={"q": "machine learning", "final_topk": 5}, timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["hits"]) == 5
+
+
+def _postgres_of(state: Path) -> list[psutil.Process]:
+    """The postmaster serving `state`'s database and its children (found by command line, not by
+    the server's own files)."""
+    pgdata = str((state / "pgdata").resolve())
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "postgres" and pgdata in " ".join(process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += [process, *process.children()]
+    return [process for process in found if alive(process)]
+
+
+
+def _wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _wait_for_key(process: subprocess.Popen, deadline: float) -> tuple[str, str]:
+    """The demo key `dtrag up` prints once it serves, and its output up to there."""
     assert process.stdout is not None
     seen = []
     while time.monotonic() < deadline:
@@ -97,6 +245,5 @@ def _wait_for_key(process: subprocess.Popen, deadline: float) -> str:
             break
         seen.append(line)
         if line.startswith("demo API key"):
-            return line.rsplit(" ", 1)[1].strip()
+            return line.rsplit(" ", 1)[1].strip(), "".join(seen)
     raise AssertionError("dtrag up did not print a key:\n" + "".join(seen))
-
