@@ -17,6 +17,11 @@ CHUNK = 64 * 1024
 MB = 1024 * 1024
 
 
+def _bytes_read(processes: dict[str, psutil.Process]) -> int:
+    """Bytes the processes have read from files and sockets so far (`rchar` in /proc/PID/io)."""
+    return sum(process.io_counters().read_chars for process in processes.values())
+
+
 @pytest.fixture(scope="module")
 async def service(live_settings, deployed):
     async with deployed(live_settings, "edge-tests") as client:
@@ -104,13 +109,18 @@ async def test_a_30_mb_chunked_body_without_a_key_is_refused_unread(service):
     """The replica answers 401 from the headers; the proxy stops reading at the limit (413) if
     the body gets there first. Either way the body is not read past the limit."""
     processes = _serving_processes()
+    read_before = _bytes_read(processes)
     with PeakMemory(processes) as memory:
         status, headers, body, written = await _send_chunked(str(service.base_url), {}, BODY_BYTES)
+    read = _bytes_read(processes) - read_before
     _assert_error(status, headers, body, status, "unauthorized" if status == 401 else "payload_too_large")
     assert status in (401, 413)
-    print(f"\nno key: {status} after the client wrote {written / MB:.2f} MB of {BODY_BYTES / MB:.0f} MB; "
+    print(f"\nno key: {status} after the client wrote {written / MB:.2f} MB of {BODY_BYTES / MB:.0f} MB, "
+          f"the servers read {read / MB:.2f} MB; "
           f"peak growth {({k: round(v / MB, 2) for k, v in memory.growth().items()})} MB")
-    assert written < BODY_BYTES / 4  # the server stopped reading; the rest is kernel buffers
+    # The client's count includes what the kernel buffered (up to tcp_rmem's maximum, 32 MB on
+    # some machines); what the servers read is the measure. Slack: Ray's own traffic meanwhile.
+    assert read < 4 * MB, f"the proxy and ingress read {read / MB:.1f} MB"
     assert all(growth < 10 * MB for growth in memory.growth().values()), memory.growth()
 
 

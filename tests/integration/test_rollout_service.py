@@ -225,10 +225,17 @@ async def test_metrics_are_exported_for_prometheus(service, live_settings, event
             found = {family.name for family in text_string_to_metric_families(text)}
             return sorted(wanted - found) or None
 
-        async def all_exported() -> bool:
-            return await missing() is None
+        still_missing: list[str] | None = sorted(wanted)
 
-        await eventually(all_exported, timeout_s=60, interval_s=2)
+        async def all_exported() -> bool:
+            nonlocal still_missing
+            still_missing = await missing()
+            return still_missing is None
+
+        try:
+            await eventually(all_exported, timeout_s=60, interval_s=2)
+        except AssertionError as error:
+            raise AssertionError(f"not exported within 60 s: {still_missing}") from error
 
 
 def test_operator_commands(service, capsys):
