@@ -81,18 +81,25 @@ async def pool(live_settings: Settings, embedder) -> AsyncIterator[asyncpg.Pool]
     await pool.close()
 
 
+@contextlib.asynccontextmanager
+async def temporary_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """The URL of a new, empty, unmigrated database on the server at `server_url`, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest.fixture
 async def fresh_database_url(live_settings: Settings) -> AsyncIterator[str]:
     """An empty, unmigrated database on the session server, dropped afterwards."""
     assert live_settings.database.url
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(live_settings.database.url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(live_settings.database.url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    async with temporary_database(live_settings.database.url, "test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cluster.platform.api_keys import ApiKeyVerifier, create_key
 from cluster.platform.database import create_pool
 from cluster.platform.embedded import bin_dir, pgdata_dir, running_postmaster
 from cluster.platform.migrate import migrate
-from conftest import with_database
+from conftest import temporary_database
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +33,8 @@ WHERE c.relkind IN ('r', 'm') AND n.nspname = 'public' ORDER BY 1
 @pytest.fixture
 async def empty_database_url(live_settings) -> AsyncIterator[str]:
     """A second empty database on the session server (the restore target)."""
-    name = f"restore_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(live_settings.database.url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(live_settings.database.url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    async with temporary_database(live_settings.database.url, "restore") as url:
+        yield url
 
 
 @pytest.fixture
