@@ -159,23 +159,28 @@ class ValueSnapshot:
 
     def beats_pooled(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """Where each allowed action beats a_b by the margin, ignoring the gates: what they test; (B, d) -> (B, A)."""
-        q = self.values(contexts)
-        return self._allowed(allowed) & (q - q[:, [self.pooled_action(allowed)]] > self.margin)
+        return self._beats(self.values(contexts), allowed)
 
     def model_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """The best of a_b and the actions that beat it by the margin, ignoring the gates; (B, d) -> (B,)."""
-        return self._best(contexts, self.beats_pooled(contexts, allowed), self.pooled_action(allowed))
+        q = self.values(contexts)
+        return self._best(q, self._beats(q, allowed), self.pooled_action(allowed))
 
     def greedy_actions(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """a*(x) per context, as served without exploration: model_actions among the open gates; (B, d) -> (B,)."""
         opened = np.zeros(self.n_actions, bool)
         opened[list(self.open_actions)] = True
-        return self._best(contexts, self.beats_pooled(contexts, allowed) & opened, self.pooled_action(allowed))
+        q = self.values(contexts)
+        return self._best(q, self._beats(q, allowed) & opened, self.pooled_action(allowed))
 
-    def _best(self, contexts: ArrayLike, candidates: np.ndarray, fallback: int) -> np.ndarray:
+    def _beats(self, q: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        """Q (B, A) -> where each allowed action's value exceeds a_b's by more than the margin, (B, A)."""
+        return self._allowed(allowed) & (q - q[:, [self.pooled_action(allowed)]] > self.margin)
+
+    @staticmethod
+    def _best(q: np.ndarray, candidates: np.ndarray, fallback: int) -> np.ndarray:
         """argmax Q over each row's candidates, `fallback` where there are none; (B, A) -> (B,)."""
-        q = np.where(candidates, self.values(contexts), -np.inf)
-        return np.where(candidates.any(axis=1), q.argmax(axis=1), fallback)
+        return np.where(candidates.any(axis=1), np.where(candidates, q, -np.inf).argmax(axis=1), fallback)
 
     def probabilities(self, contexts: ArrayLike, allowed: np.ndarray | None = None) -> np.ndarray:
         """pi(.|x) as served: greedy mixed with eps of softmax(Q/tau) over the allowed actions; (B, d) -> (B, A)."""
