@@ -85,7 +85,7 @@ class RolloutController:
         in_background("rollout-store", self._load_then_save)
 
     def _new_windows(self) -> dict[Arm, ArmWindow]:
-        return {arm: ArmWindow(self._plan.guard.window_s) for arm in ARMS}
+        return {arm: ArmWindow(self._plan.guard.window_s, opened_at=time.time()) for arm in ARMS}
 
     # -- persistence (background) ----------------------------------------------------------
     def _load_then_save(self) -> None:

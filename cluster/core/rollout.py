@@ -152,10 +152,15 @@ class ArmSummary:
 
 
 class ArmWindow:
-    """Recent observations of one arm, trimmed to the last `window_s` seconds on read."""
+    """Recent observations of one arm, trimmed to the last `window_s` seconds on read.
 
-    def __init__(self, window_s: float, max_items: int = 100_000):
+    Requests and rewards from before `opened_at` are not counted: a batch that arrives late from
+    the configuration this window replaced must not judge the one that is live.
+    """
+
+    def __init__(self, window_s: float, opened_at: float = 0.0, max_items: int = 100_000):
         self.window_s = window_s
+        self.opened_at = opened_at
         self._requests: collections.deque[tuple[float, float, bool]] = collections.deque(maxlen=max_items)
         self._rewards: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_items)
         self._memory: dict[str, tuple[float, float]] = {}  # replica -> (time, MB)
@@ -169,16 +174,19 @@ class ArmWindow:
     def record_memory(self, at: float, replica: str, megabytes: float) -> None:
         self._memory[replica] = (at, megabytes)
 
+    def _since(self, now: float) -> float:
+        return max(now - self.window_s, self.opened_at)
+
     def rewards(self, now: float) -> np.ndarray:
-        return np.array([r for t, r in self._rewards if t >= now - self.window_s])
+        return np.array([r for t, r in self._rewards if t >= self._since(now)])
 
     def summary(self, now: float) -> ArmSummary:
-        since = now - self.window_s
+        since = self._since(now)
         recent = [(latency, error) for t, latency, error in self._requests if t >= since]
         latencies = np.array([latency for latency, _ in recent])
         errors = sum(1 for _, error in recent if error)
         rewards = self.rewards(now)
-        memory = [mb for t, mb in self._memory.values() if t >= since]
+        memory = [mb for t, mb in self._memory.values() if t >= now - self.window_s]  # the replica's, not the config's
         return ArmSummary(
             requests=len(recent),
             errors=errors,

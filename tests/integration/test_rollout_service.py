@@ -71,6 +71,16 @@ async def live_everywhere(client: httpx.AsyncClient, eventually, version: int, w
     await eventually(applied)
 
 
+async def every_replica_on(client: httpx.AsyncClient, eventually, version: int) -> None:
+    """Wait until every replica polling the control actor has config `version` or newer, those the
+    ingress routes no request to included (a fault switched off must be off before they serve)."""
+    async def reached() -> bool:
+        replicas = (await client.get("/api/v1/admin/rollout")).json()["replicas"]
+        return bool(replicas) and all(v >= version for v in replicas.values())
+
+    await eventually(reached)
+
+
 async def set_weight(client: httpx.AsyncClient, eventually, weight: float) -> None:
     response = await client.put("/api/v1/admin/rollout/weight", json={"treatment_weight": weight})
     assert response.status_code == 200, response.text
@@ -174,7 +184,8 @@ async def test_failing_treatment_is_rolled_back_by_the_guard(service, eventually
         return set((await arms_of(service, users)).values()) == {"control"}
 
     await eventually(all_on_control)
-    await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
+    repaired = await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
+    await every_replica_on(service, eventually, repaired.json()["version"])
 
 
 async def test_without_name_users_the_key_not_x_user_id_picks_the_arm(service, pool, eventually):

@@ -70,6 +70,17 @@ def test_summary_trims_the_window_and_computes_percentiles():
     assert low < 0.6 < high
 
 
+def test_observations_from_before_the_window_opened_are_not_counted():
+    arm = ArmWindow(window_s=60, opened_at=100.0)
+    arm.record_request(99.5, 50, True)  # a late batch from the configuration this window replaced
+    arm.record_reward(99.5, 0.0)
+    arm.record_memory(99.5, "replica-1", 300)  # the replica's memory, whatever its configuration
+    arm.record_request(100.5, 40, False)
+    summary = arm.summary(now=101.0)
+    assert (summary.requests, summary.errors, summary.rewards) == (1, 0, 0)
+    assert summary.max_memory_mb == 300
+
+
 def test_gates_pass_a_healthy_treatment_and_name_each_breach():
     control = window([50] * 20).summary(100)
     assert gate_failures(GATES, GUARD, control, window([60] * 20).summary(100), None) == []
