@@ -83,27 +83,41 @@ def cross_fitted_rewards(logs: LoggedSearches, n_actions: int, prior_count: floa
     return q
 
 
+def importance_weights(logs: LoggedSearches, target: np.ndarray) -> np.ndarray:
+    """w_i = pi(a_i | x_i) / mu_i; (n,)."""
+    return np.asarray(target, np.float64)[np.arange(len(logs)), logs.actions] / logs.propensities
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    return float(weights.sum() ** 2 / max(float((weights * weights).sum()), 1e-300))
+
+
+def dr_terms(logs: LoggedSearches, target: np.ndarray, rewards_model: np.ndarray) -> np.ndarray:
+    """Per row, sum_a pi(a|x_i) q(x_i, a) + w_i (r_i - q(x_i, a_i)): DR is their mean; (n,)."""
+    target, q = np.asarray(target, np.float64), np.asarray(rewards_model, np.float64)
+    rows = np.arange(len(logs))
+    return (target * q).sum(axis=1) + importance_weights(logs, target) * (logs.rewards - q[rows, logs.actions])
+
+
+def estimate(logs: LoggedSearches, name: str, terms: np.ndarray, draws: np.ndarray, ess: float) -> Estimate:
+    """The mean of per-row `terms` with a percentile interval over bootstrap `draws` (resamples, n) of rows."""
+    low, high = np.percentile(terms[draws].mean(axis=1), [2.5, 97.5])
+    return Estimate(name, float(terms.mean()), float(low), float(high), ess, len(logs), logs.refused)
+
+
 def evaluate(logs: LoggedSearches, target: np.ndarray, rewards_model: np.ndarray | None = None,
              resamples: int = 2000, seed: int = 0) -> dict[str, Estimate]:
     """IPS, SNIPS and (given q, shape (n, A)) DR of the target policy pi, shape (n, A), with intervals."""
     if len(logs) == 0:
         raise ValueError(f"no usable logged rows ({logs.refused} refused for missing or zero propensities)")
-    target = np.asarray(target, np.float64)
-    rows = np.arange(len(logs))
-    w = target[rows, logs.actions] / logs.propensities  # (n,)
-    terms = {"ips": w * logs.rewards}
-    if rewards_model is not None:
-        q = np.asarray(rewards_model, np.float64)
-        terms["dr"] = (target * q).sum(axis=1) + w * (logs.rewards - q[rows, logs.actions])
+    w = importance_weights(logs, target)  # (n,)
+    ess = effective_sample_size(w)
     draws = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
-    ess = float(w.sum() ** 2 / max(float((w * w).sum()), 1e-300))
-
-    def estimate(name: str, value: float, resampled: np.ndarray) -> Estimate:
-        low, high = np.percentile(resampled, [2.5, 97.5])
-        return Estimate(name, float(value), float(low), float(high), ess, len(logs), logs.refused)
-
-    out = {name: estimate(name, t.mean(), t[draws].mean(axis=1)) for name, t in terms.items()}
-    weight_sums = np.maximum(w[draws].sum(axis=1), 1e-300)
-    out["snips"] = estimate("snips", terms["ips"].sum() / max(w.sum(), 1e-300),
-                            terms["ips"][draws].sum(axis=1) / weight_sums)
+    ips = w * logs.rewards
+    out = {"ips": estimate(logs, "ips", ips, draws, ess)}
+    if rewards_model is not None:
+        out["dr"] = estimate(logs, "dr", dr_terms(logs, target, rewards_model), draws, ess)
+    low, high = np.percentile(ips[draws].sum(axis=1) / np.maximum(w[draws].sum(axis=1), 1e-300), [2.5, 97.5])
+    out["snips"] = Estimate("snips", float(ips.sum() / max(w.sum(), 1e-300)), float(low), float(high), ess,
+                            len(logs), logs.refused)
     return out

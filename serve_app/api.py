@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -23,6 +23,7 @@ from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.edge import (
     ApiKeyGate,
+    CANDIDATE_PATH,
     BodyLimit,
     RequestContext,
     current_request_id,
@@ -30,7 +31,8 @@ from cluster.platform.edge import (
     public_cause,
     unavailable_response,
 )
-from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.errors import Refused, ServiceUnavailable
+from learners.candidate import CandidateError
 from serve_app.feedback import UnknownSearch
 from serve_app.pipeline import SearchEvent
 from serve_app.schemas import (
@@ -105,6 +107,12 @@ class Operations(Protocol):
 
     async def set_fault(self, arm: Arm, failing: bool) -> dict[str, Any]: ...
 
+    async def promote_policy(self, candidate: bytes, principal: Principal, force: bool) -> dict[str, Any]: ...
+
+    async def rollback_policy(self, principal: Principal) -> dict[str, Any]: ...
+
+    async def policy_history(self, limit: int) -> list[dict[str, Any]]: ...
+
 
 def _field(error: dict[str, Any]) -> str:
     """`("body", "final_topk")` -> `final_topk`; the body as a whole (e.g. bad JSON) is `body`.
@@ -139,6 +147,10 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unknown_search(_: Request, exc: Exception) -> JSONResponse:
     return error_response(404, str(public_cause(exc)))
+
+
+async def _unusable_candidate(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(422, str(public_cause(exc)))
 
 
 async def _conflict(_: Request, exc: Exception) -> JSONResponse:
@@ -178,9 +190,10 @@ _STREAM_DOC = ("With `stream: true`: text/event-stream of `hits` (the search wit
 
 
 def create_api(
-    backend: SearchBackend, verifier: ApiKeyVerifier, *, max_body_bytes: int, operations: Operations | None = None
+    backend: SearchBackend, verifier: ApiKeyVerifier, *, max_body_bytes: int, operations: Operations | None = None,
+    max_candidate_bytes: int | None = None,
 ) -> FastAPI:
-    """The API; the admin flag and rollout routes exist only when `operations` is given.
+    """The API; the admin flag, rollout and policy routes exist only when `operations` is given.
 
     The edge (outermost first): request ids and JSON errors, the body limit, then the key check,
     all before FastAPI reads the body.
@@ -192,13 +205,16 @@ def create_api(
         responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 503: {"model": ErrorBody}},
     )
     app.add_middleware(ApiKeyGate, verifier=verifier)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
+                       larger={CANDIDATE_PATH: max_candidate_bytes} if operations and max_candidate_bytes else None)
     app.add_middleware(RequestContext)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
     app.add_exception_handler(UnknownSearch, _unknown_search)
     app.add_exception_handler(RolloutError, _conflict)
+    app.add_exception_handler(Refused, _conflict)
+    app.add_exception_handler(CandidateError, _unusable_candidate)
 
     def require(scope: str):
         async def check(request: Request) -> Principal:
@@ -294,3 +310,22 @@ def _add_operations(app: FastAPI, operations: Operations, require_admin) -> None
              summary="Make an arm fail on purpose (only with ENVIRONMENT=test)")
     async def faults(body: FaultUpdate) -> dict[str, Any]:
         return await operations.set_fault(body.arm, body.failing)
+
+    @app.post(CANDIDATE_PATH, summary="Judge a candidate policy against the live one, then serve it",
+              description="The body is a candidate policy file (`python -m cluster.jobs.train`). Refused (409) when "
+                          "it is estimated worse than the live policy by more than the margin, or too few logged "
+                          "searches can judge it, unless `force`; 422 when it does not fit this service.",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def promote_policy(request: Request, force: bool = False,
+                             principal: Principal = Depends(require_admin)) -> dict[str, Any]:
+        return await operations.promote_policy(await request.body(), principal, force)
+
+    @app.post("/api/v1/admin/policy/rollback", summary="Serve the policy the latest promotion replaced")
+    async def rollback_policy(principal: Principal = Depends(require_admin)) -> dict[str, Any]:
+        return await operations.rollback_policy(principal)
+
+    @app.get("/api/v1/admin/policy/history", dependencies=admin,
+             summary="Promotions and rollbacks, newest first: who, when, and the judgement")
+    async def policy_history(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
+        return await operations.policy_history(limit)

@@ -9,6 +9,7 @@ treatment. The actors come in through `.bind()` (created once, in `cluster.actor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -26,7 +27,12 @@ from cluster.actors.start import ClusterActors
 from cluster.core.rollout import LiveConfig, Observation
 from cluster.core.vocabulary import ARMS, NAME_USERS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
-from cluster.platform.database import DATABASE_DOWN, DatabaseUnavailable, create_pool
+from cluster.platform.database import (
+    DATABASE_DOWN,
+    DatabaseUnavailable,
+    create_pool,
+    unavailable_on_connection_errors,
+)
 from cluster.platform.edge import current_request_id, describe
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.metrics import IngressMetrics, report_memory_every
@@ -48,6 +54,7 @@ from serve_app.schemas import (
 _ARM_PING_TIMEOUT_S = 2.0
 _ACTOR_TIMEOUT_S = 2.0
 _OBSERVATION_FLUSH_S = 0.5
+_POLICY_CHANGE_TIMEOUT_S = 60.0  # judging a candidate on thousands of logged searches takes seconds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +95,7 @@ class Ingress:
         self._environment = settings.environment
         report_memory_every("ingress")
         self._max_body_bytes = settings.http.max_body_bytes
+        self._max_candidate_bytes = settings.http.max_candidate_bytes
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
         self._cost_weight = settings.learning.core.cost_weight
@@ -104,7 +112,8 @@ class Ingress:
                             asyncio.create_task(self._flush_observations())]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self, self._verifier, max_body_bytes=self._max_body_bytes, operations=self)
+        return create_api(self, self._verifier, max_body_bytes=self._max_body_bytes, operations=self,
+                          max_candidate_bytes=self._max_candidate_bytes)
 
     # -- routing ---------------------------------------------------------------------------
     def _arm_for(self, principal: Principal, caller: Caller) -> Arm:
@@ -221,6 +230,28 @@ class Ingress:
         (version,) = await self._ask(self._learning.reset.remote())
         log.warning("learning reset by an operator", extra={"policy_version": version})
         return {"policy_version": version, "reset": True}
+
+    # -- policy promotion (admin scope) ------------------------------------------------------
+    async def _change_policy(self, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(call, _POLICY_CHANGE_TIMEOUT_S)
+        except (RayActorError, TimeoutError) as error:
+            raise ServiceUnavailable("the learning actor is unavailable; it restarts by itself, retry shortly; "
+                                     "nothing was changed unless `dtrag policy history` lists it") from error
+
+    async def promote_policy(self, candidate: bytes, principal: Principal, force: bool) -> dict[str, Any]:
+        return await self._change_policy(self._learning.promote.remote(candidate, principal.key_id, force))
+
+    async def rollback_policy(self, principal: Principal) -> dict[str, Any]:
+        return await self._change_policy(self._learning.rollback_policy.remote(principal.key_id))
+
+    async def policy_history(self, limit: int) -> list[dict[str, Any]]:
+        async with unavailable_on_connection_errors("policy history"):
+            rows = await self._pool.fetch(
+                "SELECT id, at, change, head, candidate, key_id, forced, policy_version, previous_version, "
+                "judgement, undone_by FROM policy_changes ORDER BY id DESC LIMIT $1", limit)
+        return [{**dict(row), "at": row["at"].isoformat(),
+                 "judgement": None if row["judgement"] is None else json.loads(row["judgement"])} for row in rows]
 
     # -- operations (admin scope) ----------------------------------------------------------
     async def flags(self) -> dict[str, Any]:

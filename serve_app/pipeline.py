@@ -174,6 +174,7 @@ class SearchPipeline:
             strategy=decision.name,
             arm=self.arm,
             config_version=config.version,
+            policy_version=decision.policy_version,
         )
         return _Retrieved(hits, [documents[doc_id] for doc_id, _ in ranking], final_topk, decision, context,
                           cost, stages.state_key())

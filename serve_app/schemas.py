@@ -121,6 +121,8 @@ class SearchHits(BaseModel):
                           "`lexical`, `hybrid@0.5`, `hybrid@0.5+prf`).")
     arm: str
     config_version: int = Field(description="Version of the live flags and weights the arm used.")
+    policy_version: int = Field(description="Version of the learned policy the arm held (0: none yet); it chose "
+                                "the strategy when `soft_q_bandit` is on and no strategy was asked for.")
 
 
 class SearchResponse(SearchHits):

@@ -27,17 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy as np
 import ray
 
 from cluster.actors.persistence import connection, in_background, retry_until_done
 from cluster.data.retention import RetentionPolicy, prune_experiences
 from cluster.platform.database import run_blocking
-from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.errors import Refused, ServiceUnavailable
 from cluster.platform.metrics import LearningMetrics, report_memory_every
-from cluster.platform.settings import LearningSettings, RetentionSettings
+from cluster.platform.settings import LearningSettings, PromotionSettings, RetentionSettings
+from learners import candidate as candidates
 from learners import checkpoint as codec
 from learners.context import FEATURES
 from learners.learning_core import LearnerBatch, LearningCore, Policies, RewardedSearch
+from learners.off_policy import LoggedSearches
 from learners.value_model import ValueDelta
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ _KEEP_CHECKPOINTS = 5
 
 
 HEADS = ("retrieval", "answer")
+PROMOTED_HEAD = "retrieval"  # the head a candidate policy replaces (`learners.candidate`)
 
 # Per head, the rewarded searches recorded after a checkpoint, in the columns of RewardedSearch.
 _REWARDED_SINCE = {
@@ -68,6 +72,25 @@ ORDER BY answer_rated_at DESC
 LIMIT $2""",
 }
 
+# The newest served retrieval searches with a reward: what a candidate is judged on.
+_JUDGING_ROWS = """
+SELECT context, action, quality, propensity
+FROM experiences
+WHERE reward IS NOT NULL AND context IS NOT NULL
+ORDER BY feedback_at DESC
+LIMIT $1"""
+
+_LATEST_OPEN_PROMOTION = """
+SELECT id, candidate, replaced_model FROM policy_changes
+WHERE change = 'promote' AND undone_by IS NULL AND head = $1
+ORDER BY id DESC LIMIT 1"""
+
+_RECORD_CHANGE = """
+INSERT INTO policy_changes (change, head, candidate, key_id, forced, policy_version, previous_version,
+                            judgement, replaced_model)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
+RETURNING id, at"""
+
 
 def _load_checkpoint(cores: dict[str, LearningCore], checkpoint: asyncpg.Record) -> bool:
     """Load a stored checkpoint into fresh `cores`; False (cores forgotten) when it cannot be.
@@ -88,6 +111,38 @@ def _load_checkpoint(cores: dict[str, LearningCore], checkpoint: asyncpg.Record)
         return False
 
 
+def _version_of(cores: dict[str, LearningCore]) -> int:
+    """Changes whenever either head's policy does."""
+    return sum(core.model.version for core in cores.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    version: int
+    blob: bytes  # every head's whole state, `learners.checkpoint` format
+    q_table: dict[str, Any]  # the models for people (JSON)
+    stats: dict[str, Any]
+    actions: list[str]
+
+
+def _checkpoint_of(cores: dict[str, LearningCore]) -> _Checkpoint:
+    return _Checkpoint(_version_of(cores), codec.encode({name: core.state_dict() for name, core in cores.items()}),
+                       {name: core.model_report() for name, core in cores.items()},
+                       {name: core.stats() for name, core in cores.items()}, list(cores["retrieval"].actions))
+
+
+async def _insert_checkpoint(conn: asyncpg.Connection, checkpoint: _Checkpoint) -> None:
+    """Store a checkpoint and drop all but the newest `_KEEP_CHECKPOINTS` (in the caller's transaction)."""
+    await conn.execute(
+        "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
+        "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
+        checkpoint.version, checkpoint.actions, json.dumps(checkpoint.q_table), checkpoint.blob,
+        json.dumps(checkpoint.stats),
+    )
+    await conn.execute("DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
+                       _KEEP_CHECKPOINTS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Head:
     """What a head chooses among, and what it serves until it has learned otherwise."""
@@ -101,9 +156,10 @@ class LearningState:
     """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
 
     def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head],
-                 retention: RetentionSettings | None = None):
+                 retention: RetentionSettings | None = None, promotion: PromotionSettings | None = None):
         self._url = database_url
         self._settings = settings
+        self._promotion = promotion
         self._heads = heads
         self._cores = self._new_cores()  # the default policy until the stored state is loaded
         self._next_head = itertools.cycle(HEADS)  # learners take turns between the heads
@@ -160,7 +216,7 @@ class LearningState:
 
     def _version(self) -> int:
         """Changes whenever either head's policy does."""
-        return sum(core.model.version for core in self._cores.values())
+        return _version_of(self._cores)
 
     def add(self, head: str, searches: Sequence[RewardedSearch]) -> int:
         """Learn from rewarded searches (each scores the model first, then enters the replay)."""
@@ -223,24 +279,108 @@ class LearningState:
         """Write a checkpoint now; returns the policy version saved."""
         with self._lock:
             self._require_loaded()
-            version = self._version()
-            blob = codec.encode({name: core.state_dict() for name, core in self._cores.items()})
-            q_table = {name: core.model_report() for name, core in self._cores.items()}
-            stats = {name: core.stats() for name, core in self._cores.items()}
-        run_blocking(self._write_checkpoint(version, blob, q_table, stats))
-        return version
+            checkpoint = _checkpoint_of(self._cores)
+        run_blocking(self._write_checkpoint(checkpoint))
+        return checkpoint.version
 
-    async def _write_checkpoint(self, version: int, blob: bytes, q_table: dict, stats: dict) -> None:
+    async def _write_checkpoint(self, checkpoint: _Checkpoint) -> None:
         async with connection(self._url) as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO q_table_snapshots (policy_version, actions, q_table, replay_state, stats) "
-                "VALUES ($1, $2, $3::jsonb, $4, $5::jsonb)",
-                version, list(self._cores["retrieval"].actions), json.dumps(q_table), blob, json.dumps(stats),
-            )
-            await conn.execute(
-                "DELETE FROM q_table_snapshots WHERE id <= (SELECT max(id) FROM q_table_snapshots) - $1",
-                _KEEP_CHECKPOINTS,
-            )
+            await _insert_checkpoint(conn, checkpoint)
+
+    # -- promotion (`dtrag policy ...`) --------------------------------------------------------
+    def promote(self, blob: bytes, key_id: str, force: bool = False) -> dict[str, Any]:
+        """Judge a candidate policy file against the live policy, then serve it.
+
+        Refused when it is estimated worse than the live policy by more than the margin, or when
+        too few logged searches can judge it, unless `force`. The change is recorded and
+        checkpointed before the new model serves (`_change`), so it is audited, survives a restart
+        and can be undone.
+        """
+        assert self._promotion is not None, "promotion settings are given to actors that promote"
+        self._require_loaded()
+        candidate = candidates.decode(blob)
+        core = self._cores[PROMOTED_HEAD]
+        candidate.check_fits(PROMOTED_HEAD, core.actions, core.features)
+        model = candidate.value_model(core.config, core.model.default_action)
+        logs = self._judging_logs(core)
+        judgement = None
+        if len(logs) >= self._promotion.min_rows:
+            judgement = candidates.judge(logs, model.snapshot(), core.model.snapshot(), self._promotion.margin)
+        if not force and judgement is None:
+            raise Refused(f"only {len(logs)} usable rewarded searches ({logs.refused} refused) to judge candidate "
+                          f"{candidate.name!r} on; {self._promotion.min_rows} are needed: wait for more feedback, "
+                          "or promote with --force")
+        if not force and judgement is not None and judgement.worse:
+            raise Refused(f"candidate {candidate.name!r} is estimated worse than the live policy: "
+                          f"{judgement.difference} beyond the margin {judgement.margin}; promote with --force "
+                          "to serve it anyway")
+        return self._change("promote", model.state_dict(), key_id, candidate.name, force,
+                            None if judgement is None else {**judgement.as_dict(), "rows": len(logs)})
+
+    def rollback_policy(self, key_id: str) -> dict[str, Any]:
+        """Undo the latest promotion not undone yet: serve the model it replaced, as a new version."""
+        self._require_loaded()
+        promotion = run_blocking(self._fetch(_LATEST_OPEN_PROMOTION, PROMOTED_HEAD))
+        if not promotion:
+            raise Refused("there is no promotion to roll back")
+        replaced = codec.decode(promotion[0]["replaced_model"])
+        return self._change("rollback", replaced, key_id, promotion[0]["candidate"], False, None,
+                            undoes=promotion[0]["id"])
+
+    def _judging_logs(self, core: LearningCore) -> LoggedSearches:
+        """The newest rewarded searches, rewarded as the core rewards them (its expected costs)."""
+        rows = [row for row in run_blocking(self._fetch(_JUDGING_ROWS, self._promotion.judge_rows))
+                if len(row["context"]) == len(core.features)]
+        if not rows:
+            return LoggedSearches.usable(np.zeros((0, len(core.features))), [], [], [])
+        actions = np.array([row["action"] for row in rows])
+        rewards = (np.array([row["quality"] for row in rows], np.float64)
+                   - core.config.cost_weight * core.expected_cost[actions])
+        return LoggedSearches.usable([row["context"] for row in rows], actions,
+                                     [row["propensity"] for row in rows], rewards)
+
+    async def _fetch(self, query: str, *arguments: Any) -> list[asyncpg.Record]:
+        async with connection(self._url) as conn:
+            return await conn.fetch(query, *arguments)
+
+    def _change(self, change: str, model_state: dict[str, Any], key_id: str, candidate: str | None,
+                forced: bool, judgement: dict[str, Any] | None, undoes: int | None = None) -> dict[str, Any]:
+        """Serve `model_state` on the promoted head as a new version: built aside, recorded with a
+        checkpoint of the new state in one transaction, then swapped in. A database that fails
+        changes nothing (the caller gets a 503). Calls on this actor run one at a time, so no
+        learner update lands between the copy and the swap."""
+        with self._lock:  # versions of the promoted head: what searches report and experiences record
+            previous_version = self._cores[PROMOTED_HEAD].model.version
+            replaced = codec.encode(self._cores[PROMOTED_HEAD].model.state_dict())
+            cores = self._new_cores()
+            for name, core in self._cores.items():
+                cores[name].load_state_dict(core.state_dict())
+        head = cores[PROMOTED_HEAD]
+        head.model.load_state_dict({**model_state, "version": head.model.version + 1})
+        checkpoint = _checkpoint_of(cores)
+        record = (change, PROMOTED_HEAD, candidate, key_id, forced, head.model.version, previous_version,
+                  None if judgement is None else json.dumps(judgement), replaced)
+        try:
+            change_id, at = run_blocking(self._record(record, checkpoint, undoes))
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            raise ServiceUnavailable(f"the policy {change} could not be recorded (the database is not "
+                                     "answering); nothing changed: retry when it is up") from error
+        with self._lock:
+            self._cores = cores
+            self._publish()
+        log.warning("policy %s", change, extra={"candidate": candidate, "key_id": key_id, "forced": forced,
+                                                "policy_version": head.model.version})
+        return {"change": change, "id": change_id, "at": at.isoformat(), "candidate": candidate,
+                "policy_version": head.model.version, "previous_version": previous_version, "forced": forced,
+                "judgement": judgement}
+
+    async def _record(self, record: tuple[Any, ...], checkpoint: _Checkpoint, undoes: int | None) -> tuple[int, Any]:
+        async with connection(self._url) as conn, conn.transaction():
+            row = await conn.fetchrow(_RECORD_CHANGE, *record)
+            if undoes is not None:
+                await conn.execute("UPDATE policy_changes SET undone_by = $1 WHERE id = $2", row["id"], undoes)
+            await _insert_checkpoint(conn, checkpoint)
+            return row["id"], row["at"]
 
     def _require_loaded(self) -> None:
         if not self._loaded:

@@ -44,7 +44,7 @@ def start_actors(settings: Settings) -> ClusterActors:
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
     learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(
-        url, learning, learning_heads(settings), settings.retention)
+        url, learning, learning_heads(settings), settings.retention, settings.promotion)
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),

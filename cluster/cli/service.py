@@ -1,4 +1,4 @@
-"""`dtrag eval`, `train`, `flags`, `rollout`: commands that talk to a running service over HTTP.
+"""`dtrag eval`, `train`, `flags`, `rollout`, `policy`: commands that talk to a running service over HTTP.
 
 Each takes `--url` (default: the configured host and port) and `--api-key` (default:
 DTRAG_API_KEY, else the demo key `dtrag up` stored).
@@ -87,6 +87,17 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace, settings: Settings) -> int:
+    url, key = _target(args, settings)
+    if args.policy_command == "promote":
+        print(operate.promote_policy(url, key, args.candidate, args.force))
+    elif args.policy_command == "rollback":
+        print(operate.rollback_policy(url, key))
+    else:
+        print(operate.policy_history(url, key, args.limit))
+    return 0
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate = _add_target_options(
         commands.add_parser("eval", help="nDCG@10, P@5, R@100 of a BEIR dataset's test queries"))
@@ -129,3 +140,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         rollout_commands.add_parser("set-weight", help="set the treatment's share (0..1)"))
     weight.add_argument("weight", type=float)
     rollout.set_defaults(handler=cmd_rollout)
+
+    policy = commands.add_parser("policy", help="promote a candidate policy, list promotions, roll one back")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    promote = _add_target_options(policy_commands.add_parser(
+        "promote", help="judge a candidate file against the live policy on logged searches, then serve it"))
+    promote.add_argument("candidate", type=Path, help="a candidate policy file (python -m cluster.jobs.train)")
+    promote.add_argument("--force", action="store_true",
+                         help="serve it even when judged worse than the live policy, or when it cannot be judged")
+    _add_target_options(policy_commands.add_parser("rollback", help="serve the policy the latest promotion replaced"))
+    history = _add_target_options(policy_commands.add_parser("history", help="promotions and rollbacks, newest first"))
+    history.add_argument("--limit", type=int, default=20)
+    policy.set_defaults(handler=cmd_policy)

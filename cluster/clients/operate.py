@@ -1,4 +1,4 @@
-"""Operator requests over the admin HTTP API (`dtrag flags ...`, `dtrag rollout ...`), and their reports.
+"""Operator requests over the admin HTTP API (`dtrag flags|rollout|policy ...`), and their reports.
 
 They talk to the running service with an admin key, like any other client, so they work the
 same against a laptop cluster and a remote one.
@@ -6,6 +6,7 @@ same against a laptop cluster and a remote one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,9 +18,14 @@ class OperationFailed(RuntimeError):
     """The service refused or could not carry out the request; the message is its answer."""
 
 
-def _request(url: str, api_key: str, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+def _request(url: str, api_key: str, method: str, path: str, body: dict | None = None, *,
+             content: bytes | None = None, params: dict[str, Any] | None = None, timeout_s: float = 30) -> Any:
+    headers = {"X-API-Key": api_key}
+    if content is not None:
+        headers["Content-Type"] = "application/octet-stream"
     try:
-        response = httpx.request(method, url + path, json=body, headers={"X-API-Key": api_key}, timeout=30)
+        response = httpx.request(method, url + path, json=body, content=content, params=params, headers=headers,
+                                 timeout=timeout_s)
     except httpx.HTTPError as error:
         raise OperationFailed(f"cannot reach the service at {url}: {error}; is `dtrag up` running?") from error
     if response.status_code != 200:
@@ -126,3 +132,48 @@ def rollback(url: str, api_key: str, reason: str) -> str:
 def set_weight(url: str, api_key: str, weight: float) -> str:
     return format_status(_request(url, api_key, "PUT", "/api/v1/admin/rollout/weight",
                                   {"treatment_weight": weight}))
+
+
+def _estimate(estimate: dict[str, Any]) -> str:
+    return f"{estimate['value']:+.4f} [{estimate['low']:+.4f}, {estimate['high']:+.4f}]"
+
+
+def format_policy_change(change: dict[str, Any]) -> str:
+    what = "promoted candidate" if change["change"] == "promote" else "rolled back the promotion of"
+    lines = [f"{what} {change['candidate']!r}: policy version {change['policy_version']} "
+             f"(was {change['previous_version']}){', forced' if change['forced'] else ''}"]
+    judgement = change.get("judgement")
+    if judgement:
+        lines.append(f"judged on {judgement['rows']} logged searches (doubly robust, 95% interval): candidate "
+                     f"{_estimate(judgement['candidate'])}, live {_estimate(judgement['live'])}, "
+                     f"difference {_estimate(judgement['difference'])}, margin {judgement['margin']:g}")
+    elif change["change"] == "promote":
+        lines.append("not judged: too few logged searches")
+    return "\n".join(lines)
+
+
+def promote_policy(url: str, api_key: str, candidate: Path, force: bool) -> str:
+    change = _request(url, api_key, "POST", "/api/v1/admin/policy/promote", content=candidate.read_bytes(),
+                      params={"force": str(force).lower()}, timeout_s=120)
+    return format_policy_change(change)
+
+
+def rollback_policy(url: str, api_key: str) -> str:
+    return format_policy_change(_request(url, api_key, "POST", "/api/v1/admin/policy/rollback", timeout_s=120))
+
+
+def policy_history(url: str, api_key: str, limit: int) -> str:
+    changes = _request(url, api_key, "GET", "/api/v1/admin/policy/history", params={"limit": limit})
+    if not changes:
+        return "no policy has been promoted"
+    lines = [f"{'id':>4} {'when (UTC)':<19} {'change':<8} {'candidate':<24} {'version':>9} {'key':<10} "
+             f"{'difference (95%)':<28} note"]
+    for c in changes:
+        judgement = c["judgement"]
+        difference = _estimate(judgement["difference"]) if judgement else "not judged"
+        note = ", ".join(n for n in ("forced" if c["forced"] else "",
+                                     f"undone by {c['undone_by']}" if c["undone_by"] else "") if n)
+        lines.append(f"{c['id']:>4} {c['at'][:19].replace('T', ' '):<19} {c['change']:<8} "
+                     f"{(c['candidate'] or '-')[:24]:<24} {c['previous_version']:>4}>{c['policy_version']:<4} "
+                     f"{c['key_id']:<10} {difference:<28} {note}")
+    return "\n".join(lines)

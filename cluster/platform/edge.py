@@ -16,6 +16,7 @@ import os
 import re
 import traceback
 import uuid
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 API_KEY_HEADER = "x-api-key"
-MAX_BODY_ENV = "DTRAG_MAX_BODY_BYTES"  # how the proxy learns the limit (see `proxy_environment`)
+MAX_BODY_ENV = "DTRAG_MAX_BODY_BYTES"  # how the proxy learns the limits (see `proxy_environment`)
+MAX_CANDIDATE_ENV = "DTRAG_MAX_CANDIDATE_BYTES"
+CANDIDATE_PATH = "/api/v1/admin/policy/promote"  # the one route whose body (a policy file) may be larger
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -221,20 +224,23 @@ class BodyLimit:
     still sends is dropped: the caller has its 413.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: Mapping[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = dict(larger or {})  # path -> its own limit
 
-    def _too_large(self) -> JSONResponse:
-        return error_response(413, f"request body must be at most {self.max_bytes} bytes")
+    @staticmethod
+    def _too_large(limit: int) -> JSONResponse:
+        return error_response(413, f"request body must be at most {limit} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope["path"], self.max_bytes)
         length = Headers(scope=scope).get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._too_large()(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._too_large(limit)(scope, receive, send)
             return
         received, refused, started = 0, False, False
 
@@ -245,10 +251,10 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     refused = True
                     if not started:
-                        await self._too_large()(scope, receive, send)
+                        await self._too_large(limit)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -297,16 +303,18 @@ class ApiKeyGate:
         await self.app(scope, receive, send)
 
 
-def proxy_environment(max_body_bytes: int) -> dict[str, str]:
+def proxy_environment(max_body_bytes: int, max_candidate_bytes: int) -> dict[str, str]:
     """Environment for Serve's controller (inherited by its proxies) that puts our edge in front.
 
     Ray 2.60 removed `HTTPOptions.middlewares`; the one remaining hook is the proxy callback
     named by `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, read in the proxy's own process.
     """
     return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}.{proxy_middlewares.__name__}",
-            MAX_BODY_ENV: str(max_body_bytes)}
+            MAX_BODY_ENV: str(max_body_bytes), MAX_CANDIDATE_ENV: str(max_candidate_bytes)}
 
 
 def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback: the body limit, inside request ids and JSON errors (outermost last)."""
-    return [Middleware(BodyLimit, max_bytes=int(os.environ[MAX_BODY_ENV])), Middleware(RequestContext)]
+    return [Middleware(BodyLimit, max_bytes=int(os.environ[MAX_BODY_ENV]),
+                       larger={CANDIDATE_PATH: int(os.environ[MAX_CANDIDATE_ENV])}),
+            Middleware(RequestContext)]

@@ -190,7 +190,7 @@ def start_serve(http: HttpSettings) -> None:
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve sets its own INFO level
     serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING,
-                controller_options={"runtime_env": {"env_vars": proxy_environment(http.max_body_bytes)}})
+                controller_options={"runtime_env": {"env_vars": proxy_environment(http.max_body_bytes, http.max_candidate_bytes)}})
 
 
 def deploy(application, name: str) -> None:

@@ -42,6 +42,7 @@ class HttpSettings:
     port: int
     api_key_cache_s: float
     max_body_bytes: int
+    max_candidate_bytes: int  # the promote route's body limit (a candidate policy file is ~100-300 KB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,15 @@ class LearningSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromotionSettings:
+    """How `dtrag policy promote` judges a candidate against the live policy (learners.candidate)."""
+
+    margin: float  # refused when the candidate's estimated reward is lower than the live policy's by more
+    judge_rows: int  # the newest rewarded searches the judgement is computed on
+    min_rows: int  # fewer usable ones: no judgement, refused unless forced
+
+
+@dataclasses.dataclass(frozen=True)
 class RetentionSettings:
     """How long served searches stay in `experiences` (0 disables a limit); see cluster.data.retention."""
 
@@ -179,6 +189,7 @@ class Settings:
     serve: ServeSettings
     learning: LearningSettings
     retention: RetentionSettings
+    promotion: PromotionSettings
     rollout: RolloutSettings
     client: ClientSettings
     features: FeatureFlags
@@ -279,6 +290,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("http.port", "DTRAG_HTTP_PORT", _port),
     ("http.api_key_cache_s", "DTRAG_API_KEY_CACHE_S", _non_negative_float),
     ("http.max_body_bytes", "DTRAG_MAX_BODY_BYTES", _positive_int),
+    ("http.max_candidate_bytes", "DTRAG_MAX_CANDIDATE_BYTES", _positive_int),
     ("ray.address", "RAY_ADDRESS", _optional(_text)),
     ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
@@ -325,6 +337,9 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("retention.max_rows", "DTRAG_RETENTION_MAX_ROWS", _non_negative_int),
     ("retention.interval_s", "DTRAG_RETENTION_INTERVAL_S", _non_negative_float),
     ("retention.export_dir", "DTRAG_RETENTION_EXPORT_DIR", _optional(_text)),
+    ("promotion.margin", "DTRAG_PROMOTION_MARGIN", _non_negative_float),
+    ("promotion.judge_rows", "DTRAG_PROMOTION_JUDGE_ROWS", _positive_int),
+    ("promotion.min_rows", "DTRAG_PROMOTION_MIN_ROWS", _positive_int),
     ("answers.provider", "DTRAG_ANSWER_PROVIDER", _choice(("auto", "extractive", "gemini", "openai"))),
     ("answers.default_mode", "DTRAG_ANSWER_MODE", _choice(("auto", "extractive", "generated", "debate"))),
     ("answers.budget_s", "DTRAG_ANSWER_BUDGET_S", _positive_float),
@@ -410,6 +425,7 @@ def load_settings(
         serve=ServeSettings(**section("serve")),
         learning=LearningSettings.from_section(section("learning")),
         retention=RetentionSettings(**section("retention")),
+        promotion=PromotionSettings(**section("promotion")),
         rollout=RolloutSettings(**section("rollout")),
         client=ClientSettings(**section("client")),
         features=FeatureFlags(**section("features")),

@@ -16,7 +16,12 @@ from cluster.actors.start import learning_state
 from cluster.clients.train import train_dataset
 from cluster.clients.train_plot import plot_cost_quality
 from cluster.clients.train_report import format_report, report_json
+from cluster.cli.main import main as dtrag
 from cluster.data.corpus import sample_corpus_dir
+from learners.candidate import encode, fit
+from learners.context import FEATURES
+from learners.learning_core import RewardedSearch
+from learners.off_policy import LoggedSearches, cross_fitted_rewards, evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +33,9 @@ async def service(live_settings, deployed):
         features=live_settings.features.with_changes({"experience_replay": True, "soft_q_bandit": True}),
         learning=dataclasses.replace(live_settings.learning, policy_refresh_s=0.2,
                                      core=dataclasses.replace(live_settings.learning.core, min_replay_size=4)),
+        # The judging rule is unit-tested (tests/unit/test_candidate.py); here a candidate fitted on the
+        # few dozen searches this module logs is judged, then promoted whatever the estimate says.
+        promotion=dataclasses.replace(live_settings.promotion, min_rows=20, margin=1.0),
     )
     async with deployed(settings, "learning-tests") as client:
         yield client
@@ -166,11 +174,15 @@ async def test_killed_learning_state_comes_back_and_no_search_fails(service, tmp
     assert {"context", "strategy", "reward", "propensity", "priority"} <= set(table.column_names)
 
 
-async def test_dtrag_train_resets_trains_and_scores_every_policy_per_seed(service, tmp_path):
-    """`dtrag train` end to end on the sample corpus: no training qrels, so half its queries train."""
-    key = service.headers["X-API-Key"]
-    report = await asyncio.to_thread(train_dataset, sample_corpus_dir(), str(service.base_url), key,
-                                     seeds=[0, 1], judged=20, concurrency=2)
+@pytest.fixture(scope="module")
+async def trained(service):
+    """`dtrag train` on the sample corpus: no training qrels, so half its queries train."""
+    return await asyncio.to_thread(train_dataset, sample_corpus_dir(), str(service.base_url),
+                                   service.headers["X-API-Key"], seeds=[0, 1], judged=20, concurrency=2)
+
+
+async def test_dtrag_train_resets_trains_and_scores_every_policy_per_seed(trained, tmp_path):
+    report = trained
     assert [run.seed for run in report.runs] == [0, 1] and report.actions == ACTIONS
     for run in report.runs:
         assert sum(run.snapshots[0].policy.seen) == 0  # each seed starts from a fresh model
@@ -187,3 +199,86 @@ async def test_dtrag_train_resets_trains_and_scores_every_policy_per_seed(servic
     assert record["seeds"][0]["test"][first.query_ids[0]]["context"] == first.contexts[0].tolist()
     plot_cost_quality(report, tmp_path / "cost_quality.png")
     assert (tmp_path / "cost_quality.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_off_policy_estimates_cover_a_policy_run_on_the_qrels_simulator(trained, seed):
+    """Traffic drawn from the sample corpus's test queries, each action rewarded by the nDCG@10 its real
+    ranking earns under the qrels; logged by a known exploring policy. A different, context-dependent
+    policy's value is known exactly on that simulator; each estimate's interval must hold it."""
+    table = trained.runs[0].test  # (queries, actions) nDCG@10 and each query's context
+    rng = np.random.default_rng(seed)
+    n_actions, default = len(ACTIONS), ACTIONS.index("hybrid@0.5")
+    behaviour = np.full(n_actions, 0.5 / n_actions)
+    behaviour[default] += 0.5
+    queries = rng.integers(0, len(table.query_ids), 3000)
+    actions = rng.choice(n_actions, size=len(queries), p=behaviour)
+    logs = LoggedSearches.usable(table.contexts[queries], actions, behaviour[actions], table.quality[queries, actions])
+    gap = table.contexts[:, FEATURES.index("top_gap")]
+    target = np.eye(n_actions)[np.where(gap > np.median(gap), ACTIONS.index("lexical"), ACTIONS.index("hybrid@0.7"))]
+    truth = float((target * table.quality).sum(axis=1).mean())
+    estimates = evaluate(logs, target[queries], cross_fitted_rewards(logs, n_actions), seed=seed)
+    for estimate in estimates.values():
+        assert estimate.low <= truth <= estimate.high, (estimate, truth)
+
+
+async def test_a_candidate_is_judged_promoted_served_and_rolled_back(service, trained, live_settings, pool,
+                                                                     tmp_path, capsys, eventually):
+    """After `dtrag train` logged rewarded searches: fit a candidate on them offline, promote it, roll it back."""
+    rows = await pool.fetch(
+        "SELECT context, action, quality, coalesce(cost_cpu_ms, 0) AS cost, propensity, policy_version, "
+        "next_context, action_quality, action_costs, action_probabilities FROM experiences "
+        "WHERE reward IS NOT NULL AND context IS NOT NULL ORDER BY feedback_at")
+    learning = live_settings.learning
+    candidate = fit("from-the-logs", "retrieval", [RewardedSearch.from_row(row) for row in rows], ACTIONS, FEATURES,
+                    ACTIONS.index("hybrid@0.5"), learning.core, learning.batch_size)
+    path = tmp_path / "candidate.policy"
+    path.write_bytes(encode(candidate))
+    target = ["--url", str(service.base_url).rstrip("/"), "--api-key", service.headers["X-API-Key"]]
+    key_id = service.headers["X-API-Key"].split("_")[1]
+    replaced = (await service.get("/api/v1/admin/learning")).json()["model"]
+
+    async def served_version(version: int) -> bool:
+        return (await search(service))["policy_version"] == version
+
+    assert await asyncio.to_thread(dtrag, ["policy", "promote", str(path), *target]) == 0
+    assert "promoted candidate 'from-the-logs'" in (shown := capsys.readouterr().out) and "judged on" in shown
+    promoted = (await service.get("/api/v1/admin/policy/history", params={"limit": 1})).json()[0]
+    assert (promoted["change"], promoted["candidate"], promoted["key_id"]) == ("promote", "from-the-logs", key_id)
+    assert promoted["judgement"]["rows"] >= 20 and promoted["undone_by"] is None
+    assert promoted["policy_version"] > promoted["previous_version"]
+    await eventually(lambda: served_version(promoted["policy_version"]))
+    model = (await service.get("/api/v1/admin/learning")).json()["model"]
+    expected = candidate.value_model(learning.core, ACTIONS.index("hybrid@0.5")).snapshot().pooled
+    assert list(model["pooled"].values()) == pytest.approx(expected.tolist())
+
+    assert await asyncio.to_thread(dtrag, ["policy", "rollback", *target]) == 0
+    assert "rolled back the promotion of 'from-the-logs'" in capsys.readouterr().out
+    rollback, undone = (await service.get("/api/v1/admin/policy/history", params={"limit": 2})).json()
+    assert (rollback["change"], undone["id"], undone["undone_by"]) == ("rollback", promoted["id"], rollback["id"])
+    assert rollback["policy_version"] > promoted["policy_version"]
+    await eventually(lambda: served_version(rollback["policy_version"]))
+    restored = (await service.get("/api/v1/admin/learning")).json()["model"]
+    assert restored["pooled"] == pytest.approx(replaced["pooled"]) and restored["gates"] == replaced["gates"]
+
+    assert await asyncio.to_thread(dtrag, ["policy", "rollback", *target]) == 1
+    assert "no promotion to roll back" in capsys.readouterr().err
+    assert await asyncio.to_thread(dtrag, ["policy", "history", *target]) == 0
+    assert "from-the-logs" in capsys.readouterr().out
+
+
+async def test_a_candidate_that_does_not_fit_is_refused_and_changes_nothing(service, live_settings):
+    before = (await service.get("/api/v1/admin/learning")).json()["state"]["policy_version"]
+    promote = "/api/v1/admin/policy/promote"
+    for body, status, words in [
+        (b"not a policy file", 422, "not a candidate policy file"),
+        (encode(fit("two-actions", "retrieval", [], ACTIONS[:2], FEATURES, 0, live_settings.learning.core, 32)), 422,
+         "refit it on logs exported from this service"),
+    ]:
+        response = await service.post(promote, content=body)
+        assert response.status_code == status and words in response.json()["message"], response.text
+    keyless = await service.post(promote, content=b"x" * 100, headers={"X-API-Key": ""})
+    assert keyless.status_code == 401 and keyless.json()["error"] == "unauthorized"
+    too_large = await service.post(promote, content=b"x" * (9 * 1024 * 1024))
+    assert too_large.status_code == 413 and "8388608" in too_large.json()["message"]
+    assert (await service.get("/api/v1/admin/learning")).json()["state"]["policy_version"] == before

@@ -55,7 +55,7 @@ class Backend:
         answer = AnswerBody(text="", citations=[], mode="extractive", provider=None, model=None, usage=None,
                             latency_ms=0.0, fallback=None)
         return SearchResponse(search_id="0" * 32, query=request.q, hits=[], strategy="lexical", arm="control",
-                              config_version=0, answer=answer, latency_ms=1.0)
+                              config_version=0, policy_version=0, answer=answer, latency_ms=1.0)
 
     async def health(self) -> Health:
         return Health("test", True, None, {"control": True})
@@ -181,8 +181,10 @@ async def test_body_limit_drops_what_the_app_sends_after_the_413():
 
 def test_proxy_middlewares_read_the_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("DTRAG_MAX_BODY_BYTES", "1234")
+    monkeypatch.setenv("DTRAG_MAX_CANDIDATE_BYTES", "99999")
     inner, outer = proxy_middlewares()
-    assert inner.cls is BodyLimit and inner.kwargs == {"max_bytes": 1234}
+    assert inner.cls is BodyLimit
+    assert inner.kwargs == {"max_bytes": 1234, "larger": {"/api/v1/admin/policy/promote": 99999}}
     assert outer.cls is RequestContext
 
 
