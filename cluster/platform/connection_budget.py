@@ -12,6 +12,7 @@ import dataclasses
 
 import asyncpg
 
+from cluster.platform.database import DatabaseUnavailable, redact
 from cluster.platform.settings import Settings, SettingsError
 
 # LearningState: its load-then-checkpoint thread, its retention thread and an operator's reset,
@@ -70,7 +71,11 @@ def check_connection_budget(settings: Settings, max_connections: int, reserved: 
 
 async def verify_connection_budget(url: str, settings: Settings) -> int:
     """Read the server's limits and check the settings against them (one short connection)."""
-    connection = await asyncpg.connect(url, timeout=10)
+    try:
+        connection = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(url)} to read max_connections: "
+                                  f"{error}; check DATABASE_URL and that the server is running") from error
     try:
         limits = await connection.fetchrow(_LIMITS)
     finally:

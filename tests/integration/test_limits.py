@@ -33,7 +33,9 @@ def limited(live_settings):
     s = live_settings
     return dataclasses.replace(
         s,
-        database=dataclasses.replace(s.database, pool_size=1, max_overflow=0, pool_timeout_s=POOL_WAIT_S),
+        # A query outlives the tests' waits unless it is cancelled (30 s command time-out).
+        database=dataclasses.replace(s.database, pool_size=1, max_overflow=0, pool_timeout_s=POOL_WAIT_S,
+                                     command_timeout_s=30),
         http=dataclasses.replace(s.http, request_timeout_s=DEADLINE_S, rate_limit_per_s=0.05, rate_limit_burst=3),
         serve=dataclasses.replace(s.serve, health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=2.0),
     )
@@ -98,7 +100,7 @@ async def test_a_search_past_the_deadline_is_504_and_its_query_is_cancelled(new_
         assert "deadline" in body["message"] and "Traceback" not in response.text
         assert DEADLINE_S <= elapsed < DEADLINE_S + 5, elapsed
         # The arm's query stopped waiting on the lock while the lock is still held: it was cancelled.
-        await eventually(lambda: _none_waiting(pool), timeout_s=10)
+        await eventually(lambda: _none_waiting(pool), timeout_s=10)  # the query's own time-out is 30 s
     async with new_client() as client:
         assert (await client.post("/api/v1/search/", json={"q": "glaciers"})).status_code == 200
 
@@ -133,21 +135,25 @@ async def test_health_is_200_while_one_arm_serves_and_503_when_none_can(service,
         body = response.json()
         return body if response.status_code == expected_code and body["down"] == expected_down else None
 
+    async def set_fault(arm: str, failing: bool) -> None:
+        async with new_client(("admin",)) as admin:  # a key per call: the tight rate limit
+            response = await admin.put("/api/v1/admin/faults", json={"arm": arm, "failing": failing})
+            assert response.status_code == 200, response.text
+
     healthy = await eventually(lambda: status(200, []))
     assert healthy["status"] == "ok"
     assert healthy["actors"] == {"rollout_control": True, "learning_state": True, "learner_driver": True}
-    async with new_client(("search", "admin")) as admin:
-        try:
-            await admin.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": True})
-            degraded = await eventually(lambda: status(200, ["arms.treatment"]))
-            assert degraded["status"] == "degraded"
-            assert degraded["cluster"] == {"ready": False, "arms": {"control": True, "treatment": False}}
-            await admin.put("/api/v1/admin/faults", json={"arm": "control", "failing": True})
-            down = await eventually(lambda: status(503, ["arms.control", "arms.treatment"]))
-            assert down["status"] == "unavailable" and set(down) == set(healthy)  # the same shape
-        finally:
-            for arm in ("control", "treatment"):
-                await admin.put("/api/v1/admin/faults", json={"arm": arm, "failing": False})
+    try:
+        await set_fault("treatment", True)
+        degraded = await eventually(lambda: status(200, ["arms.treatment"]))
+        assert degraded["status"] == "degraded"
+        assert degraded["cluster"] == {"ready": False, "arms": {"control": True, "treatment": False}}
+        await set_fault("control", True)
+        down = await eventually(lambda: status(503, ["arms.control", "arms.treatment"]))
+        assert down["status"] == "unavailable" and set(down) - {"request_id"} == set(healthy)  # the same shape
+    finally:
+        for arm in ("control", "treatment"):
+            await set_fault(arm, False)
     await eventually(lambda: status(200, []))
 
 
