@@ -25,13 +25,16 @@ from cluster.platform.edge import (
     ApiKeyGate,
     CANDIDATE_PATH,
     BodyLimit,
+    RateLimit,
     RequestContext,
     current_request_id,
     error_response,
     public_cause,
+    record_failure,
     unavailable_response,
 )
-from cluster.platform.errors import Refused, ServiceUnavailable
+from cluster.core.rate_limit import RateLimiter
+from cluster.platform.errors import DeadlineExceeded, Refused, ServiceUnavailable
 from learners.candidate import CandidateError
 from serve_app.feedback import UnknownSearch
 from serve_app.pipeline import SearchEvent
@@ -59,11 +62,33 @@ class Health:
     environment: str
     database_ready: bool
     database_error: str | None
-    cluster: dict[str, bool]
+    cluster: dict[str, bool]  # arm -> whether it can serve (its replicas answer and reach the database)
+    actors: dict[str, bool] = dataclasses.field(default_factory=dict)  # actor -> whether it answers
 
     @property
-    def ready(self) -> bool:
-        return self.database_ready and all(self.cluster.values())
+    def serving(self) -> bool:
+        """At least one arm can serve: the service answers searches (503 otherwise)."""
+        return any(self.cluster.values())
+
+    def down(self) -> list[str]:
+        """What is down, e.g. `arms.treatment`, `actors.learner_driver`, `database`."""
+        return ([] if self.database_ready else ["database"]) + [
+            f"{kind}.{name}" for kind, parts in (("arms", self.cluster), ("actors", self.actors))
+            for name, ok in parts.items() if not ok]
+
+    def body(self, version: str) -> dict[str, Any]:
+        """The report, one shape whether 200 or 503: `ok`, `degraded` (some part down, searches
+        served) or `unavailable` (no arm can serve)."""
+        down = self.down()
+        return {
+            "status": "unavailable" if not self.serving else "degraded" if down else "ok",
+            "version": version,
+            "environment": self.environment,
+            "database": {"ready": self.database_ready, "error": self.database_error},
+            "cluster": {"ready": all(self.cluster.values()), "arms": self.cluster},
+            "actors": self.actors,
+            "down": down,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +170,11 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     return unavailable_response(exc)
 
 
+async def _deadline(_: Request, exc: Exception) -> JSONResponse:
+    record_failure(exc)
+    return error_response(504, str(exc))
+
+
 async def _unknown_search(_: Request, exc: Exception) -> JSONResponse:
     return error_response(404, str(public_cause(exc)))
 
@@ -192,18 +222,22 @@ _STREAM_DOC = ("With `stream: true`: text/event-stream of `hits` (the search wit
 def create_api(
     backend: SearchBackend, verifier: ApiKeyVerifier, *, max_body_bytes: int, operations: Operations | None = None,
     max_candidate_bytes: int | None = None,
+    limiter: RateLimiter | None = None,
 ) -> FastAPI:
     """The API; the admin flag, rollout and policy routes exist only when `operations` is given.
 
-    The edge (outermost first): request ids and JSON errors, the body limit, then the key check,
-    all before FastAPI reads the body.
+    The edge (outermost first): request ids and JSON errors, the body limit, the key check, then
+    the key's rate limit (none without `limiter`), all before FastAPI reads the body.
     """
     app = FastAPI(
         title="DT-RAG search",
         version=__version__,
         description="Retrieval-augmented search that learns which retrieval strategy suits each query.",
-        responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 429: {"model": ErrorBody},
+                   503: {"model": ErrorBody}, 504: {"model": ErrorBody}},
     )
+    if limiter is not None and limiter.enabled:
+        app.add_middleware(RateLimit, limiter=limiter)
     app.add_middleware(ApiKeyGate, verifier=verifier)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
                        larger={CANDIDATE_PATH: max_candidate_bytes} if operations and max_candidate_bytes else None)
@@ -211,6 +245,7 @@ def create_api(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
+    app.add_exception_handler(DeadlineExceeded, _deadline)
     app.add_exception_handler(UnknownSearch, _unknown_search)
     app.add_exception_handler(RolloutError, _conflict)
     app.add_exception_handler(Refused, _conflict)
@@ -230,17 +265,10 @@ def create_api(
     require_search = require("search")
     require_admin = require("admin")
 
-    @app.get("/health", summary="Liveness and readiness of the database and the arms")
+    @app.get("/health", summary="Readiness of each arm, each actor and the database; 503 when no arm can serve")
     async def health() -> JSONResponse:
         report = await backend.health()
-        body = {
-            "status": "ok" if report.ready else "unavailable",
-            "version": __version__,
-            "environment": report.environment,
-            "database": {"ready": report.database_ready, "error": report.database_error},
-            "cluster": {"ready": all(report.cluster.values()), "arms": report.cluster},
-        }
-        return JSONResponse(body, status_code=200 if report.database_ready else 503)
+        return JSONResponse(report.body(__version__), status_code=200 if report.serving else 503)
 
     @app.post("/api/v1/search/", response_model=SearchResponse, summary="Search and answer",
               responses={200: {"content": {"text/event-stream": {}}, "description": _STREAM_DOC}})

@@ -11,6 +11,8 @@ from ray.serve import Application
 
 from cluster.actors.start import start_actors
 from cluster.core.vocabulary import ARMS, Arm
+from cluster.platform.connection_budget import verify_connection_budget
+from cluster.platform.database import run_blocking
 from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.arm import PipelineArm
 from serve_app.embedder import Embedder
@@ -26,7 +28,10 @@ def build_app(settings: Settings) -> Application:
     """
     serve = settings.serve
     actors = start_actors(settings)
+    health = {"health_check_period_s": serve.health_check_period_s,
+              "health_check_timeout_s": serve.health_check_timeout_s}
     embedder = Embedder.options(
+        **health,
         num_replicas=serve.embedder_replicas,
         max_ongoing_requests=2 * settings.embedding.max_batch_size,  # room to fill a batch
     ).bind(
@@ -35,12 +40,12 @@ def build_app(settings: Settings) -> Application:
     replicas = {Arm.CONTROL: serve.pipeline_replicas, Arm.TREATMENT: settings.rollout.treatment_replicas}
     arms = {
         arm: PipelineArm.options(
-            name=f"arm_{arm}", num_replicas=replicas[arm], max_ongoing_requests=serve.max_ongoing_requests
+            **health, name=f"arm_{arm}", num_replicas=replicas[arm], max_ongoing_requests=serve.max_ongoing_requests
         ).bind(settings, embedder, arm, actors.rollout_control, actors.learning_state)
         for arm in ARMS
     }
     return Ingress.options(
-        num_replicas=serve.ingress_replicas, max_ongoing_requests=serve.max_ongoing_requests
+        **health, num_replicas=serve.ingress_replicas, max_ongoing_requests=serve.max_ongoing_requests
     ).bind(settings, arms, actors)
 
 
@@ -59,4 +64,5 @@ def app_builder(args: dict[str, Any]) -> Application:
             "DATABASE_URL is not set: `serve deploy` needs an external PostgreSQL with pgvector "
             "(run `dtrag db migrate` against it first), or use `dtrag up` for the embedded one"
         )
+    run_blocking(verify_connection_budget(settings.database.url, settings))  # a clear failure, not a crash loop
     return build_app(settings)

@@ -26,6 +26,7 @@ from serve_app.experience_log import ExperienceLog
 from serve_app.live_config import live_config
 from serve_app.answers.from_settings import composer_from_settings
 from serve_app.pipeline import ArmConfig, SearchEvent, SearchPipeline
+from serve_app.replica_health import check_alive
 from serve_app.stages import Cost
 from serve_app.retrieval import DocumentIndex
 from serve_app.schemas import AnswerBody, RankRequest, RankResponse, SearchRequest, SearchResponse
@@ -43,7 +44,7 @@ class PipelineArm:
     async def __init__(self, settings: Settings, embedder: DeploymentHandle, arm: Arm,
                        rollout_control: ActorHandle, learning_state: ActorHandle):
         assert settings.database.url, "the database URL is resolved before deployment"
-        pool = await create_pool(settings.database.url, settings.database)
+        self._pool = pool = await create_pool(settings.database.url, settings.database)
         retrieval, learning = settings.retrieval, settings.learning
         index = DocumentIndex(
             pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
@@ -68,8 +69,14 @@ class PipelineArm:
             record_experience=self._experiences.record,
         )
         # Held so they are not garbage-collected; they live as long as the replica.
-        self._background = [asyncio.create_task(task) for task in (
-            self._experiences.run(), self._policy.run(), self._live.run(), self._report())]
+        self._background = [asyncio.create_task(task, name=name) for name, task in (
+            ("experience log", self._experiences.run()), ("policy", self._policy.run()),
+            ("live config", self._live.run()), ("report", self._report()))]
+
+    async def check_health(self) -> None:
+        """Serve's periodic check: this replica's own pool and loops, never the shared database
+        (`serve_app.replica_health`); `ping` is the readiness `/health` reports."""
+        check_alive(self._pool, self._background)
 
     def _config(self) -> ArmConfig:
         """This request's config: read once, so a flip never splits a request."""
@@ -111,6 +118,8 @@ class PipelineArm:
         return await self._pipeline.every_action(query, depth)
 
     async def ping(self) -> bool:
+        """Ready to serve: it reaches the database and is not failing on purpose (a drill)."""
+        self._check_fault()
         await self._pipeline.ping_database()
         return True
 

@@ -23,6 +23,13 @@ class Embedder:
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
+    async def check_health(self) -> None:
+        """Serve's periodic check: one query through the batching path gives a unit vector
+        (about 20 ms of CPU per `DTRAG_HEALTH_CHECK_PERIOD_S`)."""
+        vector, _ = await self.embed("health check")
+        if not (np.all(np.isfinite(vector)) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3):
+            raise RuntimeError("the embedding model returned a vector that is not finite and unit-length")
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float]]:
         """Each query's unit vector and its share of the batch's CPU milliseconds."""

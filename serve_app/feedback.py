@@ -9,7 +9,9 @@ document nobody judged counts as not relevant, as nDCG always does. Clicks say n
 documents the user never saw, so they reward the served action only.
 
 The served search reaches the `experiences` table a few milliseconds after its response (the
-experience log writes in batches), so a lookup that misses waits briefly before answering 404.
+experience log writes in batches), so a lookup that misses waits briefly before answering 404,
+but only while the search may still be on its way: its id says when it was minted
+(`serve_app.search_ids`), and one older than `in_flight_s` is answered 404 at once.
 Recording is idempotent per part: the first document feedback fixes the rewards, the first rating
 of the answer (helpful or not, or a grade; stored on [0, 1] for learning the answer mode) fixes
 that; a repeat returns what is stored.
@@ -29,6 +31,7 @@ from cluster.platform.database import unavailable_on_connection_errors
 from learners.learning_core import RewardedSearch
 from learners.reward import judgements_from_clicks, reward
 from serve_app.schemas import FeedbackRequest
+from serve_app.search_ids import may_be_in_flight
 
 _ARRIVAL_WAIT_S = 2.0
 _POLL_S = 0.05
@@ -87,19 +90,23 @@ class FeedbackOutcome:
 
 class FeedbackStore:
     def __init__(self, pool: asyncpg.Pool, cost_weight: float, rank_every_action: RankEveryAction,
-                 arrival_wait_s: float = _ARRIVAL_WAIT_S):
+                 in_flight_s: float, arrival_wait_s: float = _ARRIVAL_WAIT_S):
+        """`in_flight_s`: how long after its id is minted a served search may still be on its way
+        to the database (the request deadline, the log's flush interval and its write)."""
         self._pool = pool
         self._cost_weight = cost_weight
         self._rank_every_action = rank_every_action
+        self._in_flight_s = in_flight_s
         self._arrival_wait_s = arrival_wait_s
 
     async def _served(self, search_id: str) -> asyncpg.Record:
         deadline = time.monotonic() + self._arrival_wait_s
+        polls = may_be_in_flight(search_id, self._in_flight_s, time.time())
         while True:
             row = await self._pool.fetchrow(_SERVED, search_id)
             if row is not None:
                 return row
-            if time.monotonic() >= deadline:
+            if not polls or time.monotonic() >= deadline:
                 raise UnknownSearch(
                     f"no served search has id {search_id} (feedback is accepted for searches "
                     "served while the experience_replay flag was on)"

@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException
 
 from cluster.actors.start import ClusterActors
+from cluster.core.rate_limit import RateLimiter
 from cluster.core.rollout import LiveConfig, Observation
 from cluster.core.vocabulary import ARMS, NAME_USERS, Arm, Flag
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
@@ -34,13 +35,14 @@ from cluster.platform.database import (
     unavailable_on_connection_errors,
 )
 from cluster.platform.edge import current_request_id, describe
-from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.errors import DeadlineExceeded, ServiceUnavailable
 from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
 from serve_app.feedback import FeedbackStore
 from serve_app.live_config import live_config
 from serve_app.pipeline import SearchEvent
+from serve_app.replica_health import check_alive
 from serve_app.router import caller_key, choose_arm
 from serve_app.schemas import (
     FeedbackRequest,
@@ -51,10 +53,11 @@ from serve_app.schemas import (
     SearchResponse,
 )
 
-_ARM_PING_TIMEOUT_S = 2.0
+_PING_TIMEOUT_S = 2.0  # /health's wait for each arm, actor and the database
 _ACTOR_TIMEOUT_S = 2.0
 _OBSERVATION_FLUSH_S = 0.5
 _POLICY_CHANGE_TIMEOUT_S = 60.0  # judging a candidate on thousands of logged searches takes seconds
+_LOG_WRITE_S = 1.0  # slack for the experience log's batch write, after its flush interval
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +69,14 @@ _NOT_THE_ARMS_FAULT = (DatabaseUnavailable, asyncpg.DataError)
 
 class ArmUnavailable(ServiceUnavailable):
     """The arm's replicas are dead or overloaded (a 503 that counts against the arm)."""
+
+    retry_after_s = 2  # a replica restarts in seconds
+
+
+class ActorUnavailable(ServiceUnavailable):
+    """A control actor is restarting or busy past the timeout."""
+
+    retry_after_s = 2
 
 
 def _arm_unavailable(arm: Arm, error: Exception) -> ArmUnavailable:
@@ -96,10 +107,14 @@ class Ingress:
         report_memory_every("ingress")
         self._max_body_bytes = settings.http.max_body_bytes
         self._max_candidate_bytes = settings.http.max_candidate_bytes
+        self._deadline_s = settings.http.request_timeout_s
+        self._limiter = RateLimiter(settings.http.rate_limit_per_s, settings.http.rate_limit_burst)
         self._pool = await create_pool(url, settings.database)
         self._verifier = ApiKeyVerifier(self._pool, settings.http.api_key_cache_s)
         self._cost_weight = settings.learning.core.cost_weight
-        self._feedback = FeedbackStore(self._pool, self._cost_weight, self._rank_every_action)
+        # A search reaches the database at most a deadline, then a log flush and write, after its id.
+        in_flight_s = self._deadline_s + settings.learning.experience_flush_s + _LOG_WRITE_S
+        self._feedback = FeedbackStore(self._pool, self._cost_weight, self._rank_every_action, in_flight_s)
         self._arms = arms
         self._actions = [action.name for action in settings.retrieval.actions]
         self._control = actors.rollout_control
@@ -108,12 +123,16 @@ class Ingress:
         self._live = live_config(self._control, settings.rollout.live_refresh_s)
         self._observations: list[Observation] = []
         self._metrics = IngressMetrics()
-        self._background = [asyncio.create_task(self._live.run()),
-                            asyncio.create_task(self._flush_observations())]
+        self._background = [asyncio.create_task(self._live.run(), name="live config"),
+                            asyncio.create_task(self._flush_observations(), name="observations")]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self, self._verifier, max_body_bytes=self._max_body_bytes, operations=self,
-                          max_candidate_bytes=self._max_candidate_bytes)
+                          limiter=self._limiter, max_candidate_bytes=self._max_candidate_bytes)
+
+    async def check_health(self) -> None:
+        """Serve's periodic check: this replica's own pool and loops (`serve_app.replica_health`)."""
+        check_alive(self._pool, self._background)
 
     # -- routing ---------------------------------------------------------------------------
     def _arm_for(self, principal: Principal, caller: Caller) -> Arm:
@@ -132,11 +151,24 @@ class Ingress:
         except _ARM_UNAVAILABLE as error:
             raise _arm_unavailable(arm, error) from error
 
+    async def _within_deadline(self, arm: Arm, response: DeploymentResponse) -> Any:
+        """The arm's answer, or `DeadlineExceeded` (504) once the request deadline passes, with
+        the arm's work cancelled (its queries, its provider calls)."""
+        scope = asyncio.timeout(self._deadline_s)
+        try:
+            async with scope:
+                return await self._from_arm(arm, response)
+        except TimeoutError:
+            if not scope.expired():  # the arm's own time-out, not ours
+                raise
+            response.cancel()
+            raise _deadline_exceeded(self._deadline_s) from None
+
     async def search(self, request: SearchRequest, principal: Principal, caller: Caller) -> SearchResponse:
         arm = self._arm_for(principal, caller)
         started = time.perf_counter()
         try:
-            response = await self._from_arm(arm, self._arms[arm].search.remote(request, caller.session_id))
+            response = await self._within_deadline(arm, self._arms[arm].search.remote(request, caller.session_id))
         except Exception as error:  # a caller who went away cancels: no observation at all
             self._observe(arm, started, _arm_failed(error))
             raise
@@ -148,8 +180,17 @@ class Ingress:
         arm = self._arm_for(principal, caller)
         started = time.perf_counter()
         stream = self._arms[arm].options(stream=True).search_events.remote(request, caller.session_id)
+        deadline = time.monotonic() + self._deadline_s
         try:
-            async for event in stream:
+            while True:  # the deadline bounds the whole stream; past its start, it ends with an error event
+                try:
+                    event = await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if time.monotonic() < deadline:  # the arm's own time-out, not ours
+                        raise
+                    raise _deadline_exceeded(self._deadline_s) from None
                 yield event
         except _ARM_UNAVAILABLE as error:
             self._observe(arm, started, True)
@@ -181,7 +222,7 @@ class Ingress:
                 self._control.observe.remote(batch)
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
-        return await self._from_arm(Arm.CONTROL, self._arms[Arm.CONTROL].ranked.remote(request))
+        return await self._within_deadline(Arm.CONTROL, self._arms[Arm.CONTROL].ranked.remote(request))
 
     # -- learning --------------------------------------------------------------------------
     async def _rank_every_action(self, arm: str, query: str, depth: int) -> tuple[list[float], list[tuple[list[str], float]]]:
@@ -215,7 +256,7 @@ class Ingress:
         try:
             return await asyncio.wait_for(asyncio.gather(*calls), _ACTOR_TIMEOUT_S)
         except (RayActorError, TimeoutError) as error:
-            raise ServiceUnavailable(
+            raise ActorUnavailable(
                 "a control actor is unavailable; it restarts by itself, retry shortly"
             ) from error
 
@@ -284,28 +325,47 @@ class Ingress:
         return await self.rollout_status()
 
     # -- health ----------------------------------------------------------------------------
-    async def _arm_ready(self, handle: DeploymentHandle) -> bool:
+    @staticmethod
+    async def _answers(what: str, call: Awaitable[Any]) -> bool:
+        """Whether `call` (a cheap request to an arm or actor) is answered in time."""
         try:
-            return await asyncio.wait_for(handle.ping.remote(), _ARM_PING_TIMEOUT_S)
-        except Exception:  # any failure means "not ready"; /health reports, never raises
+            await asyncio.wait_for(call, _PING_TIMEOUT_S)
+            return True
+        except Exception as error:  # any failure means "not ready"; /health reports, never raises
+            log.info("health: %s is not ready", what,
+                     extra={"request_id": current_request_id(), "detail": describe(error)})
             return False
 
     async def health(self) -> Health:
+        """Each arm (its replicas answer and reach the database), each actor, and the database."""
         database_error = None
         try:
-            async with asyncio.timeout(_ARM_PING_TIMEOUT_S):
+            async with asyncio.timeout(_PING_TIMEOUT_S):
                 await self._pool.fetchval("SELECT 1")
         except Exception as error:  # /health reports every failure, never raises
             log.warning("health: database check failed",
                         extra={"request_id": current_request_id(), "detail": describe(error)})
             database_error = DATABASE_DOWN
-        ready = await asyncio.gather(*(self._arm_ready(self._arms[arm]) for arm in ARMS))
+        actors = {"rollout_control": self._control.live_if_newer.remote(self._live.version),
+                  "learning_state": self._learning.stats.remote(),
+                  "learner_driver": self._learners.stats.remote()}
+        arms = {arm.value: self._arms[arm].ping.remote() for arm in ARMS}
+        checks = {**{f"arm {name}": call for name, call in arms.items()},
+                  **{f"actor {name}": call for name, call in actors.items()}}
+        ready = dict(zip(checks, await asyncio.gather(*(self._answers(what, call) for what, call in checks.items())),
+                         strict=True))
         return Health(
             environment=self._environment,
             database_ready=database_error is None,
             database_error=database_error,
-            cluster={arm.value: ok for arm, ok in zip(ARMS, ready, strict=True)},
+            cluster={name: ready[f"arm {name}"] for name in arms},
+            actors={name: ready[f"actor {name}"] for name in actors},
         )
+
+
+def _deadline_exceeded(deadline_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the search did not finish within the {deadline_s:g} s deadline "
+                            "(DTRAG_REQUEST_TIMEOUT_S) and was cancelled; retry, or simplify the request")
 
 
 def _flags_json(live: LiveConfig) -> dict[str, dict[str, bool]]:

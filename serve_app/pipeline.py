@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from serve_app.decisions import Decision, decide, decide_answer
 from serve_app.experience_log import ServedSearch
 from serve_app.fusion import Ranking, reciprocal_rank_fusion, weighted_score_fusion
 from serve_app.retrieval import DocumentIndex, StoredDocument
+from serve_app.search_ids import new_search_id
 from serve_app.stages import Cost, EmbedQuery, QueryStages
 from serve_app.schemas import (
     ActionRanking,
@@ -164,7 +164,7 @@ class SearchPipeline:
         documents = await self._index.fetch([doc_id for doc_id, _ in ranking])
         ranking = [(doc_id, score) for doc_id, score in ranking if doc_id in documents]
         hits = SearchHits(
-            search_id=uuid.uuid4().hex,
+            search_id=new_search_id(),
             query=query,
             hits=[
                 Hit(doc_id=doc_id, title=documents[doc_id].title,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
+from cluster.core.rate_limit import RateLimiter
 from cluster.platform.api_keys import ApiKeyVerifier, Principal
 from cluster.platform.database import DATABASE_DOWN, create_pool
 from cluster.platform.edge import current_request_id, describe
@@ -96,6 +97,7 @@ async def serve_standalone(settings: Settings) -> None:
                      settings.environment, settings.features),
         ApiKeyVerifier(pool, settings.http.api_key_cache_s),
         max_body_bytes=settings.http.max_body_bytes,
+        limiter=RateLimiter(settings.http.rate_limit_per_s, settings.http.rate_limit_burst),
     )
     config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
                             log_level="warning", access_log=False)

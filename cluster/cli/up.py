@@ -17,14 +17,17 @@ from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_rep
 from cluster.cli.demo_key import ensure_demo_key
 from cluster.data.corpus import sample_corpus_dir
 from cluster.data.ingest import document_count
+from cluster.platform.connection_budget import verify_connection_budget
 from cluster.platform.database import create_pool
 from cluster.platform.embedded import owned_embedded
 from cluster.platform.settings import Settings
 
 
 async def _prepare(settings: Settings, load_sample: bool) -> str:
-    """Migrate, load the sample corpus into an empty database, and return the demo key."""
+    """Check the connection budget, migrate, load the sample corpus into an empty database, and
+    return the demo key."""
     assert settings.database.url
+    await verify_connection_budget(settings.database.url, settings)
     await apply_migrations(settings.database.url)
     pool = await create_pool(settings.database.url, settings.database)
     try:

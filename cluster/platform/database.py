@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+from asyncpg.pool import PoolAcquireContext
 from pgvector.asyncpg import register_vector
 
 from cluster.platform.embedded import start_embedded
@@ -28,6 +29,14 @@ T = TypeVar("T")
 
 class DatabaseUnavailable(ServiceUnavailable):
     """The database could not be reached or started; the message says what to check."""
+
+    retry_after_s = 2
+
+
+class PoolExhausted(DatabaseUnavailable):
+    """No pooled connection came free in time: every one of this process's is in use."""
+
+    retry_after_s = 1
 
 
 def resolve_database_url(configured: str | None, state_dir: Path) -> str:
@@ -42,6 +51,7 @@ _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,  # the server's max_connections reached
 )
 
 
@@ -67,15 +77,48 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await register_vector(connection)
 
 
+class _AcquireWithin(PoolAcquireContext):
+    """`async with pool.acquire()` that gives up after the pool's wait, as `PoolExhausted`."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await super().__aenter__()
+        except TimeoutError as error:
+            raise PoolExhausted(
+                f"no database connection came free within {self.timeout:g} s (this process's pool is "
+                "in use, or connecting is slow); retry shortly") from error
+
+
+class BoundedPool(asyncpg.Pool):
+    """A pool whose waits for a connection are bounded, so a burst is refused with a 503 rather
+    than queued until the request's deadline. Every `pool.fetch` etc. acquires through it."""
+
+    def __init__(self, *args: Any, acquire_timeout_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout_s = acquire_timeout_s
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext:
+        return _AcquireWithin(self, self.acquire_timeout_s if timeout is None else timeout)
+
+
 async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
-    """A pool of `pool_size` connections that may grow by `max_overflow` under load."""
+    """A pool of `pool_size` connections that may grow by `max_overflow` under load; waiting for a
+    free one takes at most `pool_timeout_s`."""
     try:
-        return await asyncpg.create_pool(
+        return await BoundedPool(
             url,
             min_size=settings.pool_size,
             max_size=settings.pool_size + settings.max_overflow,
+            max_queries=50_000,
+            max_inactive_connection_lifetime=300.0,
             command_timeout=settings.command_timeout_s,
             init=_init_connection,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
+            acquire_timeout_s=settings.pool_timeout_s,
         )
     except (OSError, asyncpg.PostgresError) as error:
         raise DatabaseUnavailable(

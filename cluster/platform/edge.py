@@ -1,4 +1,5 @@
-"""The HTTP edge, as pure ASGI middleware: request ids, JSON error bodies, the body limit, the key gate.
+"""The HTTP edge, as pure ASGI middleware: request ids, JSON error bodies, the body limit, the key
+gate, the per-key rate limit.
 
 They act before FastAPI reads a byte of the body, so a caller without a valid key, or with a
 body over the limit, costs at most the limit's bytes. `RequestContext` and `BodyLimit` also run
@@ -26,6 +27,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cluster.core.rate_limit import RateLimiter
 from cluster.platform.api_keys import Principal
 from cluster.platform.errors import ServiceUnavailable
 
@@ -109,9 +111,11 @@ def error_response(status: int, message: str, *, error: str | None = None,
 
 
 def unavailable_response(error: BaseException) -> JSONResponse:
-    """503 for a `ServiceUnavailable`, local or raised in another Ray process."""
+    """503 for a `ServiceUnavailable`, local or raised in another Ray process, with its `Retry-After`."""
     record_failure(error)
-    return error_response(503, str(public_cause(error)))
+    cause = public_cause(error)
+    retry_after = getattr(cause, "retry_after_s", ServiceUnavailable.retry_after_s)
+    return error_response(503, str(cause), headers={"Retry-After": str(retry_after)})
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
@@ -182,6 +186,8 @@ class RequestContext:
                     if k.lower() not in (b"content-length", b"content-type", REQUEST_ID_HEADER.encode())]
             response.raw_headers = kept + response.raw_headers
         response.headers[REQUEST_ID_HEADER] = state.id
+        if status == 503 and "retry-after" not in response.headers:  # Serve's proxy: no replica, overloaded
+            response.headers["Retry-After"] = str(ServiceUnavailable.retry_after_s)
         if not logged_inside:
             self._log(scope, state, status, str(payload.get("error", code)))
         await response(scope, _no_body, send)
@@ -300,6 +306,27 @@ class ApiKeyGate:
             await error_response(401, message, headers=challenge)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+class RateLimit:
+    """Refuse a key's requests over its rate with 429 and `Retry-After`, before the body is read.
+
+    Runs inside `ApiKeyGate`, so only keyed requests are counted, each against its own key.
+    """
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter):
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = scope.get("state", {}).get("principal") if scope["type"] == "http" else None
+        wait_s = self.limiter.retry_after(principal.key_id) if principal is not None else 0
+        if wait_s:
+            message = (f"this API key is over its rate limit ({self.limiter.rate_per_s:g} requests/s, bursts of "
+                       f"{self.limiter.burst}); retry after {wait_s} s")
+            await error_response(429, message, headers={"Retry-After": str(wait_s)})(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 

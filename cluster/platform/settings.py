@@ -34,6 +34,7 @@ class DatabaseSettings:
     pool_size: int
     max_overflow: int
     command_timeout_s: float
+    pool_timeout_s: float  # the longest a request waits for a pooled connection (then 503)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class HttpSettings:
     api_key_cache_s: float
     max_body_bytes: int
     max_candidate_bytes: int  # the promote route's body limit (a candidate policy file is ~100-300 KB)
+    request_timeout_s: float  # a search or rank running longer is cancelled: 504
+    rate_limit_per_s: float  # per API key and ingress replica; 0: no limit
+    rate_limit_burst: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,8 @@ class ServeSettings:
     ingress_replicas: int
     embedder_replicas: int
     max_ongoing_requests: int
+    health_check_period_s: float  # how often Serve calls each replica's `check_health`
+    health_check_timeout_s: float  # a check slower than this counts as failed (the replica restarts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,11 +292,15 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("database.pool_size", "DB_POOL_SIZE", _positive_int),
     ("database.max_overflow", "DB_MAX_OVERFLOW", _non_negative_int),
     ("database.command_timeout_s", "DTRAG_DB_COMMAND_TIMEOUT_S", _positive_float),
+    ("database.pool_timeout_s", "DTRAG_DB_POOL_TIMEOUT_S", _positive_float),
     ("http.host", "DTRAG_HTTP_HOST", _text),
     ("http.port", "DTRAG_HTTP_PORT", _port),
     ("http.api_key_cache_s", "DTRAG_API_KEY_CACHE_S", _non_negative_float),
     ("http.max_body_bytes", "DTRAG_MAX_BODY_BYTES", _positive_int),
     ("http.max_candidate_bytes", "DTRAG_MAX_CANDIDATE_BYTES", _positive_int),
+    ("http.request_timeout_s", "DTRAG_REQUEST_TIMEOUT_S", _positive_float),
+    ("http.rate_limit_per_s", "DTRAG_RATE_LIMIT_PER_S", _non_negative_float),
+    ("http.rate_limit_burst", "DTRAG_RATE_LIMIT_BURST", _positive_int),
     ("ray.address", "RAY_ADDRESS", _optional(_text)),
     ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
@@ -313,6 +323,8 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _positive_int),
     ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _positive_int),
     ("serve.max_ongoing_requests", "DTRAG_MAX_ONGOING_REQUESTS", _positive_int),
+    ("serve.health_check_period_s", "DTRAG_HEALTH_CHECK_PERIOD_S", _positive_float),
+    ("serve.health_check_timeout_s", "DTRAG_HEALTH_CHECK_TIMEOUT_S", _positive_float),
     ("learning.capacity", "DTRAG_REPLAY_CAPACITY", _positive_int),
     ("learning.alpha", "DTRAG_REPLAY_ALPHA", _non_negative_float),
     ("learning.beta0", "DTRAG_REPLAY_BETA0", _unit_float),

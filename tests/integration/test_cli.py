@@ -153,6 +153,29 @@ def test_dtrag_up_fails_fast_without_ray_and_stops_its_database(tmp_path: Path, 
     _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after the error")
 
 
+def test_dtrag_up_refuses_more_connections_than_the_server_accepts(tmp_path: Path, http_port: int):
+    """The old service's pool (50 + 100 per process) against PostgreSQL's 100: a clear error
+    naming what to lower, before Ray starts, and the database stopped again."""
+    state = tmp_path / "state"
+    env = {**_up_env(state, http_port), "DB_POOL_SIZE": "50", "DB_MAX_OVERFLOW": "100"}
+    result = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up", "--no-sample"], env=env, text=True,
+                            capture_output=True, timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "max_connections=" in result.stderr and "lower DB_POOL_SIZE + DB_MAX_OVERFLOW" in result.stderr
+    assert "Traceback" not in result.stderr and "starting Ray" not in result.stdout
+    _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after the error")
+
+
+def test_serve_deploy_refuses_more_connections_than_the_server_accepts(live_settings, monkeypatch):
+    from cluster.platform.connection_budget import ConnectionBudgetExceeded
+    from serve_app.app import app_builder
+
+    monkeypatch.setenv("DATABASE_URL", live_settings.database.url)
+    monkeypatch.setenv("DTRAG_PIPELINE_REPLICAS", "200")
+    with pytest.raises(ConnectionBudgetExceeded, match="DTRAG_PIPELINE_REPLICAS"):
+        app_builder({})
+
+
 @pytest.fixture
 def ray_start_cluster() -> Iterator[tuple[int, dict[str, str], psutil.Process, psutil.Process]]:
     """A cluster started with `ray start --head` on loopback, recorded as the machine's latest.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import time
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from cluster.platform.api_keys import create_key
 from cluster.cli.main import main as dtrag
 from cluster.data.corpus import sample_corpus_dir
+from serve_app.search_ids import new_search_id
 
 pytestmark = pytest.mark.integration
 
@@ -122,11 +124,26 @@ async def test_health_and_docs(service):
     async with httpx.AsyncClient(base_url=service, timeout=30) as anonymous:
         health = await anonymous.get("/health")
         assert health.status_code == 200
-        assert health.json()["status"] == "ok"
+        assert health.json()["status"] == "ok" and health.json()["down"] == []
         assert health.json()["database"]["ready"] and health.json()["cluster"]["arms"] == {"control": True, "treatment": True}
+        assert health.json()["actors"] == {"rollout_control": True, "learning_state": True, "learner_driver": True}
         assert (await anonymous.get("/docs")).status_code == 200
         paths = (await anonymous.get("/openapi.json")).json()["paths"]
         assert {"/api/v1/search/", "/api/v1/rank", "/health"} <= set(paths)
+
+
+async def test_feedback_for_an_unknown_id_waits_only_while_the_search_may_be_in_flight(client):
+    """An id minted long ago (or before ids carried their time) is 404 at once; one minted now
+    may still be on its way to the database, so it is looked for a little before the 404."""
+    timings = {}
+    for name, search_id in (("old", "0" * 32), ("fresh", new_search_id())):
+        started = time.monotonic()
+        response = await client.post("/api/v1/feedback", json={"search_id": search_id, "clicks": ["d1"]})
+        timings[name] = time.monotonic() - started
+        assert response.status_code == 404, response.text
+        assert response.json()["error"] == "not_found" and search_id in response.json()["message"]
+    assert timings["fresh"] >= 2.0  # the arrival wait
+    assert timings["old"] < 1.0, timings
 
 
 def test_dtrag_eval_prints_metrics_per_strategy(service, keys, capsys):

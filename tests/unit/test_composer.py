@@ -52,9 +52,12 @@ async def test_debate_drafts_concurrently_then_synthesises(composer, server):
     answer = await composer.compose("why tides?", DOCS, "debate", Deadline.after(5), debug=True)
     elapsed = time.monotonic() - started
     assert answer.mode == "debate" and answer.fallback is None and answer.citations == ["d1", "d3"]
-    assert 2 * delay <= elapsed < 2 * delay + 0.25, elapsed  # two rounds, not three
+    assert elapsed >= 2 * delay  # drafts, then the synthesis
     first, second, synthesis = server.calls
-    assert abs(first.at - second.at) < 0.1 and synthesis.at - first.at >= delay
+    # Two rounds, not three: the second draft was asked for before the first answered (each takes
+    # `delay`), and the synthesis only after both. Start times, not a wall-clock bound, which a
+    # busy machine stretches.
+    assert abs(first.at - second.at) < delay and synthesis.at - max(first.at, second.at) >= delay
     assert {d.stance for d in answer.drafts} == {"supporting", "critical"}
     assert answer.usage == Usage(360, 90)
     assert "Drafts:" in synthesis.body["messages"][1]["content"]

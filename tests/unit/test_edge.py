@@ -13,8 +13,9 @@ from ray.exceptions import RayTaskError
 
 from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import Principal
-from cluster.platform.database import DatabaseUnavailable
-from cluster.platform.errors import ServiceUnavailable
+from cluster.core.rate_limit import RateLimiter
+from cluster.platform.database import DatabaseUnavailable, PoolExhausted
+from cluster.platform.errors import DeadlineExceeded, ServiceUnavailable
 from serve_app.api import Caller, Health, create_api
 from cluster.platform.edge import BodyLimit, RequestContext, error_response, proxy_middlewares
 from serve_app.schemas import AnswerBody, SearchRequest, SearchResponse
@@ -281,14 +282,80 @@ async def test_a_json_report_with_an_error_status_is_kept(client, parts, caplog)
     caplog.set_level(logging.INFO, logger="cluster.platform.edge")
 
     async def down() -> Health:
-        return Health("test", False, "the database did not answer", {"control": True})
+        return Health("test", False, "the database did not answer", {"control": False, "treatment": False},
+                      {"rollout_control": True})
 
     parts[0].health = down
     response = await client.get("/health")
     assert response.status_code == 503
-    assert response.json()["database"] == {"ready": False, "error": "the database did not answer"}
-    assert response.json()["request_id"] == response.headers["x-request-id"]
+    body = response.json()
+    assert body["status"] == "unavailable" and body["database"] == {"ready": False, "error": "the database did not answer"}
+    assert body["down"] == ["database", "arms.control", "arms.treatment"]
+    assert body["request_id"] == response.headers["x-request-id"]
     assert [(r.status, r.error) for r in caplog.records if r.msg == "request failed"] == [(503, "service_unavailable")]
+
+
+async def test_health_is_200_while_one_arm_serves_and_names_what_is_down(client, parts):
+    async def degraded() -> Health:
+        return Health("test", True, None, {"control": True, "treatment": False},
+                      {"rollout_control": True, "learning_state": False, "learner_driver": True})
+
+    parts[0].health = degraded
+    response = await client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded" and body["down"] == ["arms.treatment", "actors.learning_state"]
+    assert body["cluster"] == {"ready": False, "arms": {"control": True, "treatment": False}}
+    assert body["actors"] == {"rollout_control": True, "learning_state": False, "learner_driver": True}
+
+
+@pytest.mark.parametrize(("failure", "retry_after"), [
+    (ServiceUnavailable("an arm is restarting"), "1"),
+    (DatabaseUnavailable("search: database unavailable; retry shortly"), "2"),
+    (PoolExhausted("no database connection came free within 2 s"), "1"),
+])
+async def test_every_503_says_when_to_retry(client, parts, failure, retry_after):
+    parts[0].failure = failure
+    response = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})
+    assert_error(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == retry_after
+
+
+async def test_a_503_from_serves_proxy_gains_a_retry_after():
+    async def proxy(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"Service Unavailable"})
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=RequestContext(proxy)),
+                                 base_url="http://test") as client:
+        response = await client.get("/")
+    assert_error(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_search_past_the_deadline_is_504_json(client, parts):
+    parts[0].failure = DeadlineExceeded("the search did not finish within the 15 s deadline")
+    response = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})
+    assert "deadline" in assert_error(response, 504, "gateway_timeout")["message"]
+
+
+async def test_a_key_over_its_rate_is_429_with_retry_after_before_the_body_is_read(parts):
+    backend, verifier, _ = parts
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=0.5, burst=2, clock=lambda: now[0])
+    app = create_api(backend, verifier, max_body_bytes=LIMIT, limiter=limiter)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        for _ in range(2):
+            ok = await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})
+            assert ok.status_code == 200
+        body = Chunks(1024 * 1024)
+        refused = await client.post("/api/v1/search/", content=body.__aiter__(), headers={"X-API-Key": KEY})
+        assert "rate limit" in assert_error(refused, 429, "too_many_requests")["message"]
+        assert refused.headers["retry-after"] == "2" and body.pulled == 0
+        assert (await client.get("/health")).status_code == 200  # not keyed, not limited
+        now[0] = 2.0
+        assert (await client.post("/api/v1/search/", json={"q": "x"}, headers={"X-API-Key": KEY})).status_code == 200
+    assert len(backend.searches) == 3
 
 
 async def test_a_nonstandard_status_gets_a_generic_body():
