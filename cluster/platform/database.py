@@ -42,6 +42,9 @@ _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
+    # A server stopping ends the sessions in flight with these (SQLSTATE 57P01, 57P02).
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
 )
 
 
