@@ -255,8 +255,8 @@ def judge(drill: Drill, deadline_s: float | None) -> list[Check]:
                   facts["replay_size"] >= facts["replay_at_checkpoint"]),
         ]
         return checks
-    not_503 = [o for o in failed if o.status != 503]
-    checks.append(Check("every failed search a 503", f"{len(not_503)} other"
+    not_503 = [o for o in drill.outcomes if not o.ok and o.status != 503]
+    checks.append(Check("every failed request (search or feedback) a 503", f"{len(not_503)} other"
                         + (f", e.g. {not_503[0].status}: {not_503[0].body[:80]!r}" if not_503 else ""),
                         not not_503))
     longest = max((o.seconds for o in drill.outcomes), default=0.0)

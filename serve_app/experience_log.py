@@ -19,6 +19,7 @@ from cluster.platform.database import DatabaseUnavailable, unavailable_on_connec
 
 log = logging.getLogger(__name__)
 _MAX_RETRY_S = 1.0  # a returning database gets the held batch within a second
+_WRITE_TIMEOUT_S = 10.0  # a COPY whose connection died unseen is retried, not awaited for ever
 
 @dataclasses.dataclass(frozen=True)
 class ServedSearch:
@@ -86,15 +87,16 @@ class ExperienceLog:
         retry_s = self._flush_interval_s
         while True:
             try:
-                async with unavailable_on_connection_errors("experience log"):
-                    await self._pool.copy_records_to_table("experiences", records=records, columns=COLUMNS)
+                async with unavailable_on_connection_errors("experience log"):  # a time-out included
+                    await asyncio.wait_for(self._pool.copy_records_to_table(
+                        "experiences", records=records, columns=COLUMNS), _WRITE_TIMEOUT_S)
                 return
             except DatabaseUnavailable as error:
                 log.warning("experience batch waiting for the database",
                             extra={"size": len(batch), "error": repr(error.__cause__)})
                 await asyncio.sleep(retry_s)
                 retry_s = min(2 * retry_s, _MAX_RETRY_S)
-            except asyncpg.PostgresError as error:  # the rows themselves are refused: retrying cannot help
+            except Exception as error:  # refused rows, or anything else: the writer must outlive it
                 self.dropped += len(batch)
                 log.warning("experience batch dropped", extra={"size": len(batch), "error": repr(error)})
                 return
