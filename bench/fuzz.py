@@ -49,28 +49,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def schemathesis(url: str, key: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the schemathesis CLI against `url`; returns its JSON report."""
+def schemathesis(url: str, key: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Run the schemathesis CLI against `url`; returns its JSON report and its printed output."""
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report = args.report_dir / "report.json"
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
                "--header", f"X-API-Key: {key}", "--checks", CHECKS, "--max-examples", str(args.max_examples),
                "--seed", str(args.seed), "--workers", "2", "--request-timeout", "60", "--continue-on-failure",
                "--report", "json", "--report-json-path", str(report), "--no-color"]
-    subprocess.run(command, check=False)  # its exit code is in the report
-    return json.loads(report.read_text())
+    run = subprocess.run(command, check=False, capture_output=True, text=True)  # its exit code is in the report
+    print(run.stdout, run.stderr, sep="\n")
+    return json.loads(report.read_text()), run.stdout
 
 
-def failure_lines(report: dict[str, Any]) -> list[str]:
-    """One line per distinct failure: operation, check, status, and the request that caused it."""
-    lines = []
-    for failure in report["failures"]:
-        text = json.dumps(failure)[:600]
-        lines.append(f"- `{text}`")
-    return lines
+def failure_details(output: str) -> str:
+    """Each failing case as schemathesis printed it: the operation, what was received against what
+    is documented, the body, and the request (its key filtered)."""
+    start, end = output.find("FAILURES"), output.find("SUMMARY")
+    if start < 0:
+        return ""
+    keep = ("___", "- ST", "Received:", "Documented:", "[", "`{", "curl ")
+    lines = [line.strip() for line in output[start:end].splitlines() if line.strip().startswith(keep)]
+    return "```\n" + "\n".join(line[:300] for line in lines) + "\n```"
 
 
-def section_body(report: dict[str, Any], passed: bool, args: argparse.Namespace) -> str:
+def section_body(report: dict[str, Any], output: str, passed: bool, args: argparse.Namespace) -> str:
     command = shlex.join([".venv/bin/python", "bench/fuzz.py", *sys.argv[1:]])
     cases, operations = report["test_cases"], report["operations"]
     return f"""
@@ -89,7 +92,10 @@ checks `{CHECKS}`, seed {args.seed}, {report['running_time']:.0f} s.
 |---:|---:|---:|---:|---:|
 | {operations['tested']} of {operations['selected']} | {cases['generated']} | {cases['with_failures']} | {cases['unique_failures']} | {cases['errored']} |
 
-{chr(10).join(failure_lines(report)) or 'No failures.'}
+{chr(10).join(f"- {f['code']} {f['title']}: {f['count']} cases, in {', '.join(f['operations'])}"
+             for f in report['failures']) or 'No failures.'}
+
+{failure_details(output)}
 
 Report: `{relative(args.report_dir / 'report.json')}`.
 """
@@ -98,11 +104,11 @@ Report: `{relative(args.report_dir / 'report.json')}`.
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with running_cluster(args.state_dir, HTTP_PORT, METRICS_PORT, "bench-fuzz") as (_, url, key):
-        report = schemathesis(url, key, args)
+        report, output = schemathesis(url, key, args)
     cases = report["test_cases"]
     passed = report["exit_code"] == 0 and cases["generated"] >= args.min_cases
     print(f"{cases['generated']} cases, {cases['with_failures']} with failures: {'pass' if passed else 'FAIL'}")
-    replace_section(args.results, SECTION, section_body(report, passed, args))
+    replace_section(args.results, SECTION, section_body(report, output, passed, args))
     return 0 if passed else 1
 
 
