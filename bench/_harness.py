@@ -203,8 +203,8 @@ def running_cluster(state_dir: Path, http_port: int, metrics_port: int, key_name
 
 
 def request_deadline_s(settings: Settings) -> float | None:
-    """The service's own request deadline (a 504 past it), when it has one."""
-    return getattr(settings.http, "request_deadline_s", None)
+    """The service's own request deadline (`DTRAG_REQUEST_TIMEOUT_S`: a 504 past it), when it has one."""
+    return getattr(settings.http, "request_timeout_s", None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,9 +158,10 @@ def plot(outcomes: Sequence[Outcome], samples: Sequence[RssSample], path: Path, 
     for o in searches:
         buckets[int(o.sent // window)].append(o.seconds)
     keys = sorted(buckets)
-    for q, style in ((50, "-"), (95, "-")):
-        values = [percentiles_ms(buckets[k])[0 if q == 50 else 1] for k in keys]
-        latency.plot([(k + 0.5) * window / 60 for k in keys], values, style, label=f"search p{q} per {window:.0f} s")
+    centres = [(k + 0.5) * window / 60 for k in keys]
+    for position, name in ((0, "p50"), (1, "p95")):
+        latency.plot(centres, [percentiles_ms(buckets[k])[position] for k in keys],
+                     label=f"search {name} per {window:.0f} s")
     latency.set(xlabel="minutes", ylabel="latency (ms)", xlim=(0, minutes),
                 title=f"{len(searches)} searches, {sum(not o.ok for o in outcomes)} failed requests")
     latency.legend()
