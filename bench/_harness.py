@@ -328,8 +328,8 @@ def cluster_processes(state_dir: Path) -> dict[int, str]:
 def _role(process: psutil.Process) -> str:
     cmdline = process.cmdline()
     first = cmdline[0] if cmdline else process.name()
-    if first.startswith("ray::"):
-        return first.split()[0].removeprefix("ray::").removeprefix("ServeReplica:dtrag:")
+    if first.startswith("ray::"):  # a worker's title ends with the method it is running, if any
+        return first.split()[0].removeprefix("ray::").removeprefix("ServeReplica:dtrag:").split(".")[0]
     script = next((Path(part).stem for part in cmdline[1:3] if part.endswith(".py")), None)
     return f"ray {script or Path(first).name}"
 
@@ -358,3 +358,23 @@ async def experiences_recorded(url: str, search_ids: list[str], settle_s: float 
             await asyncio.sleep(2.0)
     finally:
         await connection.close()
+
+
+class OtherWork:
+    """The share of the machine's cores that processes outside `roles` used from construction to
+    `share()`: well above 0 means the cores were shared and the timings are pessimistic."""
+
+    def __init__(self, roles: dict[int, str]):
+        self._pids = list(roles)
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        ours = 0.0
+        for pid in self._pids:
+            with contextlib.suppress(psutil.Error):
+                ours += process_cpu_seconds(psutil.Process(pid))
+        return time.monotonic(), machine_busy_seconds(), ours
+
+    def share(self) -> float:
+        (t0, machine0, ours0), (t1, machine1, ours1) = self._start, self._read()
+        return max(0.0, (machine1 - machine0) - (ours1 - ours0)) / ((t1 - t0) * psutil.cpu_count())

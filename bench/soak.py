@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
+import os  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,6 +38,7 @@ import numpy as np  # noqa: E402
 from _harness import (  # noqa: E402
     BENCH,
     Judged,
+    OtherWork,
     Outcome,
     cluster_processes,
     learning_load,
@@ -69,8 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def soak(url: str, key: str, args: argparse.Namespace) -> tuple[list[Outcome], list[RssSample]]:
-    """Warm up, then load for `--minutes` while reading RSS; returns the measured requests and readings."""
+async def soak(url: str, key: str, args: argparse.Namespace) -> tuple[list[Outcome], list[RssSample], float]:
+    """Warm up, then load for `--minutes` while reading RSS; returns the measured requests, the
+    readings, and the share of the cores other work used meanwhile."""
     outcomes: list[Outcome] = []
     stop = asyncio.Event()
     began = time.monotonic() + args.warmup  # `sent` < 0: warm-up
@@ -79,6 +82,7 @@ async def soak(url: str, key: str, args: argparse.Namespace) -> tuple[list[Outco
     try:
         await asyncio.sleep(args.warmup)
         roles = cluster_processes(args.state_dir)
+        other_work = OtherWork(roles)
         end, next_minute = began + 60 * args.minutes, 60.0
         while (now := time.monotonic()) < end:
             roles |= cluster_processes(args.state_dir)  # a restarted worker comes under its role
@@ -88,10 +92,11 @@ async def soak(url: str, key: str, args: argparse.Namespace) -> tuple[list[Outco
                 next_minute += 60.0
             await asyncio.sleep(min(args.sample_every, max(end - time.monotonic(), 0)))
         samples.append((time.monotonic() - began, rss_by_role(roles)))
+        other = other_work.share()
     finally:
         stop.set()
         await load
-    return [o for o in outcomes if 0 <= o.sent < 60 * args.minutes], samples
+    return [o for o in outcomes if 0 <= o.sent < 60 * args.minutes], samples, other
 
 
 def by_minute(outcomes: Sequence[Outcome]) -> dict[int, list[Outcome]]:
@@ -171,7 +176,8 @@ def plot(outcomes: Sequence[Outcome], samples: Sequence[RssSample], path: Path, 
     plt.close(figure)
 
 
-def section_body(outcomes: Sequence[Outcome], samples: Sequence[RssSample], args: argparse.Namespace) -> str:
+def section_body(outcomes: Sequence[Outcome], samples: Sequence[RssSample], other: float,
+                 args: argparse.Namespace) -> str:
     command = shlex.join([".venv/bin/python", "bench/soak.py", *sys.argv[1:]])
     failed = [o for o in outcomes if not o.ok]
     searches = [o for o in outcomes if o.kind == "search"]
@@ -189,7 +195,9 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Result: **{'pass
 searching a judged query of the sample corpus and then sending its judgements as feedback, learning
 on (`FEATURE_EXPERIENCE_REPLAY=on FEATURE_SOFT_Q_BANDIT=on`); the cluster as `dtrag up` starts it (one
 replica per deployment). {len(searches)} searches ({len(searches) / (60 * args.minutes):.2f}/s), p50
-{p50:.0f} ms, p95 {p95:.0f} ms, max {top:.0f} ms over the whole run.
+{p50:.0f} ms, p95 {p95:.0f} ms, max {top:.0f} ms over the whole run. Processes outside the cluster
+used {100 * other:.0f}% of the machine's {os.cpu_count()} cores meanwhile (well above 0: the cores were
+shared, and the latencies are pessimistic).
 
 {minutes_table(outcomes)}
 
@@ -210,11 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     learning_on_environment()
     with running_cluster(args.state_dir, HTTP_PORT, METRICS_PORT, "bench-soak") as (_, url, key):
         print(f"soak: {args.warmup:.0f} s warm-up, then {args.minutes:g} min at {args.clients} clients", flush=True)
-        outcomes, samples = asyncio.run(soak(url, key, args))
+        outcomes, samples, other = asyncio.run(soak(url, key, args))
     print(minutes_table(outcomes), rss_table(samples), sep="\n\n")
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(outcomes, samples, args.plot, args.minutes)
-    replace_section(args.results, SECTION, section_body(outcomes, samples, args))
+    replace_section(args.results, SECTION, section_body(outcomes, samples, other, args))
     failed = sum(not o.ok for o in outcomes)
     print(f"{len(outcomes)} requests, {failed} failed; wrote {args.plot} and the soak section of {args.results}")
     return 1 if failed else 0
