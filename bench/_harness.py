@@ -8,8 +8,12 @@ able to call `loopback_only_environment()` before Ray is first imported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import itertools
+import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,15 +22,18 @@ from typing import Any
 
 import asyncpg
 import httpx
+import numpy as np
 import psutil
 
+from cluster.data.beir import load_qrels, load_queries
 from cluster.data.corpus import sample_corpus_dir
 from cluster.data.ingest import document_count, ingest
 from cluster.platform.api_keys import create_key, revoke_key
-from cluster.platform.database import create_pool
+from cluster.platform.database import create_pool, resolve_database_url
+from cluster.platform.embedded import pgdata_dir, running_postmaster
 from cluster.platform.migrate import migrate
 from cluster.platform.runtime import deploy, start_ray, start_serve
-from cluster.platform.settings import Settings
+from cluster.platform.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -166,3 +173,208 @@ def replace_section(path: Path, heading: str, body: str) -> None:
 def relative(path: Path) -> str:
     """`path` relative to the repository when it lies inside it, else its file name."""
     return str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else path.name
+
+
+# --- a cluster under load with learning on (drills, soak, fuzzing) ---------------------------
+
+
+def learning_on_environment() -> None:
+    """Experience replay and the soft-Q bandit on (the `FEATURE_*` defaults every arm starts with),
+    unless the caller's environment says otherwise."""
+    os.environ.setdefault("FEATURE_EXPERIENCE_REPLAY", "on")
+    os.environ.setdefault("FEATURE_SOFT_Q_BANDIT", "on")
+
+
+@contextlib.contextmanager
+def running_cluster(state_dir: Path, http_port: int, metrics_port: int, key_name: str,
+                    timeout_s: float = 300.0) -> Iterator[tuple[Settings, str, str]]:
+    """The embedded database with the sample corpus, our own Ray, Serve and the app, as `dtrag up`
+    starts them; yields (settings, URL, a search + admin key), and stops it all after."""
+    base = dataclasses.replace(local_settings(load_settings(), http_port, metrics_port), state_dir=state_dir)
+    settings = base.with_database_url(resolve_database_url(None, state_dir))
+    assert settings.database.url
+    key = asyncio.run(prepare_database(settings, key_name))
+    try:
+        with ray_serve(settings) as url:
+            deploy_app(settings, url, timeout_s)
+            yield settings, url, key
+    finally:
+        asyncio.run(revoke(settings.database.url, key))
+
+
+def request_deadline_s(settings: Settings) -> float | None:
+    """The service's own request deadline (`DTRAG_REQUEST_TIMEOUT_S`: a 504 past it), when it has one."""
+    return getattr(settings.http, "request_timeout_s", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One request under load: when it was sent (seconds since the load began), how long it took."""
+
+    kind: str  # "search" or "feedback"
+    sent: float
+    seconds: float
+    status: int | None  # None: no HTTP answer (the client timed out or lost the connection)
+    body: str  # of a non-200 answer, or the client's error; "" for a 200
+    search_id: str | None = None  # of a 200 search
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def done(self) -> float:
+        return self.sent + self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """The sample corpus's judged queries, with their graded judgements (the feedback a user gives)."""
+
+    queries: list[str]
+    judgements: list[dict[str, int]]
+
+    @classmethod
+    def sample(cls) -> Judged:
+        queries = load_queries(sample_corpus_dir())
+        qrels = load_qrels(sample_corpus_dir() / "qrels" / "test.tsv")
+        ids = sorted(set(queries) & set(qrels))
+        return cls([queries[i] for i in ids], [{doc: int(grade) for doc, grade in qrels[i].items()} for i in ids])
+
+
+async def learning_load(url: str, key: str, clients: int, stop: asyncio.Event, outcomes: list[Outcome],
+                        judged: Judged, began: float, timeout_s: float = 60.0) -> None:
+    """`clients` closed-loop clients until `stop` (an asyncio.Event) is set: each searches a judged
+    query, and when that is answered, sends its judgements as feedback, so the policy learns.
+
+    Every request lands in `outcomes` as it completes, so a caller can watch the load live;
+    `began` is the `time.monotonic()` its `sent` times count from.
+    """
+    turns = itertools.count()  # shared: clients take turns through the queries
+
+    async def timed(kind: str, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Outcome:
+        sent = time.monotonic()
+        try:
+            response = await client.post(path, json=body)
+        except httpx.HTTPError as error:
+            return Outcome(kind, sent - began, time.monotonic() - sent, None, f"{type(error).__name__}: {error}")
+        status, seconds = response.status_code, time.monotonic() - sent
+        if status != 200:
+            return Outcome(kind, sent - began, seconds, status, response.text)
+        return Outcome(kind, sent - began, seconds, status, "",
+                       response.json().get("search_id") if kind == "search" else None)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            i = next(turns) % len(judged.queries)
+            search = await timed("search", client, "/api/v1/search/", {"q": judged.queries[i], "final_topk": 10})
+            outcomes.append(search)
+            if search.search_id:
+                outcomes.append(await timed("feedback", client, "/api/v1/feedback",
+                                            {"search_id": search.search_id, "judgements": judged.judgements[i]}))
+
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=timeout_s,
+                                 limits=httpx.Limits(max_connections=clients)) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+
+
+# Driver and Ray exception names a client must never see (the error bodies' contract).
+_LEAKS = ("Traceback", "pid=", "\x1b", "asyncpg", "psycopg", "InterfaceError", "PostgresError",
+          "ConnectionDoesNotExistError", "CannotConnectNowError", "RayActorError", "ActorDiedError",
+          "RayTaskError", "ActorUnavailableError")
+
+
+def body_problem(outcome: Outcome) -> str | None:
+    """What is wrong with a non-200 answer's body: not the documented JSON error, or internals in it."""
+    if outcome.status is None:
+        return None  # no body: counted as a client-side failure instead
+    try:
+        body = json.loads(outcome.body)
+    except ValueError:
+        return f"HTTP {outcome.status}: not JSON: {outcome.body[:120]!r}"
+    if not isinstance(body, dict) or not {"error", "message", "request_id"} <= body.keys():
+        return f"HTTP {outcome.status}: not the documented error body: {outcome.body[:120]!r}"
+    leaked = [word for word in _LEAKS if word in outcome.body]
+    return f"HTTP {outcome.status}: contains {leaked}: {outcome.body[:120]!r}" if leaked else None
+
+
+def percentiles_ms(seconds: Any) -> tuple[float, float, float]:
+    """p50, p95 and max in milliseconds (NaN for none)."""
+    values = np.asarray(seconds, dtype=float) * 1000
+    if not len(values):
+        return float("nan"), float("nan"), float("nan")
+    return float(np.percentile(values, 50)), float(np.percentile(values, 95)), float(values.max())
+
+
+# --- the cluster's processes ------------------------------------------------------------------
+
+
+def cluster_processes(state_dir: Path) -> dict[int, str]:
+    """Every process of the cluster, pid -> role: this driver (with the load generator), Ray's
+    own processes and workers (a worker by its title: `ray::ServeReplica:dtrag:Ingress`,
+    `ray::LearningState`, ...), and the embedded PostgreSQL with its backends."""
+    roles = {psutil.Process().pid: "driver + load generator"}
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            roles[process.pid] = _role(process)
+    postmaster = running_postmaster(pgdata_dir(state_dir))
+    if postmaster is not None:
+        roles[postmaster.pid] = "postgres"
+        for backend in postmaster.children():
+            roles[backend.pid] = "postgres"
+    return roles
+
+
+def _role(process: psutil.Process) -> str:
+    cmdline = process.cmdline()
+    first = cmdline[0] if cmdline else process.name()
+    if first.startswith("ray::"):  # a worker's title ends with the method it is running, if any
+        return first.split()[0].removeprefix("ray::").removeprefix("ServeReplica:dtrag:").split(".")[0]
+    script = next((Path(part).stem for part in cmdline[1:3] if part.endswith(".py")), None)
+    return f"ray {script or Path(first).name}"
+
+
+def rss_by_role(roles: dict[int, str]) -> dict[str, int]:
+    """Resident bytes per role, summed over its processes (gone ones are skipped)."""
+    totals: dict[str, int] = {}
+    for pid, role in roles.items():
+        with contextlib.suppress(psutil.Error):
+            totals[role] = totals.get(role, 0) + psutil.Process(pid).memory_info().rss
+    return totals
+
+
+async def experiences_recorded(url: str, search_ids: list[str], settle_s: float = 15.0) -> int:
+    """How many of `search_ids` have their row in `experiences`, once the experience logs have
+    flushed (the count stops growing, or all are there, or `settle_s` passes)."""
+    connection = await asyncpg.connect(url)
+    try:
+        deadline, last = time.monotonic() + settle_s, -1
+        while True:
+            found = await connection.fetchval(
+                "SELECT count(*) FROM experiences WHERE search_id = ANY($1::text[])", search_ids)
+            if found == len(search_ids) or found == last or time.monotonic() > deadline:
+                return found
+            last = found
+            await asyncio.sleep(2.0)
+    finally:
+        await connection.close()
+
+
+class OtherWork:
+    """The share of the machine's cores that processes outside `roles` used from construction to
+    `share()`: well above 0 means the cores were shared and the timings are pessimistic."""
+
+    def __init__(self, roles: dict[int, str]):
+        self._pids = list(roles)
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        ours = 0.0
+        for pid in self._pids:
+            with contextlib.suppress(psutil.Error):
+                ours += process_cpu_seconds(psutil.Process(pid))
+        return time.monotonic(), machine_busy_seconds(), ours
+
+    def share(self) -> float:
+        (t0, machine0, ours0), (t1, machine1, ours1) = self._start, self._read()
+        return max(0.0, (machine1 - machine0) - (ours1 - ours0)) / ((t1 - t0) * psutil.cpu_count())

@@ -188,6 +188,10 @@ async def _conflict(_: Request, exc: Exception) -> JSONResponse:
     return error_response(409, str(cause.args[0]) if cause.args else str(cause))
 
 
+_UNKNOWN_SEARCH: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such search."}}
+_CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody, "description": "Refused in the current state."}}
+
+
 def _sse(event: SearchEvent) -> bytes:
     return f"event: {event.name}\ndata: {json.dumps(event.data)}\n\n".encode()
 
@@ -233,8 +237,7 @@ def create_api(
         title="DT-RAG search",
         version=__version__,
         description="Retrieval-augmented search that learns which retrieval strategy suits each query.",
-        responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 429: {"model": ErrorBody},
-                   503: {"model": ErrorBody}, 504: {"model": ErrorBody}},
+        responses={status: {"model": ErrorBody} for status in (400, 401, 403, 413, 429, 503, 504)},
     )
     if limiter is not None and limiter.enabled:
         app.add_middleware(RateLimit, limiter=limiter)
@@ -284,7 +287,7 @@ def create_api(
             return await _event_stream(backend.search_events(body, principal, caller))
         return await backend.search(body, principal, caller)
 
-    @app.post("/api/v1/feedback", response_model=FeedbackResponse,
+    @app.post("/api/v1/feedback", response_model=FeedbackResponse, responses=_UNKNOWN_SEARCH,
               summary="Judge a served result list; its nDCG becomes the reward")
     async def feedback(body: FeedbackRequest, principal: Principal = Depends(require_search)) -> FeedbackResponse:
         return await backend.feedback(body, principal)
@@ -322,24 +325,28 @@ def _add_operations(app: FastAPI, operations: Operations, require_admin) -> None
     async def rollout_status() -> dict[str, Any]:
         return await operations.rollout_status()
 
-    @app.post("/api/v1/admin/rollout/advance", dependencies=admin, summary="Move to the next stage")
+    @app.post("/api/v1/admin/rollout/advance", dependencies=admin, responses=_CONFLICT,
+              summary="Move to the next stage")
     async def rollout_advance() -> dict[str, Any]:
         return await operations.advance()
 
-    @app.post("/api/v1/admin/rollout/rollback", dependencies=admin, summary="Treatment to 0% now")
+    @app.post("/api/v1/admin/rollout/rollback", dependencies=admin, responses=_CONFLICT,
+              summary="Treatment to 0% now")
     async def rollout_rollback(body: RollbackRequest) -> dict[str, Any]:
         return await operations.rollback(body.reason)
 
-    @app.put("/api/v1/admin/rollout/weight", dependencies=admin, summary="Set the treatment's share")
+    @app.put("/api/v1/admin/rollout/weight", dependencies=admin, responses=_CONFLICT,
+             summary="Set the treatment's share")
     async def rollout_weight(body: WeightUpdate) -> dict[str, Any]:
         return await operations.set_weight(body.treatment_weight)
 
-    @app.put("/api/v1/admin/faults", dependencies=admin,
+    @app.put("/api/v1/admin/faults", dependencies=admin, responses=_CONFLICT,
              summary="Make an arm fail on purpose (only with ENVIRONMENT=test)")
     async def faults(body: FaultUpdate) -> dict[str, Any]:
         return await operations.set_fault(body.arm, body.failing)
 
     @app.post(CANDIDATE_PATH, summary="Judge a candidate policy against the live one, then serve it",
+              responses={**_CONFLICT, 422: {"model": ErrorBody}},
               description="The body is a candidate policy file (`python -m cluster.jobs.train`). Refused (409) when "
                           "it is estimated worse than the live policy by more than the margin, or too few logged "
                           "searches can judge it, unless `force`; 422 when it does not fit this service.",
@@ -349,7 +356,8 @@ def _add_operations(app: FastAPI, operations: Operations, require_admin) -> None
                              principal: Principal = Depends(require_admin)) -> dict[str, Any]:
         return await operations.promote_policy(await request.body(), principal, force)
 
-    @app.post("/api/v1/admin/policy/rollback", summary="Serve the policy the latest promotion replaced")
+    @app.post("/api/v1/admin/policy/rollback", responses=_CONFLICT,
+              summary="Serve the policy the latest promotion replaced")
     async def rollback_policy(principal: Principal = Depends(require_admin)) -> dict[str, Any]:
         return await operations.rollback_policy(principal)
 

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.core.vocabulary import Arm
 from cluster.platform.database import create_pool
+from cluster.platform.log import configure_logging
 from cluster.platform.metrics import AnswerMetrics, ArmMetrics, ProcessMemory
 from cluster.platform.settings import Settings
 from learners.learning_core import Policies
@@ -44,6 +45,7 @@ class PipelineArm:
     async def __init__(self, settings: Settings, embedder: DeploymentHandle, arm: Arm,
                        rollout_control: ActorHandle, learning_state: ActorHandle):
         assert settings.database.url, "the database URL is resolved before deployment"
+        configure_logging(settings.log_level)
         self._pool = pool = await create_pool(settings.database.url, settings.database)
         retrieval, learning = settings.retrieval, settings.learning
         index = DocumentIndex(

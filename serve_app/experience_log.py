@@ -1,8 +1,10 @@
 """Served searches on their way to the `experiences` table, off the request path.
 
 `record` never waits: it puts the experience on a bounded queue, or counts it as dropped when
-the queue is full. A background task writes batches with COPY; a failed write is logged and
-its batch counted as dropped, so learning may lose data but a search never fails for it.
+the queue is full. A background task writes batches with COPY. While the database is away it
+holds the batch and retries, so an outage loses no search answered before it (the queue bounds
+what waits); a batch the database refuses is logged and counted as dropped. Learning may lose
+data, but a search never fails for it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import logging
 
 import asyncpg
 
+from cluster.platform.database import DatabaseUnavailable, unavailable_on_connection_errors
+
 log = logging.getLogger(__name__)
+_MAX_RETRY_S = 1.0  # a returning database gets the held batch within a second
+_WRITE_TIMEOUT_S = 10.0  # a COPY whose connection died unseen is retried, not awaited for ever
 
 @dataclasses.dataclass(frozen=True)
 class ServedSearch:
@@ -75,9 +81,22 @@ class ExperienceLog:
             await self._write(batch)
 
     async def _write(self, batch: list[ServedSearch]) -> None:
+        """Write the batch; while the database is away, keep it and try again (new searches wait in
+        the bounded queue meanwhile), so an outage loses none that were answered before it."""
         records = [search.record() for search in batch]
-        try:
-            await self._pool.copy_records_to_table("experiences", records=records, columns=COLUMNS)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            self.dropped += len(batch)
-            log.warning("experience batch dropped", extra={"size": len(batch), "error": repr(error)})
+        retry_s = self._flush_interval_s
+        while True:
+            try:
+                async with unavailable_on_connection_errors("experience log"):  # a time-out included
+                    await asyncio.wait_for(self._pool.copy_records_to_table(
+                        "experiences", records=records, columns=COLUMNS), _WRITE_TIMEOUT_S)
+                return
+            except DatabaseUnavailable as error:
+                log.warning("experience batch waiting for the database",
+                            extra={"size": len(batch), "error": repr(error.__cause__)})
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, _MAX_RETRY_S)
+            except Exception as error:  # refused rows, or anything else: the writer must outlive it
+                self.dropped += len(batch)
+                log.warning("experience batch dropped", extra={"size": len(batch), "error": repr(error)})
+                return

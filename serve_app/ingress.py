@@ -36,6 +36,7 @@ from cluster.platform.database import (
 )
 from cluster.platform.edge import current_request_id, describe
 from cluster.platform.errors import DeadlineExceeded, ServiceUnavailable
+from cluster.platform.log import configure_logging
 from cluster.platform.metrics import IngressMetrics, report_memory_every
 from cluster.platform.settings import Settings
 from serve_app.api import Caller, Health, create_api
@@ -103,6 +104,7 @@ class Ingress:
     async def __init__(self, settings: Settings, arms: dict[Arm, DeploymentHandle], actors: ClusterActors):
         url = settings.database.url
         assert url, "the database URL is resolved before deployment"
+        configure_logging(settings.log_level)  # JSON lines with request ids in the replica's log, not Ray's text
         self._environment = settings.environment
         report_memory_every("ingress")
         self._max_body_bytes = settings.http.max_body_bytes

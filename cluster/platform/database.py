@@ -52,6 +52,9 @@ _CONNECTION_ERRORS = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,  # the server's max_connections reached
+    # A server stopping ends the sessions in flight with these (SQLSTATE 57P01, 57P02).
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
 )
 
 

@@ -108,6 +108,24 @@ def stop_server(pgdata: Path, timeout_s: float = 30.0) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def server_stopped(state_dir: Path) -> Iterator[None]:
+    """The embedded server stopped inside the block (as a crash of the database host would end
+    its sessions), and running again after it whatever happens: outage drills and tests.
+
+    The server keeps its data directory and socket, so the URL every process holds stays valid.
+    Call it from a process that started or joined the server.
+    """
+    pgdata = pgdata_dir(state_dir)
+    stop_server(pgdata)
+    try:
+        yield
+    finally:
+        server = _package().get_server(pgdata, cleanup_mode="stop")  # this process's handle
+        with server._lock:  # the package's own inter-process lock, as its constructor takes it
+            server.ensure_postgres_running()
+
+
 def _stop_abandoned(pgdata: Path) -> None:
     """Stop a server that no live process has joined: its owner died without stopping it."""
     package = _package()

@@ -11,10 +11,10 @@ from cluster.actors.learning_state import HEADS
 from cluster.actors.start import learning_heads, start_actors, stop_actors
 from cluster.core.rollout import RolloutState
 from cluster.core.vocabulary import Arm
+from cluster.platform.embedded import server_stopped
 from learners import checkpoint
 from learners.context import FEATURES
 from learners.learning_core import Experience, LearningCore
-from support.postgres import postgres_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ async def test_actors_start_with_the_database_down_and_load_when_it_returns(
                        json.dumps(stored.to_json()))
     await store_checkpoint(pool, 77, learned_state(live_settings, experiences=40))
 
-    with postgres_stopped(live_settings.state_dir):
+    with server_stopped(live_settings.state_dir):
         actors = start_actors(live_settings)
         live = await actors.rollout_control.live_if_newer.remote(0)
         assert (live.version, live.treatment_weight) == (1, 0.0)  # control serves everyone

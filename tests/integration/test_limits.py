@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from cluster.platform.api_keys import create_key
-from support.postgres import postgres_stopped
+from cluster.platform.embedded import server_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +172,7 @@ async def test_a_database_outage_answers_503_and_restarts_no_replica(service, ne
     assert len(replicas) == 4  # ingress, two arms, embedder
     async with new_client() as client:
         assert (await client.post("/api/v1/search/", json={"q": "glaciers"})).status_code == 200  # key cached
-        with postgres_stopped(live_settings.state_dir):
+        with server_stopped(live_settings.state_dir):
             outage = time.monotonic()
             while time.monotonic() - outage < 8 * HEALTH_PERIOD_S + 2.0:  # Serve checks every replica meanwhile
                 health = await _health(service)

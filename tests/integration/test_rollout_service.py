@@ -17,8 +17,8 @@ from cluster.actors.rollout_control import ACTOR_NAME
 from cluster.core.rollout import GuardSettings
 from cluster.core.vocabulary import Arm
 from cluster.platform.api_keys import create_key
+from cluster.platform.embedded import server_stopped
 from serve_app.router import choose_arm
-from support.postgres import postgres_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -282,7 +282,7 @@ async def test_rollback_with_the_database_down_reaches_every_replica_within_a_se
     serve = live_settings.serve
     expected = {"Ingress": serve.ingress_replicas, "arm_control": serve.pipeline_replicas,
                 "arm_treatment": live_settings.rollout.treatment_replicas}
-    with postgres_stopped(live_settings.state_dir):
+    with server_stopped(live_settings.state_dir):
         started = time.monotonic()
         assert await asyncio.to_thread(dtrag, ["rollout", "rollback", "--reason", "database down", *target]) == 0
         returned = time.monotonic()
