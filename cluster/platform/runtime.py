@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import secrets
 import socket
+import tempfile
 from pathlib import Path
 
 from cluster.platform.errors import ServiceUnavailable
@@ -54,12 +57,89 @@ class RayUnavailable(ServiceUnavailable):
     """Ray could not be started or reached; the message says what to check."""
 
 
-def start_ray(settings: RaySettings, address: str | None = None) -> None:
+AUTH_TOKEN_FILE = "ray_auth_token"
+
+
+def auth_token_file(state_dir: Path) -> Path:
+    return state_dir / AUTH_TOKEN_FILE
+
+
+def ensure_auth_token(state_dir: Path) -> Path:
+    """The state folder's Ray token file, created on first use: readable by its owner only (0600).
+
+    One token per state folder, not Ray's machine-wide `~/.ray/auth_token`, so two clusters
+    on one machine do not share a secret, and the folder's owner is who may submit jobs.
+    """
+    path = auth_token_file(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    path.chmod(0o600)  # a copied or restored folder may have widened it
+    return path
+
+
+def read_auth_token(path: Path) -> str:
+    """The token in `path` (never created here: a new token would match no cluster)."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise RayUnavailable(f"no Ray token at {path}: `dtrag up` writes it there when it starts Ray; "
+                             "start it, or point DTRAG_STATE_DIR at its state folder") from None
+    if not token:
+        raise RayUnavailable(f"the Ray token file {path} is empty; delete it and restart `dtrag up`")
+    return token
+
+
+def _require_token(token_path: Path) -> None:
+    """Token authentication for this process and every Ray process it starts (they inherit it).
+
+    Ray reads RAY_AUTH_MODE into its config at import; re-initialising the config and the
+    token cache makes this process see the change, as `ray.init` does for its own default.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _private_temp_dir(state_dir: Path) -> Path:
+    """Ray's temp folder for the state folder's cluster: short (Ray's socket paths must fit a Unix
+    socket's name) and its own, so nothing in it is shared with other Ray clusters here."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"dtrag-ray-{digest}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _record_own_address(temp_dir: Path) -> None:
+    """Name our GCS as the "current cluster" of our temp folder.
+
+    Ray's job server resolves a job driver's RAY_ADDRESS as "auto": the cluster the temp folder
+    records, else any GCS running on the machine. Only `ray start` records one, so without this a
+    job submitted to our cluster could be handed another cluster's address.
+    """
+    import ray
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray.get_runtime_context().gcs_address, str(temp_dir))
+
+
+def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path | None = None) -> None:
     """Connect to `address` (or `settings.address`), else start a new local instance.
 
     Never Ray's own default of joining the last cluster `ray start` recorded on this machine:
     without an address we always start our own (`address="local"`), so a cluster someone
     else started, or a stale record of one, neither captures us nor stalls the start.
+
+    A local instance runs Ray's dashboard, whose job server `ray job submit` and `serve deploy`
+    talk to, on 127.0.0.1 at `settings.dashboard_port` (0: no dashboard). Given the `state_dir`,
+    it requires the folder's token (`ensure_auth_token`) and keeps Ray's files in a temp folder
+    of its own, so jobs submitted to it run on it.
     """
     loopback_only_environment()
     import ray
@@ -78,9 +158,18 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
             _check_reachable(target)
             ray.init(address=target, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
+            temp_dir = None
+            if state_dir is not None:
+                _require_token(ensure_auth_token(state_dir))
+                temp_dir = _private_temp_dir(state_dir)
+            dashboard = settings.dashboard_port > 0
+            ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
+                     dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
                      logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
+                     _temp_dir=str(temp_dir) if temp_dir else None,
                      runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+            if temp_dir:
+                _record_own_address(temp_dir)
     except RayUnavailable:
         raise
     except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError, ...

@@ -194,7 +194,7 @@ def _named(parent: subprocess.Popen, name: str) -> psutil.Process | None:
 
 def _up_env(state: Path, http_port: int) -> dict[str, str]:
     env = {**os.environ, "DTRAG_STATE_DIR": str(state), "DTRAG_HTTP_PORT": str(http_port),
-           "DTRAG_METRICS_PORT": str(free_port())}
+           "DTRAG_METRICS_PORT": str(free_port()), "DTRAG_DASHBOARD_PORT": str(free_port())}
     for name in ("DATABASE_URL", "RAY_ADDRESS"):
         env.pop(name, None)
     return env
