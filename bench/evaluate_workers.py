@@ -71,11 +71,15 @@ def main() -> None:
     requests = len(queries) * (len(STRATEGIES) + (0 if args.no_actions else 1))
     command = (f".venv/bin/python bench/evaluate_workers.py {args.dataset}"
                + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
-               + (" --no-actions" if args.no_actions else ""))
+               + (f" --shard-size {args.shard_size}" if args.shard_size != 25 else "")
+               + (f" --concurrency {args.concurrency}" if args.concurrency != 2 else "")
+               + (" --no-actions" if args.no_actions else "")
+               + (" --address GCS_ADDRESS" if args.address else ""))
     body = "\n".join([
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {os.cpu_count()} cores; "
         f"1-minute load average {os.getloadavg()[0]:.2f} at the end.", "",
-        "Command (from the repository root, with `dtrag up` serving the dataset's corpus):", "",
+        "Command (from the repository root, with `dtrag up` serving the dataset's corpus"
+        + ("; the tasks on its Ray, joined at its GCS address with its token" if args.address else "") + "):", "",
         "```", command, "```", "",
         f"{args.dataset.name}: {len(queries)} judged test queries in {len(work)} shards of {args.shard_size}, "
         f"{requests} `/api/v1/rank` requests per run ({len(STRATEGIES)} fixed strategies"

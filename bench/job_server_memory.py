@@ -51,6 +51,9 @@ def _title(process: psutil.Process) -> str:
         return process.name()
     if cmdline[0].startswith("ray::") or cmdline[0].startswith("ray-"):
         return cmdline[0].split(" ")[0]
+    helper = next((part for part in ("resource_tracker", "forkserver") if f"multiprocessing.{part}" in " ".join(cmdline)), None)
+    if helper:  # the dashboard starts its modules through multiprocessing's fork server
+        return f"multiprocessing {helper}"
     script = next((Path(part).name for part in cmdline[1:3] if part.endswith(".py")), None)
     return script or Path(cmdline[0]).name
 

@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.platform.errors import ServiceUnavailable
@@ -129,6 +130,38 @@ def _record_own_address(temp_dir: Path) -> None:
     write_ray_address(ray.get_runtime_context().gcs_address, str(temp_dir))
 
 
+@contextlib.contextmanager
+def _agent_ports_chosen_here() -> Iterator[None]:
+    """Free ports for the node's agents, chosen before Ray starts, as `ray start` can be told and
+    `ray.init` cannot (patched only while `ray.init` builds its parameters).
+
+    Left to Ray, the dashboard agent serves the job API on 52365, which another Ray on the
+    machine may hold (the agent then stays up without it, and jobs cannot start), and picks its
+    other ports itself, which the raylet waits 15 s for before it gives up (a busy machine takes
+    longer to start the agent: ray-project/ray#65983); with ports given, it does not wait.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+    ports = {name: _free_port() for name in
+             ("metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
+
+    def init(self, *args, **kwargs) -> None:
+        original(self, *args, **{**ports, **kwargs})
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path | None = None) -> None:
     """Connect to `address` (or `settings.address`), else start a new local instance.
 
@@ -163,11 +196,12 @@ def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path
                 _require_token(ensure_auth_token(state_dir))
                 temp_dir = _private_temp_dir(state_dir)
             dashboard = settings.dashboard_port > 0
-            ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
-                     logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
-                     _temp_dir=str(temp_dir) if temp_dir else None,
-                     runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+            with _agent_ports_chosen_here():
+                ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
+                         dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
+                         logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
+                         _temp_dir=str(temp_dir) if temp_dir else None,
+                         runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
             if temp_dir:
                 _record_own_address(temp_dir)
     except RayUnavailable:
