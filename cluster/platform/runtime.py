@@ -131,23 +131,22 @@ def _record_own_address(temp_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _agent_ports_chosen_here() -> Iterator[None]:
-    """Free ports for the node's agents, chosen before Ray starts, as `ray start` can be told and
-    `ray.init` cannot (patched only while `ray.init` builds its parameters).
+def _agent_http_on_a_free_port() -> Iterator[None]:
+    """The dashboard agent's HTTP port, which serves the job API, chosen free before Ray starts,
+    as `ray start --dashboard-agent-listen-port` can and `ray.init` cannot (patched only while
+    `ray.init` builds its parameters).
 
-    Left to Ray, the dashboard agent serves the job API on 52365, which another Ray on the
-    machine may hold (the agent then stays up without it, and jobs cannot start), and picks its
-    other ports itself, which the raylet waits 15 s for before it gives up (a busy machine takes
-    longer to start the agent: ray-project/ray#65983); with ports given, it does not wait.
+    Left to Ray it is 52365, which another Ray on the machine may hold: the agent then stays up
+    without it, and jobs submitted to this cluster cannot start.
     """
     from ray._private import parameter
 
     original = parameter.RayParams.__init__
-    ports = {name: _free_port() for name in
-             ("metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
+    port = _free_port()
 
     def init(self, *args, **kwargs) -> None:
-        original(self, *args, **{**ports, **kwargs})
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = init
     try:
@@ -196,7 +195,7 @@ def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path
                 _require_token(ensure_auth_token(state_dir))
                 temp_dir = _private_temp_dir(state_dir)
             dashboard = settings.dashboard_port > 0
-            with _agent_ports_chosen_here():
+            with _agent_http_on_a_free_port():
                 ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
                          dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
                          logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
