@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import psutil  # noqa: E402
 
 from _harness import BENCH, replace_section  # noqa: E402
-from cluster.platform.runtime import start_ray  # noqa: E402
+from cluster.platform.runtime import free_port, start_ray  # noqa: E402
 from cluster.platform.settings import load_settings  # noqa: E402
 
 MIB = 1024 * 1024
@@ -81,7 +81,7 @@ def measure(settle_s: float) -> Phase:
 def run_phase(dashboard_port: int, settle_s: float, state_dir: Path) -> Phase:
     import ray
 
-    settings = load_settings(environ={"DTRAG_STATE_DIR": str(state_dir), "DTRAG_METRICS_PORT": str(_free_port()),
+    settings = load_settings(environ={"DTRAG_STATE_DIR": str(state_dir), "DTRAG_METRICS_PORT": str(free_port()),
                                       "DTRAG_DASHBOARD_PORT": str(dashboard_port)})
     start_ray(settings.ray, state_dir=settings.state_dir)
     try:
@@ -89,14 +89,6 @@ def run_phase(dashboard_port: int, settle_s: float, state_dir: Path) -> Phase:
     finally:
         ray.shutdown()
         psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def off_loopback(listening: list[str]) -> list[str]:
@@ -137,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="jsm-") as state:
         off = run_phase(0, args.settle, Path(state))
-        on = run_phase(_free_port(), args.settle, Path(state))
+        on = run_phase(free_port(), args.settle, Path(state))
     for phase in (off, on):
         bad = off_loopback(phase.listening)
         if bad:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.platform.runtime import auth_token_file, read_auth_token
+from cluster.platform.ray_token import auth_token_file, read_auth_token
 from cluster.platform.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

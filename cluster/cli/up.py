@@ -52,7 +52,7 @@ def _job_server(settings: Settings, address: str | None) -> str:
     """How to reach Ray's job server of the cluster we started (none when we joined one)."""
     if address or not settings.ray.dashboard_port:
         return ""
-    from cluster.platform.runtime import auth_token_file
+    from cluster.platform.ray_token import auth_token_file
 
     return (f"Ray jobs: dtrag jobs submit evaluate cluster/data/sample_corpus; Ray's own CLI with\n"
             f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={auth_token_file(settings.state_dir)}\n"

@@ -6,13 +6,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import secrets
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.ray_token import ensure_auth_token, require_token
 from cluster.platform.settings import HttpSettings, RaySettings
 
 log = logging.getLogger(__name__)
@@ -58,56 +58,6 @@ class RayUnavailable(ServiceUnavailable):
     """Ray could not be started or reached; the message says what to check."""
 
 
-AUTH_TOKEN_FILE = "ray_auth_token"
-
-
-def auth_token_file(state_dir: Path) -> Path:
-    return state_dir / AUTH_TOKEN_FILE
-
-
-def ensure_auth_token(state_dir: Path) -> Path:
-    """The state folder's Ray token file, created on first use: readable by its owner only (0600).
-
-    One token per state folder, not Ray's machine-wide `~/.ray/auth_token`, so two clusters
-    on one machine do not share a secret, and the folder's owner is who may submit jobs.
-    """
-    path = auth_token_file(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
-    path.chmod(0o600)  # a copied or restored folder may have widened it
-    return path
-
-
-def read_auth_token(path: Path) -> str:
-    """The token in `path` (never created here: a new token would match no cluster)."""
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        raise RayUnavailable(f"no Ray token at {path}: `dtrag up` writes it there when it starts Ray; "
-                             "start it, or point DTRAG_STATE_DIR at its state folder") from None
-    if not token:
-        raise RayUnavailable(f"the Ray token file {path} is empty; delete it and restart `dtrag up`")
-    return token
-
-
-def _require_token(token_path: Path) -> None:
-    """Token authentication for this process and every Ray process it starts (they inherit it).
-
-    Ray reads RAY_AUTH_MODE into its config at import; re-initialising the config and the
-    token cache makes this process see the change, as `ray.init` does for its own default.
-    """
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
-    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 def _private_temp_dir(state_dir: Path) -> Path:
     """Ray's temp folder for the state folder's cluster: short (Ray's socket paths must fit a Unix
     socket's name) and its own, so nothing in it is shared with other Ray clusters here."""
@@ -142,7 +92,7 @@ def _agent_http_on_a_free_port() -> Iterator[None]:
     from ray._private import parameter
 
     original = parameter.RayParams.__init__
-    port = _free_port()
+    port = free_port()
 
     def init(self, *args, **kwargs) -> None:
         kwargs.setdefault("dashboard_agent_listen_port", port)
@@ -155,7 +105,8 @@ def _agent_http_on_a_free_port() -> Iterator[None]:
         parameter.RayParams.__init__ = original
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -192,7 +143,7 @@ def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path
         else:
             temp_dir = None
             if state_dir is not None:
-                _require_token(ensure_auth_token(state_dir))
+                require_token(ensure_auth_token(state_dir))
                 temp_dir = _private_temp_dir(state_dir)
             dashboard = settings.dashboard_port > 0
             with _agent_http_on_a_free_port():

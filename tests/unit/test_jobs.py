@@ -16,7 +16,8 @@ from cluster.cli.jobs import job_names
 from cluster.data.retention import write_parquet
 from cluster.jobs import common
 from cluster.jobs.evaluate import OVERALL, aggregate, format_tables, shards
-from cluster.platform.runtime import RayUnavailable, ensure_auth_token, read_auth_token
+from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.ray_token import ensure_auth_token, read_auth_token
 from learners.policy_scores import paired_bootstrap
 
 
@@ -110,5 +111,5 @@ def test_the_ray_token_is_the_owners_alone_and_stable(tmp_path: Path):
     path.chmod(0o644)
     assert ensure_auth_token(tmp_path / "state") == path and read_auth_token(path) == token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    with pytest.raises(RayUnavailable, match="dtrag up"):
+    with pytest.raises(ServiceUnavailable, match="dtrag up"):
         read_auth_token(tmp_path / "elsewhere" / "ray_auth_token")
