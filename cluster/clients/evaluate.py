@@ -36,9 +36,10 @@ SERVED = "served"  # no strategy named: what the service serves (its policy, or 
 
 async def rank_queries(
     client: httpx.AsyncClient, queries: dict[str, str], strategy: str, concurrency: int,
-    progress: tqdm | None = None, failures: dict[str, str] | None = None,
+    progress: tqdm | None = None, failures: dict[str, str] | None = None, every_action: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Each query's `/api/v1/rank` response under `strategy` (`SERVED`: the request names none).
+    """Each query's `/api/v1/rank` response under `strategy` (`SERVED`: the request names none),
+    with every policy action's ranking too when `every_action`.
 
     A query that fails raises, unless `failures` is given: then it is noted there (query id:
     what failed) and left out, and the others go on.
@@ -46,6 +47,8 @@ async def rank_queries(
     semaphore = asyncio.Semaphore(concurrency)
     responses: dict[str, dict[str, Any]] = {}
     body: dict[str, Any] = {"depth": DEPTH} if strategy == SERVED else {"strategy": strategy, "depth": DEPTH}
+    if every_action:
+        body["every_action"] = True
 
     async def rank(query_id: str, text: str) -> None:
         try:

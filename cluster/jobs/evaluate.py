@@ -81,35 +81,19 @@ async def _rank_shard(shard: Shard, url: str, api_key: str, strategies: Sequence
             states.update({q: r["state_key"] for q, r in responses.items()})
         if actions:
             failed = {}
-            responses = await _rank_every_action(client, shard.queries, concurrency, failed)
+            responses = await rank_queries(client, shard.queries, SERVED, concurrency, failures=failed,
+                                           every_action=True)
             failures.update({f"{q} (actions)": why for q, why in failed.items()})
             for query, response in responses.items():
                 states.setdefault(query, response["state_key"])
                 for action in response["actions"]:
-                    rankings.setdefault(action["name"], {})[query] = action["doc_ids"][:DEPTH]
+                    if action["name"] not in strategies:  # `lexical` is both; ranked as a strategy already
+                        rankings.setdefault(action["name"], {})[query] = action["doc_ids"][:DEPTH]
     rows = []
     for strategy, ranked in rankings.items():
         for query, values in score(strategy, ranked, shard.qrels).per_query.items():
             rows.append({"query_id": query, "state_key": states[query], "strategy": strategy, **values})
     return ShardResult(rows, failures)
-
-
-async def _rank_every_action(client, queries: dict[str, str], concurrency: int,
-                             failures: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """One request per query ranks it under every action of the policy."""
-    semaphore = asyncio.Semaphore(concurrency)
-    responses: dict[str, dict[str, Any]] = {}
-
-    async def rank(query_id: str, text: str) -> None:
-        async with semaphore:
-            response = await client.post("/api/v1/rank", json={"q": text, "depth": DEPTH, "every_action": True})
-        if response.status_code == 200:
-            responses[query_id] = response.json()
-        else:
-            failures[query_id] = f"HTTP {response.status_code} {response.text[:200]}"
-
-    await asyncio.gather(*(rank(q, text) for q, text in queries.items()))
-    return responses
 
 
 def rank_shard(shard: Shard, url: str, api_key: str, strategies: Sequence[str], actions: bool,
