@@ -184,7 +184,8 @@ def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
         _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
         assert not any(map(alive, orphans))
         assert not any(map(alive, ray_processes))  # Ray's agents would hold the metrics port for minutes
-        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port())}
+        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()),
+                     "DTRAG_DASHBOARD_PORT": str(free_port())}
         third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
                                capture_output=True, timeout=120)
         assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
