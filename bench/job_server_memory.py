@@ -118,6 +118,10 @@ def report(off: Phase, on: Phase, command: str, settle_s: float) -> str:
     extra_rss, extra_uss = total["on"][0] - total["off"][0], total["on"][1] - total["off"][1]
     lines += ["", f"- The dashboard and job server add {extra_rss:.0f} MiB RSS ({extra_uss:.0f} MiB USS); "
               f"on / off: {total['on'][0] / total['off'][0]:.2f}x RSS, {total['on'][1] / total['off'][1]:.2f}x USS.",
+              "- RSS counts memory shared between processes once per process, and the dashboard's modules "
+              "are forked from one server and share most of theirs: USS, what stopping them frees, is the "
+              "cost. Each running job adds a `JobSupervisor` actor and its driver while it runs; "
+              "`DTRAG_DASHBOARD_PORT=0` saves this memory and turns jobs off.",
               f"- Listening sockets with the dashboard on ({len(on.listening)}), all on loopback: "
               + ", ".join(f"`{line}`" for line in on.listening) + "."]
     return "\n".join(lines)
