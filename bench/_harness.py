@@ -40,11 +40,12 @@ BENCH = REPO / "bench"
 
 
 def local_settings(settings: Settings, http_port: int, metrics_port: int) -> Settings:
-    """`settings` for a Ray of our own: Serve on 127.0.0.1:`http_port`, Ray's metrics on `metrics_port`."""
+    """`settings` for a Ray of our own: Serve on 127.0.0.1:`http_port`, Ray's metrics on `metrics_port`,
+    no dashboard (a benchmark submits no jobs, and a `dtrag up` may hold its port)."""
     return dataclasses.replace(
         settings,
         http=dataclasses.replace(settings.http, host="127.0.0.1", port=http_port),
-        ray=dataclasses.replace(settings.ray, address=None, metrics_port=metrics_port),
+        ray=dataclasses.replace(settings.ray, address=None, metrics_port=metrics_port, dashboard_port=0),
     )
 
 

@@ -187,7 +187,7 @@ def synthetic_experiences(count: int, actions: int, seed: int = 0) -> list[Rewar
 def learning_state_pid() -> int:
     """PID of the live `LearningState` actor, from the GCS actor table.
 
-    `ray.util.state.list_actors` needs the dashboard, which `start_ray` leaves off.
+    `ray.util.state.list_actors` needs the dashboard, which benchmarks leave off (`local_settings`).
     """
     for actor in ray._private.state.actors().values():
         if actor["Name"] == ACTOR_NAME and actor["State"] == "ALIVE":

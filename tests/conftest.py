@@ -52,6 +52,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         "DTRAG_STATE_DIR": str(state_dir),
         "DTRAG_HTTP_PORT": str(free_port()),
         "DTRAG_METRICS_PORT": str(free_port()),
+        "DTRAG_DASHBOARD_PORT": "0",  # no job server: the `dtrag up` tests cover it
         "ENVIRONMENT": "test",  # allows the rollout tests' fault injection
     })
 
@@ -120,7 +121,7 @@ def ray_session(settings: Settings) -> Iterator[None]:
 
     from cluster.platform.runtime import start_ray
 
-    start_ray(settings.ray)
+    start_ray(settings.ray, state_dir=settings.state_dir)
     yield
     ray.shutdown()
 

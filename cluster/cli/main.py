@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cluster import __version__
-from cluster.cli import backup, db, service, up
+from cluster.cli import backup, db, jobs, service, up
 from cluster.clients.operate import OperationFailed
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.log import configure_logging
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parsers(commands)
     backup.add_parsers(commands)
     service.add_parsers(commands)
+    jobs.add_parsers(commands)
     return parser
 
 

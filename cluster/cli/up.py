@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,17 @@ def _answers(settings: Settings) -> str:
     return "extractive (no provider configured: set GEMINI_API_KEY or DTRAG_OPENAI_BASE_URL)"
 
 
+def _job_server(settings: Settings, address: str | None) -> str:
+    """How to reach Ray's job server of the cluster we started (none when we joined one)."""
+    if address or not settings.ray.dashboard_port:
+        return ""
+    from cluster.platform.ray_token import auth_token_file
+
+    return (f"Ray jobs: dtrag jobs submit evaluate cluster/data/sample_corpus; Ray's own CLI with\n"
+            f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={auth_token_file(settings.state_dir)}\n"
+            f"  ray job list --address http://127.0.0.1:{settings.ray.dashboard_port}\n\n")
+
+
 def _stop_on_signals() -> None:
     """Ctrl-C and SIGTERM unwind like KeyboardInterrupt, so every cleanup below runs.
 
@@ -77,6 +90,17 @@ def _database(settings: Settings) -> Iterator[Settings]:
         yield settings.with_database_url(url)
 
 
+def job_environment(settings: Settings) -> dict[str, str]:
+    """What a Ray job's driver needs to reach this service: the state folder (demo key, Ray
+    token), the database, the HTTP address, and this interpreter first on PATH (so `python` in
+    `ray job submit -- python -m ...` is the one with this package installed). Set before our
+    local Ray starts, so every process it starts inherits them, submitted jobs' drivers included."""
+    assert settings.database.url
+    return {"DTRAG_STATE_DIR": str(settings.state_dir), "DATABASE_URL": settings.database.url,
+            "DTRAG_HTTP_HOST": settings.http.host, "DTRAG_HTTP_PORT": str(settings.http.port),
+            "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))}
+
+
 @contextlib.contextmanager
 def _ray(settings: Settings, address: str | None) -> Iterator[None]:
     """Ray for the block: our own local instance, or a shared cluster left as we found it."""
@@ -86,7 +110,9 @@ def _ray(settings: Settings, address: str | None) -> Iterator[None]:
     from cluster.platform.runtime import record_session, start_ray
     from serve_app.app import APP_NAME
 
-    start_ray(settings.ray, address)
+    if not address:
+        os.environ.update(job_environment(settings))
+    start_ray(settings.ray, address, state_dir=settings.state_dir)
     if not address:
         record_session(_session_record(settings))
     try:
@@ -114,6 +140,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         stop_leftover_ray(_session_record(settings))
         check_port_free(settings.http.host, settings.http.port, "DTRAG_HTTP_PORT")
         check_port_free("127.0.0.1", settings.ray.metrics_port, "DTRAG_METRICS_PORT")
+        if settings.ray.dashboard_port:
+            check_port_free("127.0.0.1", settings.ray.dashboard_port, "DTRAG_DASHBOARD_PORT")
     _stop_on_signals()
     serving = False
     try:
@@ -131,6 +159,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                     f"demo API key (search, admin): {key}\n\n"
                     f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n"
                     f"       -d '{{\"q\":\"machine learning\",\"final_topk\":5}}' {url}/api/v1/search/\n\n"
+                    f"{_job_server(live, address)}"
                     "Ctrl-C stops the service.",
                     flush=True,
                 )

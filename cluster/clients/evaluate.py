@@ -8,6 +8,7 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -30,25 +31,53 @@ class StrategyResult:
     per_query: dict[str, dict[str, float]]
 
 
+SERVED = "served"  # no strategy named: what the service serves (its policy, or the default strategy)
+
+
+async def rank_queries(
+    client: httpx.AsyncClient, queries: dict[str, str], strategy: str, concurrency: int,
+    progress: tqdm | None = None, failures: dict[str, str] | None = None, every_action: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Each query's `/api/v1/rank` response under `strategy` (`SERVED`: the request names none),
+    with every policy action's ranking too when `every_action`.
+
+    A query that fails raises, unless `failures` is given: then it is noted there (query id:
+    what failed) and left out, and the others go on.
+    """
+    semaphore = asyncio.Semaphore(concurrency)
+    responses: dict[str, dict[str, Any]] = {}
+    body: dict[str, Any] = {"depth": DEPTH} if strategy == SERVED else {"strategy": strategy, "depth": DEPTH}
+    if every_action:
+        body["every_action"] = True
+
+    async def rank(query_id: str, text: str) -> None:
+        try:
+            async with semaphore:
+                response = await client.post("/api/v1/rank", json={"q": text, **body})
+            if response.status_code != 200:
+                raise RuntimeError(f"query {query_id} ({strategy}): HTTP {response.status_code} {response.text}")
+            responses[query_id] = response.json()
+        except (RuntimeError, httpx.HTTPError) as error:
+            if failures is None:
+                raise
+            failures[query_id] = f"{type(error).__name__}: {error}"
+        if progress is not None:
+            progress.update(1)
+
+    await asyncio.gather(*(rank(qid, text) for qid, text in queries.items()))
+    return responses
+
+
+def doc_ids(response: dict[str, Any]) -> list[str]:
+    return [entry["doc_id"] for entry in response["ranking"]]
+
+
 async def _rank_all(
     client: httpx.AsyncClient, queries: dict[str, str], strategy: str, concurrency: int
 ) -> dict[str, list[str]]:
-    semaphore = asyncio.Semaphore(concurrency)
-    rankings: dict[str, list[str]] = {}
-
-    async def rank(query_id: str, text: str, progress: tqdm) -> None:
-        async with semaphore:
-            response = await client.post(
-                "/api/v1/rank", json={"q": text, "strategy": strategy, "depth": DEPTH}
-            )
-        if response.status_code != 200:
-            raise RuntimeError(f"query {query_id} ({strategy}): HTTP {response.status_code} {response.text}")
-        rankings[query_id] = [entry["doc_id"] for entry in response.json()["ranking"]]
-        progress.update(1)
-
     with tqdm(total=len(queries), desc=f"eval {strategy}", unit="q") as progress:
-        await asyncio.gather(*(rank(qid, text, progress) for qid, text in queries.items()))
-    return rankings
+        responses = await rank_queries(client, queries, strategy, concurrency, progress)
+    return {qid: doc_ids(response) for qid, response in responses.items()}
 
 
 def score(strategy: str, rankings: dict[str, list[str]], qrels: dict[str, dict[str, float]]) -> StrategyResult:
@@ -67,6 +96,15 @@ def score(strategy: str, rankings: dict[str, list[str]], qrels: dict[str, dict[s
     return StrategyResult(strategy, len(per_query), mean("ndcg@10"), mean("p@5"), mean("r@100"), per_query)
 
 
+def judged_queries(dataset: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """The dataset's test queries that have judgements, and the judgements."""
+    qrels = load_qrels(dataset / "qrels" / "test.tsv")
+    queries = {qid: text for qid, text in load_queries(dataset).items() if qid in qrels}
+    if not queries:
+        raise ValueError(f"{dataset}: no query in queries.jsonl has judgements in qrels/test.tsv")
+    return queries, qrels
+
+
 def evaluate_dataset(
     dataset: Path,
     url: str,
@@ -77,10 +115,7 @@ def evaluate_dataset(
     json_path: Path | None = None,
 ) -> list[StrategyResult]:
     """Score each strategy on the dataset's judged test queries."""
-    qrels = load_qrels(dataset / "qrels" / "test.tsv")
-    queries = {qid: text for qid, text in load_queries(dataset).items() if qid in qrels}
-    if not queries:
-        raise ValueError(f"{dataset}: no query in queries.jsonl has judgements in qrels/test.tsv")
+    queries, qrels = judged_queries(dataset)
 
     async def run() -> list[StrategyResult]:
         async with httpx.AsyncClient(

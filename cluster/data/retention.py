@@ -154,8 +154,14 @@ async def arrow_schema(connection: asyncpg.Connection) -> Any:
     return pa.schema([(row["name"], _arrow_type(row["type"])) for row in await connection.fetch(_COLUMN_TYPES)])
 
 
-def write_parquet(rows: list[asyncpg.Record], schema: Any, root: Path, name: str) -> list[Path]:
-    """Write `rows` of `experiences` as `root/date=YYYY-MM-DD/name.parquet`, one file per UTC day."""
+def write_parquet(rows: list[asyncpg.Record], schema: Any, root: Path, name: str,
+                  skipped: dict[str, str] | None = None) -> list[Path]:
+    """Write `rows` of `experiences` as `root/date=YYYY-MM-DD/name.parquet`, one file per UTC day.
+
+    A row Arrow cannot hold in `schema` fails the call, unless `skipped` is given: then that
+    row is left out and noted there (search id: what is wrong), and the others are written.
+    Retention never skips (it deletes what it exported); the export job does.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -164,13 +170,41 @@ def write_parquet(rows: list[asyncpg.Record], schema: Any, root: Path, name: str
         by_day.setdefault(row["created_at"].astimezone(dt.UTC).date().isoformat(), []).append(row)
     files = []
     for day, day_rows in sorted(by_day.items()):
-        columns = {field.name: [_plain(row[field.name], field.type) for row in day_rows] for field in schema}
+        try:
+            table = _table(day_rows, schema)
+        except (pa.ArrowException, TypeError, ValueError):
+            if skipped is None:
+                raise
+            table = _table(_convertible(day_rows, schema, skipped), schema)
+        if not table.num_rows:
+            continue
         folder = root / f"date={day}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.parquet"
-        pq.write_table(pa.table(columns, schema=schema), path)
+        pq.write_table(table, path)
         files.append(path)
     return files
+
+
+def _table(rows: list[asyncpg.Record], schema: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.table({field.name: [_plain(row[field.name], field.type) for row in rows] for field in schema},
+                    schema=schema)
+
+
+def _convertible(rows: list[asyncpg.Record], schema: Any, skipped: dict[str, str]) -> list[asyncpg.Record]:
+    """The rows that convert one by one; the others noted in `skipped`."""
+    import pyarrow as pa
+
+    kept = []
+    for row in rows:
+        try:
+            _table([row], schema)
+            kept.append(row)
+        except (pa.ArrowException, TypeError, ValueError) as error:
+            skipped[str(row["search_id"])] = f"{type(error).__name__}: {error}"
+    return kept
 
 
 def _plain(value: Any, arrow_type: Any) -> Any:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.platform.errors import ServiceUnavailable
+from cluster.platform.ray_token import ensure_auth_token, require_token
 from cluster.platform.settings import HttpSettings, RaySettings
 
 log = logging.getLogger(__name__)
@@ -54,12 +58,71 @@ class RayUnavailable(ServiceUnavailable):
     """Ray could not be started or reached; the message says what to check."""
 
 
-def start_ray(settings: RaySettings, address: str | None = None) -> None:
+def _private_temp_dir(state_dir: Path) -> Path:
+    """Ray's temp folder for the state folder's cluster: short (Ray's socket paths must fit a Unix
+    socket's name) and its own, so nothing in it is shared with other Ray clusters here."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"dtrag-ray-{digest}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _record_own_address(temp_dir: Path) -> None:
+    """Name our GCS as the "current cluster" of our temp folder.
+
+    Ray's job server resolves a job driver's RAY_ADDRESS as "auto": the cluster the temp folder
+    records, else any GCS running on the machine. Only `ray start` records one, so without this a
+    job submitted to our cluster could be handed another cluster's address.
+    """
+    import ray
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray.get_runtime_context().gcs_address, str(temp_dir))
+
+
+@contextlib.contextmanager
+def _agent_http_on_a_free_port() -> Iterator[None]:
+    """The dashboard agent's HTTP port, which serves the job API, chosen free before Ray starts,
+    as `ray start --dashboard-agent-listen-port` can and `ray.init` cannot (patched only while
+    `ray.init` builds its parameters).
+
+    Left to Ray it is 52365, which another Ray on the machine may hold: the agent then stays up
+    without it, and jobs submitted to this cluster cannot start.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+    port = free_port()
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path | None = None) -> None:
     """Connect to `address` (or `settings.address`), else start a new local instance.
 
     Never Ray's own default of joining the last cluster `ray start` recorded on this machine:
     without an address we always start our own (`address="local"`), so a cluster someone
     else started, or a stale record of one, neither captures us nor stalls the start.
+
+    A local instance runs Ray's dashboard, whose job server `ray job submit` and `serve deploy`
+    talk to, on 127.0.0.1 at `settings.dashboard_port` (0: no dashboard). Given the `state_dir`,
+    it requires the folder's token (`ensure_auth_token`) and keeps Ray's files in a temp folder
+    of its own, so jobs submitted to it run on it.
     """
     loopback_only_environment()
     import ray
@@ -78,9 +141,19 @@ def start_ray(settings: RaySettings, address: str | None = None) -> None:
             _check_reachable(target)
             ray.init(address=target, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
-                     runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+            temp_dir = None
+            if state_dir is not None:
+                require_token(ensure_auth_token(state_dir))
+                temp_dir = _private_temp_dir(state_dir)
+            dashboard = settings.dashboard_port > 0
+            with _agent_http_on_a_free_port():
+                ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
+                         dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
+                         logging_level=logging.WARNING, _metrics_export_port=settings.metrics_port,
+                         _temp_dir=str(temp_dir) if temp_dir else None,
+                         runtime_env={"worker_process_setup_hook": _SETUP_HOOK})
+            if temp_dir:
+                _record_own_address(temp_dir)
     except RayUnavailable:
         raise
     except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError, ...

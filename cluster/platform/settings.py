@@ -54,6 +54,7 @@ class RaySettings:
     address: str | None
     num_cpus: int | None
     metrics_port: int
+    dashboard_port: int  # 0: no dashboard, so no job server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +236,7 @@ _positive_float = _number(float, lambda v: v > 0, "a number > 0")
 _unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
 _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _port = _number(int, lambda v: 1 <= v <= 65535, "a TCP port between 1 and 65535")
+_port_or_off = _number(int, lambda v: 0 <= v <= 65535, "a TCP port between 1 and 65535, or 0 for off")
 
 
 def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
@@ -304,6 +306,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ray.address", "RAY_ADDRESS", _optional(_text)),
     ("ray.num_cpus", "DTRAG_RAY_NUM_CPUS", _optional(_positive_int)),
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
+    ("ray.dashboard_port", "DTRAG_DASHBOARD_PORT", _port_or_off),
     ("rollout.live_refresh_s", "DTRAG_LIVE_REFRESH_S", _positive_float),
     ("rollout.treatment_replicas", "DTRAG_TREATMENT_REPLICAS", _positive_int),
     ("rollout.plan", "DTRAG_ROLLOUT_PLAN", _rollout_plan),

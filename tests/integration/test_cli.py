@@ -19,6 +19,8 @@ import psutil
 import pytest
 
 from cluster.cli.main import main as dtrag
+from cluster.data.corpus import sample_corpus_dir
+from cluster.jobs.common import read_summary
 from cluster.platform.embedded import alive
 from conftest import free_port
 
@@ -70,13 +72,16 @@ def test_ingest_reports_progress_and_bad_lines(fresh_database_url, monkeypatch, 
     assert "1 unchanged" in capsys.readouterr().out
 
 
-def test_dtrag_up_serves_search_and_stops_cleanly(tmp_path: Path, http_port: int):
-    """The quick start as a user runs it: a fresh state folder, the sample corpus, Ctrl-C."""
+def test_dtrag_up_serves_search_and_ray_jobs_and_stops_cleanly(tmp_path: Path, http_port: int):
+    """The quick start as a user runs it: a fresh state folder, the sample corpus, a Ray job, Ctrl-C."""
     state = tmp_path / "state"
-    process = _start_up(_up_env(state, http_port))
+    env = _up_env(state, http_port)
+    process = _start_up(env)
     try:
         key, _ = _wait_for_key(process, deadline=time.monotonic() + 240)
         _assert_search_works(http_port, key)
+        _assert_ray_jobs_work(env, state, tmp_path)
+        _assert_listening_on_loopback_only(process, int(env["DTRAG_DASHBOARD_PORT"]))
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
@@ -85,6 +90,57 @@ def test_dtrag_up_serves_search_and_stops_cleanly(tmp_path: Path, http_port: int
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5)
     _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after Ctrl-C")
+
+
+def _assert_ray_jobs_work(env: dict[str, str], state: Path, tmp_path: Path) -> None:
+    """`dtrag jobs submit evaluate` prints what `dtrag eval` prints; Ray's CLI sees the job with the token only."""
+    strategies = ["--strategy", "hybrid_rrf", "--strategy", "lexical"]
+    dataset = str(sample_corpus_dir())
+    evaluated = _dtrag(env, "eval", dataset, *strategies)
+    submitted = _dtrag(env, "jobs", "submit", "evaluate", dataset, *strategies, "--no-actions",
+                       "--workers", "2", "--shard-size", "15", "--out", str(tmp_path / "evaluation"))
+    job_id = submitted.split("submitted ", 1)[1].split(":", 1)[0]
+    summary = read_summary(submitted)
+    assert summary["status"] == "succeeded" and summary["failed"] == 0 and summary["queries"] == 40
+    for row in evaluated.splitlines():  # | strategy | queries | nDCG@10 [interval] | ...
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if cells[0] in ("hybrid_rrf", "lexical"):
+            assert f"{summary['ndcg@10'][cells[0]]:.4f}" == cells[2].split(" ")[0], (row, summary)
+    assert Path(summary["plot"]).stat().st_size > 0 and Path(summary["per_query"]).is_file()
+
+    ray = [str(Path(sys.executable).with_name("ray")), "job"]
+    address = ["--address", f"http://127.0.0.1:{env['DTRAG_DASHBOARD_PORT']}"]
+    with_token = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "ray_auth_token")}
+    status = subprocess.run([*ray, "status", job_id, *address], env=with_token, text=True, capture_output=True,
+                            timeout=120)
+    assert status.returncode == 0 and "succeeded" in status.stdout + status.stderr, status
+    logs = subprocess.run([*ray, "logs", job_id, *address], env=with_token, text=True, capture_output=True,
+                          timeout=120)
+    assert read_summary(logs.stdout)["ndcg@10"] == summary["ndcg@10"]
+    refused = subprocess.run([*ray, "list", *address], env={**env, "HOME": str(tmp_path)}, text=True,
+                             capture_output=True, timeout=120)
+    assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
+
+
+def _dtrag(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "cluster.cli.main", *args], env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _assert_listening_on_loopback_only(process: subprocess.Popen, dashboard_port: int) -> None:
+    """Every socket `dtrag up`'s Ray listens on, the job server's included, is on 127.0.0.1."""
+    listening = [(c.laddr.ip, c.laddr.port) for p in psutil.Process(process.pid).children(recursive=True)
+                 for c in _listening(p)]
+    assert ("127.0.0.1", dashboard_port) in listening
+    assert all(ip.removeprefix("::ffff:").startswith("127.") for ip, _ in listening), listening
+
+
+def _listening(process: psutil.Process) -> list:
+    with contextlib.suppress(psutil.Error):
+        return [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    return []
 
 
 def test_dtrag_up_starts_its_own_ray_beside_a_ray_start_cluster(ray_start_cluster, tmp_path: Path,
@@ -128,7 +184,8 @@ def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
         _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
         assert not any(map(alive, orphans))
         assert not any(map(alive, ray_processes))  # Ray's agents would hold the metrics port for minutes
-        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port())}
+        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()),
+                     "DTRAG_DASHBOARD_PORT": str(free_port())}
         third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
                                capture_output=True, timeout=120)
         assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
@@ -217,7 +274,7 @@ def _named(parent: subprocess.Popen, name: str) -> psutil.Process | None:
 
 def _up_env(state: Path, http_port: int) -> dict[str, str]:
     env = {**os.environ, "DTRAG_STATE_DIR": str(state), "DTRAG_HTTP_PORT": str(http_port),
-           "DTRAG_METRICS_PORT": str(free_port())}
+           "DTRAG_METRICS_PORT": str(free_port()), "DTRAG_DASHBOARD_PORT": str(free_port())}
     for name in ("DATABASE_URL", "RAY_ADDRESS"):
         env.pop(name, None)
     return env

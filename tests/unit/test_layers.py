@@ -25,6 +25,7 @@ RANKS: dict[str, int] = {
     "serve_app": 6,  # the Serve application
     "cluster.clients": 7,  # offline HTTP clients
     "cluster.cli": 8,  # the `dtrag` command
+    "cluster.jobs": 9,  # Ray job entrypoints (`dtrag jobs submit` names them, never imports them)
 }
 
 # Units that must run without Ray, a database or the web stack.

@@ -56,11 +56,17 @@ def test_environment_overrides_with_operator_names():
         ("DTRAG_ROLLOUT_PLAN", "/no/such/plan.yaml"),
         ("DTRAG_RETENTION_MAX_ROWS", "-1"),
         ("DTRAG_RETENTION_MAX_AGE_DAYS", "a month"),
+        ("DTRAG_DASHBOARD_PORT", "-1"),
     ],
 )
 def test_invalid_value_fails_naming_the_variable(variable, value):
     with pytest.raises(SettingsError, match=variable):
         load_settings(environ={variable: value})
+
+
+def test_dashboard_port_defaults_to_rays_and_zero_turns_it_off():
+    assert load_settings(environ={}).ray.dashboard_port == 8265
+    assert load_settings(environ={"DTRAG_DASHBOARD_PORT": "0"}).ray.dashboard_port == 0
 
 
 def test_env_file_is_read_and_real_environment_wins(tmp_path: Path):
