@@ -20,6 +20,7 @@ summary, never fatal: only a failure of the whole job (no dataset, no database) 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -67,6 +68,14 @@ def connect_ray(args: argparse.Namespace) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+
+
+def day(text: str) -> dt.datetime:
+    """A `--since`/`--until` argument: a UTC date, YYYY-MM-DD, as midnight UTC."""
+    try:
+        return dt.datetime.combine(dt.date.fromisoformat(text), dt.time(), dt.UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 def progress(total: int, what: str) -> tqdm:

@@ -52,18 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.data.retention import BATCH_ROWS, arrow_schema, write_parquet
-from cluster.jobs.common import main, progress
+from cluster.jobs.common import day, main, progress
 from cluster.platform.database import resolve_database_url
 from cluster.platform.settings import Settings
 
 _RANGE = "created_at >= coalesce($1::timestamptz, '-infinity') AND created_at < coalesce($2::timestamptz, 'infinity')"
-
-
-def _day(text: str) -> dt.datetime:
-    try:
-        return dt.datetime.combine(dt.date.fromisoformat(text), dt.time(), dt.UTC)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 async def export(url: str, out: Path, since: dt.datetime | None, until: dt.datetime | None,
@@ -105,8 +98,8 @@ async def export(url: str, out: Path, since: dt.datetime | None, until: dt.datet
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="a new or empty folder (default STATE_DIR/exports/experiences-TIME)")
-    parser.add_argument("--since", type=_day, help="first UTC date to export, YYYY-MM-DD (default: the oldest)")
-    parser.add_argument("--until", type=_day, help="UTC date to stop before, YYYY-MM-DD (default: none)")
+    parser.add_argument("--since", type=day, help="first UTC date to export, YYYY-MM-DD (default: the oldest)")
+    parser.add_argument("--until", type=day, help="UTC date to stop before, YYYY-MM-DD (default: none)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -18,9 +18,12 @@ from cluster.clients.train_plot import plot_cost_quality
 from cluster.clients.train_report import format_report, report_json
 from cluster.cli.main import main as dtrag
 from cluster.data.corpus import sample_corpus_dir
-from learners.candidate import encode, fit
+from cluster.jobs import ope as ope_job
+from cluster.jobs import train as train_job
+from cluster.jobs.common import parser as job_parser
+from cluster.jobs.export import export
+from learners.candidate import decode, encode, fit
 from learners.context import FEATURES
-from learners.learning_core import RewardedSearch
 from learners.off_policy import LoggedSearches, cross_fitted_rewards, evaluate
 
 pytestmark = pytest.mark.integration
@@ -39,6 +42,10 @@ async def service(live_settings, deployed):
     )
     async with deployed(settings, "learning-tests") as client:
         yield client
+
+
+def job_arguments(name: str, job, argv: list[str]):
+    return job_parser(name, None, job.add_arguments).parse_args(argv)
 
 
 async def search(client: httpx.AsyncClient, q: str = "how do vaccines work", **extra) -> dict:
@@ -222,18 +229,26 @@ async def test_off_policy_estimates_cover_a_policy_run_on_the_qrels_simulator(tr
         assert estimate.low <= truth <= estimate.high, (estimate, truth)
 
 
-async def test_a_candidate_is_judged_promoted_served_and_rolled_back(service, trained, live_settings, pool,
-                                                                     tmp_path, capsys, eventually):
-    """After `dtrag train` logged rewarded searches: fit a candidate on them offline, promote it, roll it back."""
-    rows = await pool.fetch(
-        "SELECT context, action, quality, coalesce(cost_cpu_ms, 0) AS cost, propensity, policy_version, "
-        "next_context, action_quality, action_costs, action_probabilities FROM experiences "
-        "WHERE reward IS NOT NULL AND context IS NOT NULL ORDER BY feedback_at")
+async def test_export_train_ope_then_promote_and_roll_back(service, trained, live_settings, tmp_path, capsys,
+                                                           eventually):
+    """After `dtrag train` logged rewarded searches: export them, fit a candidate on them offline, judge it
+    off-policy, promote it (judged again by the service), see it served, roll it back."""
+    await export(live_settings.database.url, tmp_path / "export", None, None)
     learning = live_settings.learning
-    candidate = fit("from-the-logs", "retrieval", [RewardedSearch.from_row(row) for row in rows], ACTIONS, FEATURES,
-                    ACTIONS.index("hybrid@0.5"), learning.core, learning.batch_size)
+    trained_job = train_job.run(job_arguments("train", train_job, [str(tmp_path / "export"), "--name", "from-the-logs",
+                                                                   "--out", str(tmp_path / "candidate.policy")]),
+                                live_settings)
+    assert trained_job["searches"] >= 20 and trained_job["path"] == str(tmp_path / "candidate.policy")
     path = tmp_path / "candidate.policy"
-    path.write_bytes(encode(candidate))
+    candidate = decode(path.read_bytes())
+    assert candidate.trained_on["searches"] == trained_job["searches"]
+    judged = ope_job.run(job_arguments("ope", ope_job, [str(tmp_path / "export"), "--candidate", str(path),
+                                                        "--fixed", "lexical", "--out", str(tmp_path / "ope")]),
+                         live_settings)
+    assert set(judged["estimates"]) == {"logged policy", "from-the-logs", "always lexical"}
+    assert set(judged["estimates"]["from-the-logs"]) == {"ips", "snips", "dr"}
+    assert (tmp_path / "ope" / "estimates.parquet").exists() and "| from-the-logs | dr |" in (
+        tmp_path / "ope" / "table.md").read_text()
     target = ["--url", str(service.base_url).rstrip("/"), "--api-key", service.headers["X-API-Key"]]
     key_id = service.headers["X-API-Key"].split("_")[1]
     replaced = (await service.get("/api/v1/admin/learning")).json()["model"]
