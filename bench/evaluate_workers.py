@@ -10,7 +10,7 @@ same queries, or the run fails.
 Needs a running service (`dtrag up`) holding the dataset's corpus; it joins that service's Ray
 when given its job server (run it as a job), else starts a private local Ray for the tasks.
 
-    .venv/bin/python bench/evaluate_workers.py ../shared/data/scifact [--repeats 3] [--no-actions]
+    .venv/bin/python bench/evaluate_workers.py $DATA/scifact [--repeats 3] [--no-actions]
 
 It writes the section "## Evaluation job: workers" of `bench/RESULTS.md`.
 """

@@ -11,7 +11,7 @@ after an uncounted warm-up, to three targets in turn, on the same machine and da
 The state folder must already hold an ingested collection. The script starts the embedded
 PostgreSQL, Ray, Serve and the uvicorn process itself, and stops them before it exits:
 
-    .venv/bin/python bench/load.py --state-dir /tmp/bench-state --dataset ../shared/data/scifact
+    .venv/bin/python bench/load.py --state-dir /tmp/bench-state --dataset $DATA/scifact
 
 Ray workers run at niceness 0 here (Ray's default is 15, uvicorn's 0), so both sides have the
 same CPU priority. It prints req/s and latency percentiles per target, writes a latency plot
