@@ -72,24 +72,56 @@ def test_ingest_reports_progress_and_bad_lines(fresh_database_url, monkeypatch, 
     assert "1 unchanged" in capsys.readouterr().out
 
 
-def test_dtrag_up_serves_search_and_ray_jobs_and_stops_cleanly(tmp_path: Path, http_port: int):
-    """The quick start as a user runs it: a fresh state folder, the sample corpus, a Ray job, Ctrl-C."""
+def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Path, http_port: int):
+    """`dtrag up` as users run it, in one story (each start costs a minute):
+
+    1. beside a cluster `ray start` recorded as the machine's latest (Ray's default would join
+       it), a fresh state folder: its own loopback-only Ray, the sample corpus, search, a Ray job;
+    2. `kill -9`: its PostgreSQL and Ray's agents are left running;
+    3. again on the same folder and ports: it stops what was left, serves the first run's corpus,
+       and a third run on the folder is refused; Ctrl-C stops everything it started.
+    The `ray start` cluster is untouched throughout.
+    """
+    gcs_port, ray_env, gcs, raylet = ray_start_cluster
     state = tmp_path / "state"
-    env = _up_env(state, http_port)
-    process = _start_up(env)
+    env = {**_up_env(state, http_port), "RAY_TMPDIR": ray_env["RAY_TMPDIR"]}
+    first = _start_up(env)
     try:
-        key, _ = _wait_for_key(process, deadline=time.monotonic() + 240)
+        key, _ = _wait_for_key(first, deadline=time.monotonic() + 240)
+        own = psutil.Process(first.pid).children(recursive=True)  # postgres is detached
+        assert "gcs_server" in [p.name() for p in own]
+        assert not any("ServeController" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
         _assert_search_works(http_port, key)
         _assert_ray_jobs_work(env, state, tmp_path)
-        _assert_listening_on_loopback_only(process, int(env["DTRAG_DASHBOARD_PORT"]))
+        _assert_listening_on_loopback_only(first, int(env["DTRAG_DASHBOARD_PORT"]))
     finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+        first.kill()
+        first.communicate(timeout=60)
+    orphans = _postgres_of(state)
+    assert orphans, "kill -9 should have left the embedded PostgreSQL running (nothing to test)"
+
+    second = _start_up(env)
+    try:
+        key, started = _wait_for_key(second, deadline=time.monotonic() + 240)
+        _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
+        assert not any(map(alive, orphans))
+        assert not any(map(alive, own))  # Ray's agents would hold the metrics port for minutes
+        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()),
+                     "DTRAG_DASHBOARD_PORT": str(free_port())}
+        third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
+                               capture_output=True, timeout=120)
+        assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
+    finally:
+        second.send_signal(signal.SIGINT)
+        output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, started + output
+    assert "left running by an earlier run" in started and "database is empty" not in started
     assert "shutting down" in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5)
     _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after Ctrl-C")
+    assert alive(gcs)
+    socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
 
 
 def _assert_ray_jobs_work(env: dict[str, str], state: Path, tmp_path: Path) -> None:
@@ -141,60 +173,6 @@ def _listening(process: psutil.Process) -> list:
     with contextlib.suppress(psutil.Error):
         return [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     return []
-
-
-def test_dtrag_up_starts_its_own_ray_beside_a_ray_start_cluster(ray_start_cluster, tmp_path: Path,
-                                                                http_port: int):
-    """Ray's default would join the cluster `ray start` recorded; `dtrag up` starts its own."""
-    gcs_port, ray_env, gcs, raylet = ray_start_cluster
-    state = tmp_path / "state"
-    process = _start_up({**_up_env(state, http_port), "RAY_TMPDIR": ray_env["RAY_TMPDIR"]})
-    try:
-        key, _ = _wait_for_key(process, deadline=time.monotonic() + 240)
-        own = [p.name() for p in psutil.Process(process.pid).children(recursive=True)]
-        assert "gcs_server" in own, own
-        assert not any("ServeController" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
-        _assert_search_works(http_port, key)
-    finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    assert alive(gcs)
-    socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
-
-
-def test_dtrag_up_after_kill_9_starts_cleanly(tmp_path: Path, http_port: int):
-    """A killed `dtrag up` leaves its PostgreSQL and Ray's agents; the next one on the folder stops
-    them and starts, on the same ports."""
-    state = tmp_path / "state"
-    env = _up_env(state, http_port)
-    first = _start_up(env)
-    try:
-        _wait_for_key(first, deadline=time.monotonic() + 240)
-        ray_processes = psutil.Process(first.pid).children(recursive=True)  # postgres is detached
-    finally:
-        first.kill()
-        first.communicate(timeout=60)
-    orphans = _postgres_of(state)
-    assert orphans, "kill -9 should have left the embedded PostgreSQL running (nothing to test)"
-
-    second = _start_up(env)
-    try:
-        key, started = _wait_for_key(second, deadline=time.monotonic() + 240)
-        _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
-        assert not any(map(alive, orphans))
-        assert not any(map(alive, ray_processes))  # Ray's agents would hold the metrics port for minutes
-        elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()),
-                     "DTRAG_DASHBOARD_PORT": str(free_port())}
-        third = subprocess.run([sys.executable, "-m", "cluster.cli.main", "up"], env=elsewhere, text=True,
-                               capture_output=True, timeout=120)
-        assert third.returncode == 1 and f"in use by dtrag up (pid {second.pid})" in third.stderr
-    finally:
-        second.send_signal(signal.SIGTERM)
-        output, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, started + output
-    assert "left running by an earlier run" in started and "database is empty" not in started
-    _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after SIGTERM")
 
 
 def test_dtrag_up_fails_fast_without_ray_and_stops_its_database(tmp_path: Path, http_port: int):
