@@ -3,8 +3,10 @@
 `record` never waits: it puts the experience on a bounded queue, or counts it as dropped when
 the queue is full. A background task writes batches with COPY. While the database is away it
 holds the batch and retries, so an outage loses no search answered before it (the queue bounds
-what waits); a batch the database refuses is logged and counted as dropped. Learning may lose
-data, but a search never fails for it.
+what waits). A batch the database refuses is written again row by row, skipping rows already
+there (a COPY that committed while its connection died is retried into duplicates), so only the
+rows it refuses themselves are logged and counted as dropped. Learning may lose data, but a
+search never fails for it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ServedSearch:
 
 
 COLUMNS = tuple(field.name for field in dataclasses.fields(ServedSearch))
+_INSERT_IF_NEW = (f"INSERT INTO experiences ({', '.join(COLUMNS)}) "
+                  f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))}) ON CONFLICT (search_id) DO NOTHING")
 
 
 class ExperienceLog:
@@ -97,6 +101,18 @@ class ExperienceLog:
                 await asyncio.sleep(retry_s)
                 retry_s = min(2 * retry_s, _MAX_RETRY_S)
             except Exception as error:  # refused rows, or anything else: the writer must outlive it
-                self.dropped += len(batch)
-                log.warning("experience batch dropped", extra={"size": len(batch), "error": repr(error)})
+                log.warning("experience batch refused; writing it row by row",
+                            extra={"size": len(batch), "error": repr(error)})
+                await self._write_each(records)
                 return
+
+    async def _write_each(self, records: list[tuple[object, ...]]) -> None:
+        """Insert rows one at a time, keeping any already stored; a row refused, or met by an outage
+        now, is dropped and counted (this path is rare: it must not hold the queue for long)."""
+        for record in records:
+            try:
+                async with unavailable_on_connection_errors("experience log"):
+                    await asyncio.wait_for(self._pool.execute(_INSERT_IF_NEW, *record), _WRITE_TIMEOUT_S)
+            except Exception as error:
+                self.dropped += 1
+                log.warning("experience dropped", extra={"search_id": record[0], "error": repr(error)})
