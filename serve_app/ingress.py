@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -153,13 +153,25 @@ class Ingress:
         except _ARM_UNAVAILABLE as error:
             raise _arm_unavailable(arm, error) from error
 
-    async def _within_deadline(self, arm: Arm, response: DeploymentResponse) -> Any:
-        """The arm's answer, or `DeadlineExceeded` (504) once the request deadline passes, with
-        the arm's work cancelled (its queries, its provider calls)."""
+    async def _within_deadline(self, arm: Arm, send: Callable[[], DeploymentResponse]) -> Any:
+        """The arm's answer to the request `send` makes, or `DeadlineExceeded` (504) once the
+        request deadline passes, with the arm's work cancelled (its queries, its provider calls).
+
+        A replica that dies with the request (killed, out of memory) is not the caller's problem:
+        the request is sent once more, and Serve routes it to a live replica if the arm has one.
+        """
         scope = asyncio.timeout(self._deadline_s)
+        response = send()
         try:
             async with scope:
-                return await self._from_arm(arm, response)
+                try:
+                    return await self._from_arm(arm, response)
+                except ArmUnavailable as error:
+                    if not isinstance(error.__cause__, RayActorError):
+                        raise
+                    log.warning("arm replica died with a request; sending it once more", extra={"arm": arm})
+                    response = send()
+                    return await self._from_arm(arm, response)
         except TimeoutError:
             if not scope.expired():  # the arm's own time-out, not ours
                 raise
@@ -170,7 +182,8 @@ class Ingress:
         arm = self._arm_for(principal, caller)
         started = time.perf_counter()
         try:
-            response = await self._within_deadline(arm, self._arms[arm].search.remote(request, caller.session_id))
+            response = await self._within_deadline(
+                arm, lambda: self._arms[arm].search.remote(request, caller.session_id))
         except Exception as error:  # a caller who went away cancels: no observation at all
             self._observe(arm, started, _arm_failed(error))
             raise
@@ -224,7 +237,7 @@ class Ingress:
                 self._control.observe.remote(batch)
 
     async def rank(self, request: RankRequest, principal: Principal) -> RankResponse:
-        return await self._within_deadline(Arm.CONTROL, self._arms[Arm.CONTROL].ranked.remote(request))
+        return await self._within_deadline(Arm.CONTROL, lambda: self._arms[Arm.CONTROL].ranked.remote(request))
 
     # -- learning --------------------------------------------------------------------------
     async def _rank_every_action(self, arm: str, query: str, depth: int) -> tuple[list[float], list[tuple[list[str], float]]]:

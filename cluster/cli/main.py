@@ -10,10 +10,9 @@ from cluster import __version__
 from cluster.cli import backup, db, jobs, service, up
 from cluster.clients.operate import OperationFailed
 from cluster.platform.errors import ServiceUnavailable
-from cluster.platform.log import configure_logging
 from cluster.platform.migrate import MigrationError
 from cluster.platform.runtime import loopback_only_environment
-from cluster.platform.settings import SettingsError, load_settings
+from cluster.platform.settings import SettingsError, settings_for_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,12 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     loopback_only_environment()  # before anything imports ray, which reads it at import
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings(args.env_file)
-    except SettingsError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+    settings = settings_for_command(args.env_file)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     try:
         return args.handler(args, settings)
     except (ServiceUnavailable, MigrationError, SettingsError, FileNotFoundError, ValueError,

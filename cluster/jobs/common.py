@@ -32,9 +32,8 @@ from typing import Any
 from tqdm import tqdm
 
 from cluster.platform.errors import ServiceUnavailable
-from cluster.platform.log import configure_logging
 from cluster.platform.runtime import loopback_only_environment
-from cluster.platform.settings import Settings, SettingsError, load_settings
+from cluster.platform.settings import Settings, settings_for_command
 
 loopback_only_environment()  # before anything imports ray
 
@@ -99,12 +98,9 @@ def main(job: str, description: str | None, add_arguments: AddArguments, run: Ru
          argv: list[str] | None = None) -> int:
     """Parse, load settings, run, print the summary; the exit code."""
     args = parser(job, description, add_arguments).parse_args(argv)
-    try:
-        settings = load_settings(args.env_file)
-    except SettingsError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+    settings = settings_for_command(args.env_file)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     try:
         fields = run(args, settings)
     except (ServiceUnavailable, FileNotFoundError, ValueError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from cluster.core.rollout import RolloutPlan, parse_plan
 from cluster.core.actions import RetrievalAction, retrieval_actions
 from cluster.core.vocabulary import Flag, FeatureFlags, Strategy, parse_strategy
+from cluster.platform.log import configure_logging
 from learners.learning_core import LearningConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -401,6 +403,18 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
     for part in path.split("."):
         node = node[part]
     return node
+
+
+def settings_for_command(env_file: Path | None) -> Settings | None:
+    """A command line's settings, with logging set up from them; None, said on stderr, when the
+    configuration is wrong (the caller exits 2)."""
+    try:
+        settings = load_settings(env_file)
+    except SettingsError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return None
+    configure_logging(settings.log_level)
+    return settings
 
 
 def load_settings(
