@@ -130,15 +130,16 @@ def kill_learning_actor(_: Settings, __: argparse.Namespace) -> dict[str, Any]:
     actor = learning_state()
     saved_version = ray.get(actor.checkpoint.remote())
     replay_at_checkpoint = ray.get(actor.stats.remote())["replay_size"]
+    killed_pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
     killed = time.monotonic()
     ray.kill(actor, no_restart=False)
     deadline = killed + RESTORE_TIMEOUT_S
     while time.monotonic() < deadline:
-        try:
-            stats = ray.get(actor.stats.remote(), timeout=5)
+        try:  # the kill takes effect asynchronously: the dying instance may answer a call or two
+            pid, stats = ray.get([actor.__ray_call__.remote(lambda _: os.getpid()), actor.stats.remote()], timeout=5)
         except (ray.exceptions.RayError, TimeoutError):
             continue
-        if stats["loaded"]:
+        if pid != killed_pid and stats["loaded"]:
             return {"saved_version": saved_version, "replay_at_checkpoint": replay_at_checkpoint,
                     "restored_from_version": stats["restored_from_version"],
                     "policy_version": stats["policy_version"], "replay_size": stats["replay_size"],
