@@ -32,7 +32,7 @@ import ray
 
 from cluster.actors.persistence import connection, in_background, retry_until_done
 from cluster.data.retention import RetentionPolicy, prune_experiences
-from cluster.platform.database import run_blocking
+from cluster.platform.database import run_blocking, unavailable_on_connection_errors
 from cluster.platform.errors import Refused, ServiceUnavailable
 from cluster.platform.metrics import LearningMetrics, report_memory_every
 from cluster.platform.settings import LearningSettings, PromotionSettings, RetentionSettings
@@ -340,7 +340,8 @@ class LearningState:
                                      [row["propensity"] for row in rows], rewards)
 
     async def _fetch(self, query: str, *arguments: Any) -> list[asyncpg.Record]:
-        async with connection(self._url) as conn:
+        async with (unavailable_on_connection_errors("judging or undoing a policy change"),
+                    connection(self._url) as conn):
             return await conn.fetch(query, *arguments)
 
     def _change(self, change: str, model_state: dict[str, Any], key_id: str, candidate: str | None,
@@ -360,11 +361,7 @@ class LearningState:
         checkpoint = _checkpoint_of(cores)
         record = (change, PROMOTED_HEAD, candidate, key_id, forced, head.model.version, previous_version,
                   None if judgement is None else json.dumps(judgement), replaced)
-        try:
-            change_id, at = run_blocking(self._record(record, checkpoint, undoes))
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            raise ServiceUnavailable(f"the policy {change} could not be recorded (the database is not "
-                                     "answering); nothing changed: retry when it is up") from error
+        change_id, at = run_blocking(self._record(record, checkpoint, undoes))  # a 503 when it cannot be
         with self._lock:
             self._cores = cores
             self._publish()
@@ -375,7 +372,8 @@ class LearningState:
                 "judgement": judgement}
 
     async def _record(self, record: tuple[Any, ...], checkpoint: _Checkpoint, undoes: int | None) -> tuple[int, Any]:
-        async with connection(self._url) as conn, conn.transaction():
+        async with (unavailable_on_connection_errors(f"recording the policy {record[0]} (nothing changed)"),
+                    connection(self._url) as conn, conn.transaction()):
             row = await conn.fetchrow(_RECORD_CHANGE, *record)
             if undoes is not None:
                 await conn.execute("UPDATE policy_changes SET undone_by = $1 WHERE id = $2", row["id"], undoes)

@@ -18,6 +18,7 @@ from cluster.clients.train_plot import plot_cost_quality
 from cluster.clients.train_report import format_report, report_json
 from cluster.cli.main import main as dtrag
 from cluster.data.corpus import sample_corpus_dir
+from cluster.platform.embedded import server_stopped
 from cluster.jobs import ope as ope_job
 from cluster.jobs import train as train_job
 from cluster.jobs.common import parser as job_parser
@@ -278,6 +279,17 @@ async def test_export_train_ope_then_promote_and_roll_back(service, trained, liv
 
     assert await asyncio.to_thread(dtrag, ["policy", "rollback", *target]) == 1
     assert "no promotion to roll back" in capsys.readouterr().err
+    with server_stopped(live_settings.state_dir):  # a change that cannot be audited is not made
+        refused = await service.post("/api/v1/admin/policy/promote", params={"force": "true"},
+                                     content=path.read_bytes())
+    assert refused.status_code == 503 and "database unavailable" in refused.json()["message"], refused.text
+    assert refused.headers["retry-after"] and "Traceback" not in refused.text
+
+    async def latest_change() -> dict | None:  # the ingress's pool reconnects once the server is back
+        response = await service.get("/api/v1/admin/policy/history", params={"limit": 1})
+        return response.json()[0] if response.status_code == 200 else None
+
+    assert (await eventually(latest_change))["id"] == rollback["id"]
     assert await asyncio.to_thread(dtrag, ["policy", "history", *target]) == 0
     assert "from-the-logs" in capsys.readouterr().out
 
