@@ -133,6 +133,20 @@ class SumTree:
         return blocks * self.block_size + offsets
 
 
+def annealed_beta(beta0: float, beta_steps: int, num_sample_calls: int) -> float:
+    """Exponent of the importance weights: beta0 -> 1 linearly over beta_steps sample calls."""
+    return beta0 + (1.0 - beta0) * min(1.0, num_sample_calls / beta_steps)
+
+
+def importance_weights(priorities: np.ndarray, beta: float) -> np.ndarray:
+    """w_i = (N P(i))^-beta / max_j (N P(j))^-beta over one batch, shape (B,) -> (B,).
+
+    With P(i) = p_i / sum_k p_k this is (p_i / min_j p_j)^-beta: N and the sum cancel, provided
+    every p_i of the batch is divided by the same sum.
+    """
+    return (priorities / priorities.min()) ** -beta
+
+
 class Sample(NamedTuple):
     """A prioritized batch of B experiences."""
 
@@ -185,8 +199,17 @@ class PrioritizedReplayBuffer:
     @property
     def beta(self) -> float:
         """Exponent of the next sample's weights: beta0 -> 1 linearly over beta_steps calls."""
-        progress = min(1.0, self._num_sample_calls / self.beta_steps)
-        return self.beta0 + (1.0 - self.beta0) * progress
+        return annealed_beta(self.beta0, self.beta_steps, self._num_sample_calls)
+
+    @property
+    def priorities(self) -> np.ndarray:
+        """p_i of every slot, shape (capacity,), read-only; 0 for a slot never written."""
+        return self._tree.values
+
+    @property
+    def priority_mass(self) -> float:
+        """sum_i p_i: what a sharded draw weighs this buffer by."""
+        return self._tree.total
 
     @property
     def nbytes(self) -> int:
@@ -226,18 +249,29 @@ class PrioritizedReplayBuffer:
     def sample(self, batch_size: int) -> Sample:
         """Stratified draw: one uniform prefix sum in each of batch_size equal slices of the total.
 
-        Weights use (N P(i))^-beta / max_j (N P(j))^-beta = (p_i / min_j p_j)^-beta.
+        Weights are `importance_weights` of the drawn p_i.
         """
         if len(self) == 0:
             raise ValueError("cannot sample from an empty buffer")
         segment = self._tree.total / batch_size
         prefix = (np.arange(batch_size) + self._rng.random(batch_size)) * segment
         indices = self._tree.find_prefix_sum(prefix)
-        priorities = self._tree.values[indices]
-        weights = (priorities / priorities.min()) ** -self.beta
+        weights = importance_weights(self._tree.values[indices], self.beta)
         self._num_sample_calls += 1
         return Sample(indices, self._insertion_id[indices], weights,
                       {name: column[indices] for name, column in self._columns.items()})
+
+    def priorities_for(self, td_errors: ArrayLike) -> np.ndarray:
+        """p_i = (|delta_i| + eps)^alpha, shape (B,) -> (B,); ValueError unless all finite and > 0."""
+        td_errors = np.asarray(td_errors, np.float64)
+        priorities = (np.abs(td_errors) + self.eps) ** self.alpha
+        if not ((priorities > 0) & (priorities < np.inf)).all():  # also False for NaN
+            raise ValueError(
+                f"priorities (|td_error| + eps)^alpha must be finite and > 0: non-finite for "
+                f"td_errors {td_errors[~np.isfinite(priorities)].tolist()}, zero for td_errors "
+                f"{td_errors[priorities == 0].tolist()} (eps={self.eps}, alpha={self.alpha})"
+            )
+        return priorities
 
     def update_priorities(
         self, indices: ArrayLike, insertion_ids: ArrayLike, td_errors: ArrayLike
@@ -249,14 +283,7 @@ class PrioritizedReplayBuffer:
         ValueError, before anything is changed.
         """
         indices = np.asarray(indices, np.int64)
-        td_errors = np.asarray(td_errors, np.float64)
-        priorities = (np.abs(td_errors) + self.eps) ** self.alpha
-        if not ((priorities > 0) & (priorities < np.inf)).all():  # also False for NaN
-            raise ValueError(
-                f"priorities (|td_error| + eps)^alpha must be finite and > 0: non-finite for "
-                f"td_errors {td_errors[~np.isfinite(priorities)].tolist()}, zero for td_errors "
-                f"{td_errors[priorities == 0].tolist()} (eps={self.eps}, alpha={self.alpha})"
-            )
+        priorities = self.priorities_for(td_errors)
         current = self._insertion_id[indices] == np.asarray(insertion_ids, np.int64)
         if current.any():
             self._tree.update(indices[current], priorities[current])
