@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,31 +102,19 @@ def decode(blob: bytes) -> Candidate:
         raise CandidateError(f"candidate file lacks a field: {error}") from error
 
 
-def fit(name: str, head: str, searches: Iterable[RewardedSearch], actions: Sequence[str], features: Sequence[str],
+def fit(name: str, head: str, searches: Sequence[RewardedSearch], actions: Sequence[str], features: Sequence[str],
         default_action: int, config: LearningConfig, batch_size: int,
         trained_on: Mapping[str, Any] | None = None) -> Candidate:
     """Learn from `searches` (oldest first) as the service would, in arrival batches of `batch_size`."""
     core = LearningCore(actions, features, default_action, config)
-    rows = 0
-    for arrival in _batches(searches, batch_size):
-        core.add_searches(arrival)
-        rows += len(arrival)
+    for start in range(0, len(searches), batch_size):
+        core.add_searches(searches[start:start + batch_size])
         while (batch := core.sample(batch_size)) is not None:
             delta, td = compute_deltas(batch.snapshot, batch.transitions, batch.weights, batch.gamma)
             core.apply_update(delta, batch.indices, batch.insertion_ids, td)
     return Candidate(name, head, tuple(actions), tuple(features), core.model.state_dict(),
-                     {"searches": rows, **(trained_on or {})}, dt.datetime.now(dt.UTC).isoformat())
+                     {"searches": len(searches), **(trained_on or {})}, dt.datetime.now(dt.UTC).isoformat())
 
-
-def _batches(items: Iterable[RewardedSearch], size: int) -> Iterable[list[RewardedSearch]]:
-    batch: list[RewardedSearch] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @dataclasses.dataclass(frozen=True)
