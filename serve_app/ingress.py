@@ -266,13 +266,14 @@ class Ingress:
             action_quality=by_action(outcome.action_quality), action_rewards=by_action(outcome.action_rewards),
         )
 
-    async def _ask(self, *calls: Awaitable[Any]) -> list[Any]:
-        """Await actor calls with a timeout; an absent actor is a 503 that says it comes back."""
+    async def _ask(self, *calls: Awaitable[Any], timeout_s: float = _ACTOR_TIMEOUT_S, after: str = "") -> list[Any]:
+        """Await actor calls with a timeout; an absent actor is a 503 that says it comes back
+        (and `after`, what the caller should know about a call that may have run)."""
         try:
-            return await asyncio.wait_for(asyncio.gather(*calls), _ACTOR_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
         except (RayActorError, TimeoutError) as error:
             raise ActorUnavailable(
-                "a control actor is unavailable; it restarts by itself, retry shortly"
+                f"a control actor is unavailable; it restarts by itself, retry shortly{after}"
             ) from error
 
     async def learning(self) -> dict[str, Any]:
@@ -289,11 +290,9 @@ class Ingress:
 
     # -- policy promotion (admin scope) ------------------------------------------------------
     async def _change_policy(self, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(call, _POLICY_CHANGE_TIMEOUT_S)
-        except (RayActorError, TimeoutError) as error:
-            raise ServiceUnavailable("the learning actor is unavailable; it restarts by itself, retry shortly; "
-                                     "nothing was changed unless `dtrag policy history` lists it") from error
+        (change,) = await self._ask(call, timeout_s=_POLICY_CHANGE_TIMEOUT_S,
+                                    after="; nothing was changed unless `dtrag policy history` lists it")
+        return change
 
     async def promote_policy(self, candidate: bytes, principal: Principal, force: bool) -> dict[str, Any]:
         return await self._change_policy(self._learning.promote.remote(candidate, principal.key_id, force))
