@@ -248,17 +248,21 @@ async def test_a_lost_database_during_the_key_check_is_503_without_driver_text(c
     assert "ConnectionRefusedError" in line.detail
 
 
+async def answered_by_an_inner_layer(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Response:
+    """What a client gets through the edge when the layer inside it (Serve's proxy) answers itself."""
+    async def proxy(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=RequestContext(proxy)),
+                                 base_url="http://test") as client:
+        return await client.get("/")
+
+
 async def test_a_plain_text_error_from_an_inner_layer_becomes_json():
     """Serve's proxy answers some failures itself, in plain text."""
-
-    async def proxy(scope, receive, send):
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"1")]})
-        await send({"type": "http.response.body", "body": b"Service Unavailable: replica at 10.1.2.3"})
-
-    transport = httpx.ASGITransport(app=RequestContext(proxy))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        response = await client.get("/")
+    response = await answered_by_an_inner_layer(
+        503, b"Service Unavailable: replica at 10.1.2.3", [(b"content-type", b"text/plain"), (b"retry-after", b"1")])
     body = assert_error(response, 503, "service_unavailable")
     assert body["message"] == "the service is unavailable or overloaded; retry shortly"
     assert "10.1.2.3" not in response.text and response.headers["retry-after"] == "1"
@@ -322,13 +326,7 @@ async def test_every_503_says_when_to_retry(client, parts, failure, retry_after)
 
 
 async def test_a_503_from_serves_proxy_gains_a_retry_after():
-    async def proxy(scope, receive, send):
-        await send({"type": "http.response.start", "status": 503, "headers": []})
-        await send({"type": "http.response.body", "body": b"Service Unavailable"})
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=RequestContext(proxy)),
-                                 base_url="http://test") as client:
-        response = await client.get("/")
+    response = await answered_by_an_inner_layer(503, b"Service Unavailable", [])
     assert_error(response, 503, "service_unavailable")
     assert response.headers["retry-after"] == "1"
 
@@ -359,13 +357,7 @@ async def test_a_key_over_its_rate_is_429_with_retry_after_before_the_body_is_re
 
 
 async def test_a_nonstandard_status_gets_a_generic_body():
-    async def proxy(scope, receive, send):
-        await send({"type": "http.response.start", "status": 499, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=RequestContext(proxy)),
-                                 base_url="http://test") as client:
-        assert_error(await client.get("/"), 499, "http_error")
+    assert_error(await answered_by_an_inner_layer(499, b"", []), 499, "http_error")
 
 
 async def test_validation_errors_keep_their_fields_and_gain_the_id(client):
