@@ -22,13 +22,13 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 
 from learners import checkpoint as codec
 from learners.learning_core import LearningConfig, LearningCore, RewardedSearch
 from learners.off_policy import (
     Estimate,
     LoggedSearches,
+    bootstrap_rows,
     cross_fitted_rewards,
     dr_terms,
     effective_sample_size,
@@ -142,7 +142,7 @@ def judge(logs: LoggedSearches, candidate: ValueSnapshot, live: ValueSnapshot, m
     if len(logs) == 0:
         raise ValueError(f"no usable logged searches to judge on ({logs.refused} refused)")
     q = cross_fitted_rewards(logs, candidate.n_actions)
-    draws = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
+    draws = bootstrap_rows(logs, resamples, seed)
     pi = {"candidate": candidate.probabilities(logs.contexts), "live": live.probabilities(logs.contexts)}
     terms = {name: dr_terms(logs, target, q) for name, target in pi.items()}
     ess = {name: effective_sample_size(importance_weights(logs, target)) for name, target in pi.items()}

@@ -99,6 +99,12 @@ def dr_terms(logs: LoggedSearches, target: np.ndarray, rewards_model: np.ndarray
     return (target * q).sum(axis=1) + importance_weights(logs, target) * (logs.rewards - q[rows, logs.actions])
 
 
+def bootstrap_rows(logs: LoggedSearches, resamples: int, seed: int) -> np.ndarray:
+    """Row indices of `resamples` bootstrap resamples of the logs, shape (resamples, n): share them
+    between estimates so their intervals are paired."""
+    return np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
+
+
 def estimate(logs: LoggedSearches, name: str, terms: np.ndarray, draws: np.ndarray, ess: float) -> Estimate:
     """The mean of per-row `terms` with a percentile interval over bootstrap `draws` (resamples, n) of rows."""
     low, high = np.percentile(terms[draws].mean(axis=1), [2.5, 97.5])
@@ -112,7 +118,7 @@ def evaluate(logs: LoggedSearches, target: np.ndarray, rewards_model: np.ndarray
         raise ValueError(f"no usable logged rows ({logs.refused} refused for missing or zero propensities)")
     w = importance_weights(logs, target)  # (n,)
     ess = effective_sample_size(w)
-    draws = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
+    draws = bootstrap_rows(logs, resamples, seed)
     ips = w * logs.rewards
     out = {"ips": estimate(logs, "ips", ips, draws, ess)}
     if rewards_model is not None:

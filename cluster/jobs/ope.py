@@ -38,7 +38,7 @@ from cluster.jobs.logs import read_logs
 from cluster.platform.settings import Settings
 from learners.candidate import decode
 from learners.context import FEATURES
-from learners.off_policy import Estimate, LoggedSearches, cross_fitted_rewards, evaluate
+from learners.off_policy import Estimate, LoggedSearches, bootstrap_rows, cross_fitted_rewards, estimate, evaluate
 
 HEAD = "retrieval"
 LOGGED = "logged policy"
@@ -90,8 +90,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame([{"target": name, **vars(e)} for name, found in estimates.items() for e in found])
     table.to_parquet(out / "estimates.parquet", index=False)
-    (out / "table.md").write_text(_markdown(estimates, logs.skipped, logged))
-    print(_markdown(estimates, logs.skipped, logged), file=sys.stderr)
+    table_md = _markdown(estimates, logs.skipped, logged)
+    (out / "table.md").write_text(table_md)
+    print(table_md, file=sys.stderr)
     return {"rows": len(logged), "refused": sum(logs.skipped.values()), "refused_by_reason": dict(logs.skipped),
             "estimates": {name: {e.estimator: [round(e.value, 5), round(e.low, 5), round(e.high, 5),
                                                round(e.effective_sample_size, 1)] for e in found}
@@ -101,10 +102,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _logged_value(logs: LoggedSearches, seed: int, resamples: int = 2000) -> Estimate:
     """The mean reward the logging policy earned, with a bootstrap interval (on-policy: every row counts)."""
-    draws = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
-    low, high = np.percentile(logs.rewards[draws].mean(axis=1), [2.5, 97.5])
-    return Estimate("on-policy", float(logs.rewards.mean()), float(low), float(high), float(len(logs)),
-                    len(logs), logs.refused)
+    draws = bootstrap_rows(logs, resamples, seed)
+    return estimate(logs, "on-policy", logs.rewards, draws, float(len(logs)))
 
 
 def _markdown(estimates: dict[str, list[Estimate]], skipped: dict[str, int], logs: LoggedSearches) -> str:
