@@ -34,7 +34,7 @@ from cluster.actors.persistence import connection, in_background, retry_until_do
 from cluster.data.retention import RetentionPolicy, prune_experiences
 from cluster.platform.database import run_blocking, unavailable_on_connection_errors
 from cluster.platform.errors import Refused, ServiceUnavailable
-from cluster.platform.metrics import LearningMetrics, report_memory_every
+from cluster.platform.metrics import LearningMetrics, report_every, report_memory_every
 from cluster.platform.settings import LearningSettings, PromotionSettings, RetentionSettings
 from learners import candidate as candidates
 from learners import checkpoint as codec
@@ -168,7 +168,7 @@ class LearningState:
         self._restored_from: int | None = None
         self._metrics = LearningMetrics()
         report_memory_every("learning")
-        self._publish()
+        report_every("learning-gauges", self._publish_now)
         in_background("learning-load", self._load)
         if retention is not None and retention.interval_s > 0:
             policy = RetentionPolicy.from_settings(retention, settings.core.capacity)
@@ -208,7 +208,12 @@ class LearningState:
             self._publish()
         log.info("learning state loaded", extra={"restored_from_version": self._restored_from})
 
+    def _publish_now(self) -> None:
+        with self._lock:
+            self._publish()
+
     def _publish(self) -> None:
+        """Set the gauges; also on a timer (`report_every`), so they stay exported while unchanged."""
         policy = self._cores["retrieval"].model.snapshot()
         self._metrics.replay_buffer_size.set(sum(len(core.buffer) for core in self._cores.values()))
         self._metrics.context_model_active.set(float(policy.gate_open))

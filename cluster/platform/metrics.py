@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -16,7 +17,9 @@ LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 
 # The deployment kinds whose memory is alerted on, each with its own threshold (configs/alerts.yml).
 MEMORY_KINDS = ("ingress", "arm", "embedder", "learning")
-MEMORY_REPORT_INTERVAL_S = 15.0
+# Well inside RAY_WORKER_TIMEOUT_S (120 s): Ray's metrics agent drops every metric of a worker that
+# has reported nothing for that long, so a gauge whose value stands still must still be set again.
+REPORT_INTERVAL_S = 15.0
 
 
 class ProcessMemory:
@@ -41,16 +44,21 @@ class ProcessMemory:
         return megabytes
 
 
-def report_memory_every(kind: str, interval_s: float = MEMORY_REPORT_INTERVAL_S) -> ProcessMemory:
-    """Export this process's memory now and then every `interval_s` from a daemon thread."""
-    memory = ProcessMemory(kind)
+def report_every(name: str, report: Callable[[], object], interval_s: float = REPORT_INTERVAL_S) -> None:
+    """Call `report` now and then every `interval_s` from a daemon thread (see REPORT_INTERVAL_S)."""
 
     def loop() -> None:
         while True:
-            memory.report()
+            report()
             time.sleep(interval_s)
 
-    threading.Thread(target=loop, name=f"memory-{kind}", daemon=True).start()
+    threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+def report_memory_every(kind: str) -> ProcessMemory:
+    """Export this process's memory now and then every REPORT_INTERVAL_S."""
+    memory = ProcessMemory(kind)
+    report_every(f"memory-{kind}", memory.report)
     return memory
 
 
