@@ -146,6 +146,34 @@ def process_cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def process_role(process: psutil.Process) -> str:
+    """A readable name for a process of the cluster.
+
+    Ray titles its workers `ray::Class` or `ray::Class.method` while a call runs (`ray::IDLE`
+    between tasks), and a Serve replica `ray::ServeReplica:APP:DEPLOYMENT`: the method is dropped,
+    so one process keeps one name. The dashboard starts its modules through multiprocessing.
+    """
+    try:
+        cmdline = process.cmdline()
+        name = process.name()
+    except psutil.Error:
+        return "(exited)"
+    title = " ".join(cmdline) or name
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    if "postgres" in name:
+        return "postgres"
+    for known in ("gcs_server", "raylet", "log_monitor", "runtime_env_agent", "monitor.py",
+                  "multiprocessing.resource_tracker", "multiprocessing.forkserver", "dashboard/agent.py",
+                  "dashboard.py"):
+        if known in title:
+            return known
+    if cmdline[1:2] == ["-m"] and len(cmdline) > 2:
+        return cmdline[2]
+    script = next((Path(part).name for part in cmdline[1:3] if part.endswith(".py")), None)
+    return script or name
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores have spent busy so far.
 

@@ -50,6 +50,7 @@ from _harness import (  # noqa: E402
     machine_busy_seconds,
     prepare_database,
     process_cpu_seconds,
+    process_role,
     ray_serve,
     relative,
     replace_section,
@@ -79,20 +80,6 @@ class Measurement:
         return sum(self.by_role.values())
 
 
-def role(process: psutil.Process) -> str:
-    """A readable name: Ray sets worker titles to `ray::ActorClass` or `ray::IDLE`."""
-    try:
-        title = " ".join(process.cmdline()) or process.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "(exited)"
-    if title.startswith("ray::"):
-        return title.split()[0].split(".")[0]
-    for known in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env_agent", "monitor.py"):
-        if known in title:
-            return known
-    return process.name()
-
-
 def cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, float]:
     seconds = {}
     for process in processes:
@@ -115,7 +102,7 @@ def measure(seconds: float, label: str) -> Measurement:
     by_role: dict[str, float] = collections.defaultdict(float)
     for process in processes:
         if process.pid in before and process.pid in after:
-            by_role[role(process)] += 100 * (after[process.pid] - before[process.pid]) / seconds
+            by_role[process_role(process)] += 100 * (after[process.pid] - before[process.pid]) / seconds
     started = {p.pid for p in psutil.Process().children(recursive=True)} - set(before)
     return Measurement(dict(by_role), len(started), 100 * (machine_after - machine_before) / seconds)
 

@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 
-from _harness import BENCH, replace_section  # noqa: E402
+from _harness import BENCH, process_role, replace_section  # noqa: E402
 from cluster.platform.runtime import free_port, start_ray  # noqa: E402
 from cluster.platform.settings import load_settings  # noqa: E402
 
@@ -45,19 +45,6 @@ class Phase:
     listening: list[str]
 
 
-def _title(process: psutil.Process) -> str:
-    cmdline = process.cmdline()
-    if not cmdline:
-        return process.name()
-    if cmdline[0].startswith("ray::") or cmdline[0].startswith("ray-"):
-        return cmdline[0].split(" ")[0]
-    helper = next((part for part in ("resource_tracker", "forkserver") if f"multiprocessing.{part}" in " ".join(cmdline)), None)
-    if helper:  # the dashboard starts its modules through multiprocessing's fork server
-        return f"multiprocessing {helper}"
-    script = next((Path(part).name for part in cmdline[1:3] if part.endswith(".py")), None)
-    return script or Path(cmdline[0]).name
-
-
 def measure(settle_s: float) -> Phase:
     time.sleep(settle_s)
     rss: dict[str, float] = collections.defaultdict(float)
@@ -66,7 +53,7 @@ def measure(settle_s: float) -> Phase:
     listening = []
     for process in psutil.Process().children(recursive=True):
         try:
-            title = _title(process)
+            title = process_role(process)
             info = process.memory_full_info()
             sockets = process.net_connections(kind="inet")
         except psutil.Error:

@@ -6,7 +6,15 @@ after an uncounted warm-up, to three targets in turn, on the same machine and da
 
 1. `serve batched`: the Serve app with the default settings (the embedder batches queries);
 2. `serve unbatched`: the same app with `embedding.max_batch_size = 1`;
-3. `uvicorn`: `python -m serve_app.standalone`, one process, no Ray.
+3. `serve throughput-optimized`: the default app on a Ray started with Serve's
+   `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (gRPC between deployments, user code and router on the
+   replica's main loop, buffered request logs, frozen GC);
+4. `uvicorn`: `python -m serve_app.standalone`, one process, no Ray.
+
+Before a Serve target is measured, the learners must have run out of work (a restored replay
+gives them a backlog that would otherwise be counted as the cost of searches), and the CPU of
+every process is reported by role (proxy, ingress, arm, embedder, PostgreSQL, ...), so the
+table shows where a search's CPU goes.
 
 The state folder must already hold an ingested collection. The script starts the embedded
 PostgreSQL, Ray, Serve and the uvicorn process itself, and stops them before it exits:
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -48,6 +57,7 @@ from _harness import (
     deploy_app,
     machine_busy_seconds,
     process_cpu_seconds,
+    process_role,
     ray_serve,
     replace_section,
     revoke,
@@ -78,6 +88,7 @@ class LoadResult:
     seconds: float
     service_cpu_s: float  # CPU time of the serving processes and PostgreSQL during the run
     other_cpu_s: float  # CPU time of everything else on the machine, the load generator excluded
+    cpu_by_role: dict[str, float]  # the service's CPU seconds, by process role
 
     @property
     def requests_per_second(self) -> float:
@@ -121,6 +132,7 @@ class CpuSample:
     """Cumulative CPU seconds at one moment."""
 
     service: dict[int, float]  # per serving process: Ray or uvicorn, and PostgreSQL
+    roles: dict[int, str]  # per serving process
     own: float  # this process: the load generator (and the idle Ray driver)
     machine: float  # all cores, busy time
 
@@ -130,17 +142,23 @@ def sample_cpu(state_dir: Path) -> CpuSample:
     embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
     postmaster = psutil.Process(int((state_dir / "pgdata" / "postmaster.pid").read_text().split()[0]))
     service: dict[int, float] = {}
+    roles: dict[int, str] = {}
     for process in [*psutil.Process().children(recursive=True), postmaster, *postmaster.children()]:
         with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
             service[process.pid] = process_cpu_seconds(process)
-    return CpuSample(service, process_cpu_seconds(psutil.Process()), machine_busy_seconds())
+            roles[process.pid] = process_role(process)
+    return CpuSample(service, roles, process_cpu_seconds(psutil.Process()), machine_busy_seconds())
 
 
-def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float]:
-    """CPU seconds used between the samples: (by the serving processes, by all other work)."""
-    service = sum(seconds - before.service.get(pid, 0.0) for pid, seconds in after.service.items())
+def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float, dict[str, float]]:
+    """CPU seconds used between the samples: by the serving processes, by all other work, and the
+    first by role."""
+    by_role: collections.Counter[str] = collections.Counter()
+    for pid, seconds in after.service.items():
+        by_role[after.roles[pid]] += seconds - before.service.get(pid, 0.0)
+    service = sum(by_role.values())
     other = after.machine - before.machine - service - (after.own - before.own)
-    return service, max(other, 0.0)
+    return service, max(other, 0.0), dict(by_role)
 
 
 # --- the load generator ---------------------------------------------------------------------
@@ -269,6 +287,43 @@ def create_bench_key(url: str) -> str:
     return asyncio.run(_with_connection(url, action))
 
 
+def wait_until_learning_idle(poll_s: float = 3.0) -> None:
+    """Until the learners have nothing left to learn from: no head's sample count moves between polls.
+
+    A learner that finds nothing waits at most 2 s before asking again (`LearnerDriver`).
+    """
+    import ray
+
+    from cluster.actors.start import learning_state
+
+    actor = learning_state()
+
+    def sampled() -> dict[str, int]:
+        return {head: report["counters"]["sampled"] for head, report in ray.get(actor.model.remote()).items()}
+
+    last, current = None, sampled()
+    with tqdm(desc="learning backlog", unit="sample") as progress:
+        while current != last:
+            time.sleep(poll_s)
+            last, current = current, sampled()
+            progress.update(sum(current.values()) - sum(last.values()))
+
+
+@contextlib.contextmanager
+def ray_environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` in this process's environment, which the Ray it starts passes to every worker."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argparse.Namespace) -> list[LoadResult]:
     """uvicorn first (before Ray exists, so nothing else competes for the cores), then Serve."""
     args.plot.parent.mkdir(parents=True, exist_ok=True)
@@ -279,11 +334,17 @@ def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argp
     unbatched = dataclasses.replace(
         settings, embedding=dataclasses.replace(settings.embedding, max_batch_size=1)
     )
+    rays = (
+        ({}, (("serve batched", settings), ("serve unbatched", unbatched))),
+        ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, (("serve throughput-optimized", settings),)),
+    )
     serve_results = []
-    with ray_serve(settings) as url:
-        for target, target_settings in (("serve batched", settings), ("serve unbatched", unbatched)):
-            deploy_app(target_settings, url, HEALTH_TIMEOUT_S)
-            serve_results.append(asyncio.run(run_load(target, url, key, queries, args)))
+    for variables, targets in rays:
+        with ray_environment(variables), ray_serve(settings) as url:
+            for target, target_settings in targets:
+                deploy_app(target_settings, url, HEALTH_TIMEOUT_S)
+                wait_until_learning_idle()
+                serve_results.append(asyncio.run(run_load(target, url, key, queries, args)))
     return [*serve_results, uvicorn_result]
 
 
@@ -304,6 +365,24 @@ def format_table(results: Sequence[LoadResult], baseline: LoadResult) -> str:
             f"{r.percentile(50) / baseline.percentile(50):.2f} | "
             f"{r.service_cpu_ms_per_request:.0f} | {r.other_cpu_percent:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_cpu_by_role(results: Sequence[LoadResult], min_ms: float = 0.5) -> str:
+    """Server CPU ms per request by process role, one column per target; roles under `min_ms`
+    everywhere are summed into one row."""
+    per_request = [{role: 1000 * seconds / max(len(r.latencies_ms) + len(r.errors), 1)
+                    for role, seconds in r.cpu_by_role.items()} for r in results]
+    roles = sorted({role for costs in per_request for role in costs},
+                   key=lambda role: -max(costs.get(role, 0.0) for costs in per_request))
+    shown = [role for role in roles if max(costs.get(role, 0.0) for costs in per_request) >= min_ms]
+    lines = ["| process | " + " | ".join(r.target for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    for role in shown:
+        lines.append(f"| {role} | " + " | ".join(f"{costs.get(role, 0.0):.1f}" for costs in per_request) + " |")
+    rest = [sum(v for role, v in costs.items() if role not in shown) for costs in per_request]
+    lines.append("| everything else | " + " | ".join(f"{v:.1f}" for v in rest) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(costs.values()):.1f}" for costs in per_request) + " |")
     return "\n".join(lines)
 
 
@@ -335,7 +414,7 @@ def plot_latencies(results: Sequence[LoadResult], path: Path) -> None:
     plt.close(figure)
 
 
-def section_body(table: str, settings: Settings, args: argparse.Namespace) -> str:
+def section_body(table: str, cpu_table: str, settings: Settings, args: argparse.Namespace) -> str:
     command = shlex.join([".venv/bin/python", "bench/load.py", *sys.argv[1:]])
     embedding = settings.embedding
     return f"""
@@ -350,7 +429,9 @@ cycled from `{args.dataset}/queries.jsonl`) from {args.concurrency} closed-loop 
 {args.warmup} uncounted warm-up requests; client and servers on the same machine. Serve: one
 replica each of ingress, pipeline arm and embedder; batched = `max_batch_size`
 {embedding.max_batch_size}, `batch_wait_timeout_s` {embedding.batch_wait_timeout_s}; unbatched =
-`max_batch_size` 1; Ray workers at niceness {os.environ["RAY_worker_niceness"]} (Ray's default is 15).
+`max_batch_size` 1; throughput-optimized = batched on a Ray started with
+`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each Serve target is measured once the learners are idle.
+Ray workers at niceness {os.environ["RAY_worker_niceness"]} (Ray's default is 15).
 uvicorn: `python -m serve_app.standalone`, one process, niceness 0. Ratios are
 target / uvicorn. Server CPU: user + system time of the serving processes (all of Ray's, or the
 uvicorn process) and PostgreSQL, per request; largely independent of other load. Other work:
@@ -358,6 +439,11 @@ CPU time used meanwhile by every other process on the machine (the load generato
 a share of all cores; well above 0 means the cores were shared and the timings are pessimistic.
 
 {table}
+
+Server CPU per request (ms) by process; `ray::NAME` is a Ray worker (a Serve replica is
+`ServeReplica:APP:DEPLOYMENT`), the others are Ray's own processes and PostgreSQL:
+
+{cpu_table}
 
 Latency distributions: `{args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot}`.
 """
@@ -381,12 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(revoke(url, key))
 
     table = format_table(results, baseline=results[-1])
-    print(table)
+    cpu_table = format_cpu_by_role(results)
+    print(table, cpu_table, sep="\n\n")
     for r in results:
         for error in sorted(set(r.errors))[:5]:
             print(f"{r.target}: {r.errors.count(error)} x {error}", file=sys.stderr)
     plot_latencies(results, args.plot)
-    replace_section(args.results, SECTION, section_body(table, settings, args))
+    replace_section(args.results, SECTION, section_body(table, cpu_table, settings, args))
     print(f"wrote {args.plot} and the load section of {args.results}")
     return 1 if any(r.errors for r in results) else 0
 
