@@ -315,13 +315,19 @@ stays at its minimum. Replicas are Serve's running count, asked every second. Pr
 cluster used {other_share:.0%} of the cores during the ramp (an upper bound: replicas started during it
 count as outside); well above 0, the timings are pessimistic.
 
-![replicas, searches/s and p95 over time]({relative(args.plot)})
+Replicas, searches/s and p95 over time: `{relative(args.plot)}`.
 
 {phase_table(rows)}
 
 {check_lines}
 
 {fixed_table(fixed, args.fixed_seconds, busiest)}
+
+The busiest phase's figures include the time before the first added replicas ran: Serve averages
+each replica's ongoing requests over `look_back_period_s` (30 s by default) and then waits the
+upscale delay, and a new replica takes seconds to start. Extra replicas on one node share its
+cores, so here the cores, not the replica count, bound throughput (fixed 1 vs 2 control
+replicas); the added replicas pay on a cluster, where the Ray autoscaler gives them nodes.
 """
 
 
