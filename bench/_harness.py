@@ -272,9 +272,10 @@ class Judged:
 
 
 async def learning_load(url: str, key: str, clients: int, stop: asyncio.Event, outcomes: list[Outcome],
-                        judged: Judged, began: float, timeout_s: float = 60.0) -> None:
+                        judged: Judged, began: float, timeout_s: float = 60.0, feedback: bool = True) -> None:
     """`clients` closed-loop clients until `stop` (an asyncio.Event) is set: each searches a judged
-    query, and when that is answered, sends its judgements as feedback, so the policy learns.
+    query, and when that is answered, sends its judgements as feedback, so the policy learns
+    (with `feedback=False`, only the searches: a load on the search path alone).
 
     Every request lands in `outcomes` as it completes, so a caller can watch the load live;
     `began` is the `time.monotonic()` its `sent` times count from.
@@ -298,7 +299,7 @@ async def learning_load(url: str, key: str, clients: int, stop: asyncio.Event, o
             i = next(turns) % len(judged.queries)
             search = await timed("search", client, "/api/v1/search/", {"q": judged.queries[i], "final_topk": 10})
             outcomes.append(search)
-            if search.search_id:
+            if search.search_id and feedback:
                 outcomes.append(await timed("feedback", client, "/api/v1/feedback",
                                             {"search_id": search.search_id, "judgements": judged.judgements[i]}))
 

@@ -46,7 +46,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
-from ray import serve  # noqa: E402
 
 from _harness import (  # noqa: E402
     BENCH,
@@ -63,8 +62,11 @@ from _harness import (  # noqa: E402
     running_cluster,
 )
 from cluster.actors.start import learning_state  # noqa: E402
+from cluster.core.deployments import ARM_CONTROL, INGRESS  # noqa: E402
 from cluster.core.vocabulary import Arm  # noqa: E402
 from cluster.platform.embedded import server_stopped  # noqa: E402
+from cluster.platform.runtime import running_replicas  # noqa: E402
+from cluster.platform.serve_config import most_replicas  # noqa: E402
 from cluster.platform.settings import Settings  # noqa: E402
 from serve_app.app import APP_NAME  # noqa: E402
 
@@ -163,8 +165,7 @@ def kill_control_replica(_: Settings, __: argparse.Namespace) -> dict[str, Any]:
     deadline = killed + RESTORE_TIMEOUT_S
     while time.monotonic() < deadline:
         current = _control_replicas()
-        deployment = serve.status().applications[APP_NAME].deployments[f"arm_{Arm.CONTROL}"]
-        running = sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+        running = running_replicas(APP_NAME, (ARM_CONTROL,))[ARM_CONTROL]
         # Serve's status lags the kill by seconds: wait for the successor's name, then for it to run.
         if current - replicas and victim not in current and running == len(replicas):
             return {"replicas": len(replicas), "killed": victim.rsplit("#", 1)[1],
@@ -356,7 +357,7 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Result: **{'pass
 feedback), learning on (`FEATURE_EXPERIENCE_REPLAY=on FEATURE_SOFT_Q_BANDIT=on`), {args.before:.0f} s of load
 before the fault, {args.after:.0f} s after it ended; the fault window was {drill.fault[0]:.1f}-{drill.fault[1]:.1f} s.
 Request deadline: {f'{deadline:g} s' if deadline else 'none configured'}. Cluster: as `dtrag up` starts it
-({settings.serve.pipeline_replicas} control replica(s), {settings.serve.ingress_replicas} ingress).
+({most_replicas(settings, ARM_CONTROL)} control replica(s), {most_replicas(settings, INGRESS)} ingress).
 Fault details: `{drill.facts}`.
 
 {checks_table(drill)}
@@ -391,7 +392,7 @@ def run(args: argparse.Namespace) -> list[Drill]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     learning_on_environment()
-    # One replica per arm is `dtrag up`'s default; an arm survives losing one only with a second.
+    # An arm autoscales from one replica under `dtrag up`; it survives losing one only with a second, pinned.
     os.environ.setdefault("DTRAG_PIPELINE_REPLICAS", "2")
     drills = run(args)
     for drill in drills:

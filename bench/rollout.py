@@ -131,7 +131,8 @@ def bench_settings(state_dir: Path) -> Settings:
     settings = dataclasses.replace(
         base,
         ray=dataclasses.replace(base.ray, num_cpus=RAY_CPUS),
-        serve=dataclasses.replace(base.serve, ingress_replicas=REPLICAS, pipeline_replicas=REPLICAS),
+        serve=dataclasses.replace(base.serve, ingress_replicas=REPLICAS, pipeline_replicas=REPLICAS,
+                                  embedder_replicas=1),  # fixed, as RAY_CPUS counts it
         rollout=dataclasses.replace(base.rollout, treatment_replicas=REPLICAS),
     )
     return settings.with_database_url(resolve_database_url(None, state_dir))

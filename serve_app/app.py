@@ -10,9 +10,11 @@ from typing import Any
 from ray.serve import Application
 
 from cluster.actors.start import start_actors
-from cluster.core.vocabulary import ARMS, Arm
+from cluster.core.deployments import EMBEDDER, INGRESS
+from cluster.core.vocabulary import ARMS
 from cluster.platform.connection_budget import verify_connection_budget
 from cluster.platform.database import run_blocking
+from cluster.platform.serve_config import deployment_options
 from cluster.platform.settings import Settings, SettingsError, load_settings
 from serve_app.arm import PipelineArm
 from serve_app.embedder import Embedder
@@ -24,28 +26,28 @@ APP_NAME = "dtrag"
 def build_app(settings: Settings) -> Application:
     """Start the actors and bind the deployments; `settings.database.url` must point at a live database.
 
-    Needs a connected Ray (`cluster.platform.runtime.start_ray`), as `serve deploy` has.
+    Needs a connected Ray (`cluster.platform.runtime.start_ray`), as `serve deploy` has. Replicas
+    and resources come from the Serve config (`configs/serve.yaml`), as under `serve deploy`.
     """
     serve = settings.serve
     actors = start_actors(settings)
     health = {"health_check_period_s": serve.health_check_period_s,
               "health_check_timeout_s": serve.health_check_timeout_s}
     embedder = Embedder.options(
-        **health,
-        num_replicas=serve.embedder_replicas,
+        **health, **deployment_options(settings, EMBEDDER),
         max_ongoing_requests=2 * settings.embedding.max_batch_size,  # room to fill a batch
     ).bind(
         settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
     )
-    replicas = {Arm.CONTROL: serve.pipeline_replicas, Arm.TREATMENT: settings.rollout.treatment_replicas}
     arms = {
         arm: PipelineArm.options(
-            **health, name=f"arm_{arm}", num_replicas=replicas[arm], max_ongoing_requests=serve.max_ongoing_requests
+            **health, **deployment_options(settings, f"arm_{arm}"), name=f"arm_{arm}",
+            max_ongoing_requests=serve.max_ongoing_requests,
         ).bind(settings, embedder, arm, actors.rollout_control, actors.learning_state)
         for arm in ARMS
     }
     return Ingress.options(
-        **health, num_replicas=serve.ingress_replicas, max_ongoing_requests=serve.max_ongoing_requests
+        **health, **deployment_options(settings, INGRESS), max_ongoing_requests=serve.max_ongoing_requests
     ).bind(settings, arms, actors)
 
 

@@ -40,7 +40,7 @@ class InjectedFault(RuntimeError):
     """Raised on purpose (ENVIRONMENT=test only) so tests can watch the guard roll back."""
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment  # replicas and resources: configs/serve.yaml
 class PipelineArm:
     async def __init__(self, settings: Settings, embedder: DeploymentHandle, arm: Arm,
                        rollout_control: ActorHandle, learning_state: ActorHandle):

@@ -11,7 +11,7 @@ from cluster.platform.metrics import report_memory_every
 from serve_app.embedding import TextEmbedder
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment  # replicas and resources: configs/serve.yaml
 class Embedder:
     """Batches concurrent queries with `@serve.batch`: one forward pass serves many requests."""
 

@@ -98,7 +98,7 @@ def _arm_failed(error: Exception) -> bool:
     return not isinstance(error, _NOT_THE_ARMS_FAULT)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment  # replicas and resources: configs/serve.yaml
 @serve.ingress()
 class Ingress:
     async def __init__(self, settings: Settings, arms: dict[Arm, DeploymentHandle], actors: ClusterActors):

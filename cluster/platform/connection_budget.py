@@ -1,6 +1,7 @@
 """The database connections the whole service may hold at once, checked at start against the server.
 
-Every ingress and arm replica has a pool of up to `DB_POOL_SIZE + DB_MAX_OVERFLOW` connections;
+Every ingress and arm replica has a pool of up to `DB_POOL_SIZE + DB_MAX_OVERFLOW` connections,
+and an autoscaled deployment is counted at its `max_replicas` (what it may reach under load);
 the actors open short ones; an operator's command beside the running service (ingest, prune)
 has a pool of its own. Over the server's `max_connections`, the last ones to connect fail at
 random under load; so `dtrag up` and `serve deploy` refuse to start and name what to lower.
@@ -12,7 +13,9 @@ import dataclasses
 
 import asyncpg
 
+from cluster.core.deployments import ARM_CONTROL, ARM_TREATMENT, INGRESS
 from cluster.platform.database import DatabaseUnavailable, redact
+from cluster.platform.serve_config import most_replicas
 from cluster.platform.settings import Settings, SettingsError
 
 # LearningState: its load-then-checkpoint thread, its retention thread and an operator's reset,
@@ -38,8 +41,8 @@ class BudgetPart:
 def connection_budget(settings: Settings) -> list[BudgetPart]:
     """Each kind of process and the most connections it may hold at once."""
     pool = settings.database.pool_size + settings.database.max_overflow
-    ingress = settings.serve.ingress_replicas
-    arms = settings.serve.pipeline_replicas + settings.rollout.treatment_replicas
+    ingress = most_replicas(settings, INGRESS)
+    arms = most_replicas(settings, ARM_CONTROL) + most_replicas(settings, ARM_TREATMENT)
     return [
         BudgetPart(f"ingress {ingress} x {pool}", ingress * pool),
         BudgetPart(f"arms {arms} x {pool}", arms * pool),
@@ -56,16 +59,16 @@ def check_connection_budget(settings: Settings, max_connections: int, reserved: 
     if needed <= available:
         return needed
     database = settings.database
-    pooled_processes = settings.serve.ingress_replicas + settings.serve.pipeline_replicas \
-        + settings.rollout.treatment_replicas + 1
+    pooled_processes = sum(most_replicas(settings, name) for name in (INGRESS, ARM_CONTROL, ARM_TREATMENT)) + 1
     fitting_pool = (available - ACTOR_CONNECTIONS) // pooled_processes
     lower_pool = (f"lower DB_POOL_SIZE + DB_MAX_OVERFLOW (now {database.pool_size} + {database.max_overflow} "
                   f"per process) to at most {fitting_pool} in all, or " if fitting_pool >= 1 else "")
     raise ConnectionBudgetExceeded(
         f"the service may open {needed} database connections ({', '.join(p.what + ': ' + str(p.connections) for p in parts)}) "
         f"but the server accepts {available} (max_connections={max_connections}, {reserved} reserved); "
-        f"{lower_pool}run fewer replicas (DTRAG_INGRESS_REPLICAS, DTRAG_PIPELINE_REPLICAS, "
-        "DTRAG_TREATMENT_REPLICAS), or raise max_connections on the server"
+        f"{lower_pool}run fewer replicas (max_replicas of the arms in configs/serve.yaml, or a fixed "
+        "DTRAG_INGRESS_REPLICAS, DTRAG_PIPELINE_REPLICAS, DTRAG_TREATMENT_REPLICAS), or raise max_connections "
+        "on the server"
     )
 
 

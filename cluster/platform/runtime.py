@@ -271,3 +271,13 @@ def deploy(application, name: str) -> None:
     from ray import serve
 
     serve.run(application, name=name, route_prefix="/", logging_config=SERVE_LOGGING)
+
+
+def running_replicas(app: str, names: tuple[str, ...]) -> dict[str, int]:
+    """How many replicas of each named deployment of `app` Serve reports running now (under
+    autoscaling this moves, so callers that count replicas ask rather than read the settings)."""
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments
+    return {name: sum(n for state, n in deployments[name].replica_states.items() if str(state).endswith("RUNNING"))
+            for name in names}

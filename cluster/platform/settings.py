@@ -19,6 +19,7 @@ import yaml
 
 from cluster.core.rollout import RolloutPlan, parse_plan
 from cluster.core.actions import RetrievalAction, retrieval_actions
+from cluster.core.deployments import parse_deployments
 from cluster.core.vocabulary import Flag, FeatureFlags, Strategy, parse_strategy
 from cluster.platform.log import configure_logging
 from learners.learning_core import LearningConfig
@@ -62,7 +63,7 @@ class RaySettings:
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
     live_refresh_s: float
-    treatment_replicas: int
+    treatment_replicas: int | None  # None: as configs/serve.yaml says for arm_treatment
     plan: RolloutPlan
 
 
@@ -97,12 +98,14 @@ class EmbeddingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    pipeline_replicas: int
-    ingress_replicas: int
-    embedder_replicas: int
+    # A fixed count pins that deployment; None: as `deployments` says (autoscaled or fixed there).
+    pipeline_replicas: int | None
+    ingress_replicas: int | None
+    embedder_replicas: int | None
     max_ongoing_requests: int
     health_check_period_s: float  # how often Serve calls each replica's `check_health`
     health_check_timeout_s: float  # a check slower than this counts as failed (the replica restarts)
+    deployments: dict[str, dict[str, Any]]  # each deployment's replicas and resources (cluster.platform.serve_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +283,22 @@ def _rollout_plan(text: str) -> RolloutPlan:
         raise ValueError(f"not a rollout plan: {error!r}") from None
 
 
+def _serve_deployments(text: str) -> dict[str, dict[str, Any]]:
+    """The deployment options of the Serve config at the path `text`, or of the shipped
+    `configs/serve.yaml` for null."""
+    if text.strip() in ("", "null", "none"):
+        raw = resources.files("configs").joinpath("serve.yaml").read_text()
+    else:
+        path = Path(text.strip())
+        if not path.is_file():
+            raise ValueError(f"no such file {path}")
+        raw = path.read_text()
+    try:
+        return parse_deployments(yaml.safe_load(raw))
+    except yaml.YAMLError as error:
+        raise ValueError(f"not YAML: {error}") from None
+
+
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_optional(text: str) -> Any:
         return None if text.strip() in ("", "null", "none") else parse(text)
@@ -310,7 +329,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ray.metrics_port", "DTRAG_METRICS_PORT", _port),
     ("ray.dashboard_port", "DTRAG_DASHBOARD_PORT", _port_or_off),
     ("rollout.live_refresh_s", "DTRAG_LIVE_REFRESH_S", _positive_float),
-    ("rollout.treatment_replicas", "DTRAG_TREATMENT_REPLICAS", _positive_int),
+    ("rollout.treatment_replicas", "DTRAG_TREATMENT_REPLICAS", _optional(_positive_int)),
     ("rollout.plan", "DTRAG_ROLLOUT_PLAN", _rollout_plan),
     ("client.api_key", "DTRAG_API_KEY", _optional(_text)),
     ("retrieval.default_strategy", "DTRAG_DEFAULT_STRATEGY", lambda text: parse_strategy(text.strip())),
@@ -324,12 +343,13 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("embedding.batch_size", "DTRAG_EMBED_BATCH_SIZE", _positive_int),
     ("embedding.max_batch_size", "DTRAG_EMBED_MAX_BATCH", _positive_int),
     ("embedding.batch_wait_timeout_s", "DTRAG_EMBED_BATCH_WAIT_S", _non_negative_float),
-    ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _positive_int),
-    ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _positive_int),
-    ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _positive_int),
+    ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _optional(_positive_int)),
+    ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _optional(_positive_int)),
+    ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _optional(_positive_int)),
     ("serve.max_ongoing_requests", "DTRAG_MAX_ONGOING_REQUESTS", _positive_int),
     ("serve.health_check_period_s", "DTRAG_HEALTH_CHECK_PERIOD_S", _positive_float),
     ("serve.health_check_timeout_s", "DTRAG_HEALTH_CHECK_TIMEOUT_S", _positive_float),
+    ("serve.deployments", "DTRAG_SERVE_CONFIG", _serve_deployments),
     ("learning.capacity", "DTRAG_REPLAY_CAPACITY", _positive_int),
     ("learning.alpha", "DTRAG_REPLAY_ALPHA", _non_negative_float),
     ("learning.beta0", "DTRAG_REPLAY_BETA0", _unit_float),

@@ -18,8 +18,13 @@ def settings(**environ: str):
 def test_the_defaults_fit_postgresqls_default_of_100():
     defaults = settings()
     pool = defaults.database.pool_size + defaults.database.max_overflow  # 10
-    # 1 ingress, 2 arms (control, treatment), the actors, one command beside the service
-    assert check_connection_budget(defaults, max_connections=100, reserved=3) == 4 * pool + ACTOR_CONNECTIONS == 44
+    # 1 ingress, 2 autoscaled arms at their maximum of 3 each, the actors, one command beside the service
+    assert check_connection_budget(defaults, max_connections=100, reserved=3) == 8 * pool + ACTOR_CONNECTIONS == 84
+
+
+def test_an_autoscaled_arm_counts_at_its_maximum_and_a_fixed_count_replaces_it():
+    parts = {part.what: part.connections for part in connection_budget(settings(DTRAG_PIPELINE_REPLICAS="1"))}
+    assert parts["arms 4 x 10"] == 40  # control pinned to 1, treatment autoscaled up to 3
 
 
 def test_every_process_counts():
@@ -35,9 +40,9 @@ def test_the_old_services_pool_is_refused_naming_the_pool_size_that_fits():
     with pytest.raises(ConnectionBudgetExceeded) as refused:
         check_connection_budget(old, max_connections=100, reserved=3)
     message = str(refused.value)
-    assert "604 database connections" in message and "accepts 97" in message
-    # (97 - 4 actors) // 4 pooled processes = 23
-    assert "DB_POOL_SIZE + DB_MAX_OVERFLOW (now 50 + 100 per process) to at most 23" in message
+    assert "1204 database connections" in message and "accepts 97" in message
+    # (97 - 4 actors) // 8 pooled processes (1 ingress, 3 + 3 arms at their maximum, 1 command) = 11
+    assert "DB_POOL_SIZE + DB_MAX_OVERFLOW (now 50 + 100 per process) to at most 11" in message
     assert "max_connections" in message
 
 
@@ -50,6 +55,6 @@ def test_too_many_replicas_for_any_pool_name_the_replicas():
 
 def test_exactly_full_is_allowed():
     defaults = settings()
-    assert check_connection_budget(defaults, max_connections=47, reserved=3) == 44
+    assert check_connection_budget(defaults, max_connections=87, reserved=3) == 84
     with pytest.raises(ConnectionBudgetExceeded):
-        check_connection_budget(defaults, max_connections=46, reserved=3)
+        check_connection_budget(defaults, max_connections=86, reserved=3)
