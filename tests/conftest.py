@@ -54,6 +54,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         "DTRAG_METRICS_PORT": str(free_port()),
         "DTRAG_DASHBOARD_PORT": "0",  # no job server: the `dtrag up` tests cover it
         "ENVIRONMENT": "test",  # allows the rollout tests' fault injection
+        # One replica each, pinned: a test's burst must not start replicas the next test pays for.
+        # `dtrag up` in test_cli runs the autoscaled deployments of configs/serve.yaml.
+        "DTRAG_PIPELINE_REPLICAS": "1",
+        "DTRAG_TREATMENT_REPLICAS": "1",
+        "DTRAG_EMBEDDER_REPLICAS": "1",
     })
 
 
