@@ -455,6 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ray starts its workers at niceness 15; the uvicorn process runs at 0. Equal priority, so
     # neither side loses the cores to the load generator or to other work on the machine.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # One replica per deployment, as the table says (bench/autoscale.py measures more of them).
+    for pinned in ("DTRAG_PIPELINE_REPLICAS", "DTRAG_TREATMENT_REPLICAS", "DTRAG_EMBEDDER_REPLICAS"):
+        os.environ.setdefault(pinned, "1")
     queries = list(load_queries(args.dataset).values())
     base = load_settings()
     base = dataclasses.replace(base, http=dataclasses.replace(base.http, host="127.0.0.1", port=args.serve_port))
