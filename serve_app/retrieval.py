@@ -14,6 +14,7 @@ import asyncpg
 import numpy as np
 
 from cluster.platform.database import unavailable_on_connection_errors
+from cluster.platform.settings import RetrievalSettings
 from serve_app.fusion import Ranking
 
 _QUERY_TERMS = """
@@ -34,15 +35,7 @@ JOIN lexeme_stats l ON l.lexeme = q.lexeme
 JOIN postings p ON p.lexeme = q.lexeme
 CROSS JOIN corpus_stats s"""
 
-# The top k by BM25, each row also carrying the idf of every query term the corpus has: one
-# statement analyses the query once. No row means no term is in the corpus, so no idf either.
-_BM25_WITH_IDF = f"""{_QUERY_TERMS},
-ranked AS (
-    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-    GROUP BY p.doc_id
-    ORDER BY score DESC, p.doc_id
-    LIMIT $4
-)
+_RANKED_WITH_IDF = """
 SELECT r.doc_id, r.score, i.idf
 FROM ranked r
 CROSS JOIN (
@@ -52,6 +45,39 @@ CROSS JOIN (
     CROSS JOIN corpus_stats s
 ) i
 ORDER BY r.score DESC, r.doc_id"""
+
+# The top k by BM25, each row also carrying the idf of every query term the corpus has: one
+# statement analyses the query once. No row means no term is in the corpus, so no idf either.
+_BM25_WITH_IDF = f"""{_QUERY_TERMS},
+ranked AS (
+    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
+    GROUP BY p.doc_id
+    ORDER BY score DESC, p.doc_id
+    LIMIT $4
+){_RANKED_WITH_IDF}"""
+
+# Bounded: the candidates are the documents of each term's $5 highest-impact postings (all of a
+# term's postings when it has fewer), scored exactly over every query term. The cost is bounded
+# by the number of terms and $5, not by the collection; a document outside every term's top
+# postings is missed, which only a term with more than $5 postings (a low idf) can cause.
+_BOUNDED_BM25_WITH_IDF = f"""{_QUERY_TERMS},
+candidates AS (
+    SELECT array_agg(DISTINCT top.doc_id) AS ids
+    FROM query_terms q
+    CROSS JOIN LATERAL (
+        SELECT p.doc_id FROM postings p
+        WHERE p.lexeme = q.lexeme
+        ORDER BY p.impact DESC, p.doc_id
+        LIMIT $5
+    ) top
+),
+ranked AS (
+    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
+    WHERE p.doc_id = ANY((SELECT ids FROM candidates)::text[])
+    GROUP BY p.doc_id
+    ORDER BY score DESC, p.doc_id
+    LIMIT $4
+){_RANKED_WITH_IDF}"""
 
 _BM25_OF = f"""{_QUERY_TERMS}
 SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
@@ -79,17 +105,33 @@ class StoredDocument:
 class DocumentIndex:
     """Read side of the documents table: the two retrievers and document fetch."""
 
-    def __init__(self, pool: asyncpg.Pool, *, bm25_k1: float, bm25_b: float, ef_search: int):
+    def __init__(self, pool: asyncpg.Pool, *, bm25_k1: float, bm25_b: float, ef_search: int,
+                 postings_per_term: int = 0):
+        """`postings_per_term` bounds lexical search (see `lexical_with_idf`); 0 is exhaustive."""
         self._pool = pool
         self._k1 = bm25_k1
         self._b = bm25_b
         self._ef_search = ef_search
+        self._postings_per_term = postings_per_term
+
+    @classmethod
+    def configured(cls, pool: asyncpg.Pool, retrieval: RetrievalSettings) -> DocumentIndex:
+        return cls(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search,
+                   postings_per_term=retrieval.lexical_postings_per_term)
 
     async def lexical_with_idf(self, query: str, k: int) -> tuple[Ranking, list[float]]:
         """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
-        idf of each query term the corpus has."""
+        idf of each query term the corpus has.
+
+        Bounded (`postings_per_term` > 0), the candidates come from each term's highest-impact
+        postings and their scores are exact; exhaustive, every posting is read.
+        """
         async with unavailable_on_connection_errors("lexical retrieval"):
-            rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
+            if self._postings_per_term:
+                rows = await self._pool.fetch(_BOUNDED_BM25_WITH_IDF, query, self._k1, self._b, k,
+                                              self._postings_per_term)
+            else:
+                rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
         idf = [float(value) for value in rows[0]["idf"]] if rows else []
         return [(row["doc_id"], float(row["score"])) for row in rows], idf
 
