@@ -7,8 +7,10 @@ inverse document frequency and ranks noticeably worse on real collections.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 import numpy as np
@@ -56,28 +58,26 @@ ranked AS (
     LIMIT $4
 ){_RANKED_WITH_IDF}"""
 
-# Bounded: the candidates are the documents of each term's $5 highest-impact postings (all of a
-# term's postings when it has fewer), scored exactly over every query term. The cost is bounded
-# by the number of terms and $5, not by the collection; a document outside every term's top
-# postings is missed, which only a term with more than $5 postings (a low idf) can cause.
-_BOUNDED_BM25_WITH_IDF = f"""{_QUERY_TERMS},
-candidates AS (
-    SELECT array_agg(DISTINCT top.doc_id) AS ids
+# Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
+# term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part.
+_TOP_POSTINGS = f"""{_QUERY_TERMS},
+terms AS (
+    SELECT q.lexeme, q.qtf, ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf, s.avg_doc_len
     FROM query_terms q
-    CROSS JOIN LATERAL (
-        SELECT p.doc_id FROM postings p
-        WHERE p.lexeme = q.lexeme
-        ORDER BY p.impact DESC, p.doc_id
-        LIMIT $5
-    ) top
-),
-ranked AS (
-    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-    WHERE p.doc_id = ANY((SELECT ids FROM candidates)::text[])
-    GROUP BY p.doc_id
-    ORDER BY score DESC, p.doc_id
+    JOIN lexeme_stats l ON l.lexeme = q.lexeme
+    CROSS JOIN corpus_stats s
+)
+SELECT t.lexeme, t.idf, top.doc_id,
+       t.qtf * t.idf * top.tf * ($2::float8 + 1)
+       / (top.tf + $2::float8 * (1 - $3::float8 + $3::float8 * top.doc_len / greatest(t.avg_doc_len, 1e-9)))
+       AS weight
+FROM terms t
+CROSS JOIN LATERAL (
+    SELECT p.doc_id, p.tf, p.doc_len FROM postings p
+    WHERE p.lexeme = t.lexeme
+    ORDER BY p.impact DESC, p.doc_id
     LIMIT $4
-){_RANKED_WITH_IDF}"""
+) top"""
 
 _BM25_OF = f"""{_QUERY_TERMS}
 SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
@@ -96,10 +96,24 @@ _VECTORS_OF = "SELECT id, embedding FROM documents WHERE id = ANY($1::text[])"
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundedLexical:
+    ranking: Ranking
+    idf: list[float]  # of each query term the corpus has
+    exact: bool  # proven equal to exhaustive BM25's top k (given impacts in today's order)
+    rescored: int  # documents whose score needed postings beyond those read
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredDocument:
     id: str
     title: str
     text: str
+
+
+def _kth(scores: Iterable[float], k: int) -> float:
+    """The k-th largest score, or minus infinity when there are fewer."""
+    largest = heapq.nlargest(k, scores)
+    return largest[-1] if len(largest) == k else float("-inf")
 
 
 class DocumentIndex:
@@ -126,14 +140,58 @@ class DocumentIndex:
         Bounded (`postings_per_term` > 0), the candidates come from each term's highest-impact
         postings and their scores are exact; exhaustive, every posting is read.
         """
+        if self._postings_per_term:
+            bounded = await self.lexical_bounded(query, k)
+            return bounded.ranking, bounded.idf
         async with unavailable_on_connection_errors("lexical retrieval"):
-            if self._postings_per_term:
-                rows = await self._pool.fetch(_BOUNDED_BM25_WITH_IDF, query, self._k1, self._b, k,
-                                              self._postings_per_term)
-            else:
-                rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
+            rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
         idf = [float(value) for value in rows[0]["idf"]] if rows else []
         return [(row["doc_id"], float(row["score"])) for row in rows], idf
+
+    async def lexical_bounded(self, query: str, k: int) -> BoundedLexical:
+        """Top `k` by BM25 from at most `postings_per_term` postings per query term, highest impact
+        first (a threshold algorithm over impact-ordered lists).
+
+        A document's weight in a term whose list was cut is at most the last weight read there
+        (its threshold). A document read in some lists but not in every cut one is scored
+        exactly, best bound first (its partial score plus the thresholds of the lists it is
+        missing from), while that bound could reach the k-th exact score; the rest cannot enter
+        the top k. A document read in no list is missed: that is the approximation, and none
+        can be missed when the k-th score is at least the sum of all thresholds (`exact`).
+        """
+        async with unavailable_on_connection_errors("lexical retrieval"):
+            rows = await self._pool.fetch(_TOP_POSTINGS, query, self._k1, self._b, self._postings_per_term)
+        lists: dict[str, list[float]] = collections.defaultdict(list)
+        idf: dict[str, float] = {}
+        partial: dict[str, float] = collections.defaultdict(float)
+        seen: dict[str, set[str]] = collections.defaultdict(set)
+        for row in rows:
+            lexeme, doc_id, weight = row["lexeme"], row["doc_id"], float(row["weight"])
+            idf[lexeme] = float(row["idf"])
+            lists[lexeme].append(weight)
+            partial[doc_id] += weight
+            seen[doc_id].add(lexeme)
+        thresholds = {lexeme: min(weights) for lexeme, weights in lists.items()
+                      if len(weights) >= self._postings_per_term}
+        scores: dict[str, float] = {}  # exact
+        bounds: list[tuple[float, str]] = []  # the most an incompletely read document can score
+        for doc_id, score in partial.items():
+            missing = thresholds.keys() - seen[doc_id]
+            if missing:
+                bounds.append((score + sum(thresholds[t] for t in missing), doc_id))
+            else:
+                scores[doc_id] = score
+        bounds.sort(reverse=True)
+        rescored = 0
+        # Score the incompletely read documents exactly, most promising first, until none left
+        # could beat the k-th exact score.
+        while rescored < len(bounds) and bounds[rescored][0] >= _kth(scores.values(), k):
+            batch = [doc_id for _, doc_id in bounds[rescored:rescored + k]]
+            scores |= await self.lexical_scores(query, batch)
+            rescored += len(batch)
+        ranking = heapq.nsmallest(k, scores.items(), key=lambda item: (-item[1], item[0]))
+        return BoundedLexical(ranking, list(idf.values()), rescored=rescored,
+                              exact=not thresholds or _kth(scores.values(), k) >= sum(thresholds.values()))
 
     async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
         """BM25 of the given documents (absent: no query term, a real score of 0)."""

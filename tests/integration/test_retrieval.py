@@ -1,3 +1,4 @@
+import dataclasses
 import statistics
 
 import pytest
@@ -124,3 +125,53 @@ async def test_lexical_ranking_carries_the_idf_of_each_query_term_the_corpus_has
     assert ranking and len(expected) == 2  # the made-up term is not in the corpus
     assert sorted(idf) == pytest.approx(sorted(float(row["idf"]) for row in expected))
     assert await index.lexical_with_idf("zzqxjv", 5) == ([], [])
+
+
+def index_with_cutoff(pool, live_settings, cutoff: int) -> DocumentIndex:
+    return DocumentIndex.configured(pool, dataclasses.replace(live_settings.retrieval,
+                                                              lexical_postings_per_term=cutoff))
+
+
+async def test_bounded_lexical_equals_exhaustive_when_no_list_is_cut(pool, live_settings):
+    exhaustive = index_with_cutoff(pool, live_settings, 0)
+    bounded = index_with_cutoff(pool, live_settings, await pool.fetchval("SELECT count(*) FROM postings"))
+    for query in load_queries(sample_corpus_dir()).values():
+        expected, expected_idf = await exhaustive.lexical_with_idf(query, 20)
+        result = await bounded.lexical_bounded(query, 20)
+        assert result.exact and result.rescored == 0
+        assert [d for d, _ in result.ranking] == [d for d, _ in expected], query
+        assert [s for _, s in result.ranking] == pytest.approx([s for _, s in expected])
+        assert sorted(result.idf) == pytest.approx(sorted(expected_idf))
+
+
+async def test_bounded_lexical_scores_exactly_and_keeps_the_dominant_documents(pool, live_settings):
+    """With two postings per term, lists are cut: scores stay exact BM25, and when the threshold
+    proves it the top k is exhaustive BM25's."""
+    exhaustive = index_with_cutoff(pool, live_settings, 0)
+    bounded = index_with_cutoff(pool, live_settings, 2)
+    proven = rescored = 0
+    for query in load_queries(sample_corpus_dir()).values():
+        result = await bounded.lexical_bounded(query, 3)
+        exact_scores = await exhaustive.lexical_scores(query, [d for d, _ in result.ranking])
+        assert dict(result.ranking) == pytest.approx(exact_scores), query
+        assert [s for _, s in result.ranking] == sorted((s for _, s in result.ranking), reverse=True)
+        expected, _ = await exhaustive.lexical_with_idf(query, 3)
+        if result.exact:
+            proven += 1
+            assert [d for d, _ in result.ranking] == [d for d, _ in expected], query
+        else:  # whatever it kept scores no higher than the true top score
+            assert result.ranking[0][1] <= expected[0][1] + 1e-9
+        rescored += result.rescored
+    assert proven and rescored and proven < len(load_queries(sample_corpus_dir()))  # both cases met
+
+
+async def test_impacts_order_each_terms_postings_by_their_bm25_weight(pool, live_settings):
+    retrieval = live_settings.retrieval
+    out_of_order = await pool.fetchval(
+        """SELECT count(*) FROM (
+               SELECT weight, lag(weight) OVER (PARTITION BY lexeme ORDER BY impact DESC, doc_id) AS previous
+               FROM (SELECT p.lexeme, p.doc_id, p.impact,
+                            p.tf * ($1 + 1) / (p.tf + $1 * (1 - $2 + $2 * p.doc_len / s.avg_doc_len)) AS weight
+                     FROM postings p CROSS JOIN corpus_stats s) weights) ordered
+           WHERE weight > previous + 1e-6""", retrieval.bm25_k1, retrieval.bm25_b)
+    assert out_of_order == 0

@@ -12,5 +12,6 @@ FROM corpus_stats s;
 
 ALTER TABLE postings ALTER COLUMN impact SET NOT NULL;
 
--- doc_id as the last key column: ties (many postings share tf and length) cut deterministically.
-CREATE INDEX postings_impact_idx ON postings (lexeme, impact DESC, doc_id);
+-- doc_id as the last key column: ties (many postings share tf and length) cut deterministically;
+-- tf and doc_len included, so reading a term's top postings is an index-only scan.
+CREATE INDEX postings_impact_idx ON postings (lexeme, impact DESC, doc_id) INCLUDE (tf, doc_len);
