@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import numpy as np
@@ -79,9 +79,19 @@ CROSS JOIN LATERAL (
     LIMIT $4
 ) top"""
 
+# One primary-key lookup per (term, document), however long the terms' postings lists are (the
+# LIMIT keeps the planner from turning the lookups into a scan of each term's whole list).
 _BM25_OF = f"""{_QUERY_TERMS}
-SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-WHERE p.doc_id = ANY($4::text[])
+SELECT p.doc_id, {_BM25_SCORE} AS score
+FROM query_terms q
+JOIN lexeme_stats l ON l.lexeme = q.lexeme
+CROSS JOIN (SELECT DISTINCT unnest($4::text[])) AS c (doc_id)
+CROSS JOIN LATERAL (
+    SELECT p.doc_id, p.tf, p.doc_len FROM postings p
+    WHERE p.lexeme = q.lexeme AND p.doc_id = c.doc_id
+    LIMIT 1
+) p
+CROSS JOIN corpus_stats s
 GROUP BY p.doc_id"""
 
 _KNN = """
@@ -100,7 +110,7 @@ class BoundedLexical:
     ranking: Ranking
     idf: list[float]  # of each query term the corpus has
     exact: bool  # proven equal to exhaustive BM25's top k (given impacts in today's order)
-    rescored: int  # documents whose score needed postings beyond those read
+    rescored: int  # documents chosen whose exact score needed postings beyond those read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +118,6 @@ class StoredDocument:
     id: str
     title: str
     text: str
-
-
-def _kth(scores: Iterable[float], k: int) -> float:
-    """The k-th largest score, or minus infinity when there are fewer."""
-    largest = heapq.nlargest(k, scores)
-    return largest[-1] if len(largest) == k else float("-inf")
 
 
 class DocumentIndex:
@@ -150,14 +154,14 @@ class DocumentIndex:
 
     async def lexical_bounded(self, query: str, k: int) -> BoundedLexical:
         """Top `k` by BM25 from at most `postings_per_term` postings per query term, highest impact
-        first (a threshold algorithm over impact-ordered lists).
+        first: impact-ordered retrieval with early termination.
 
-        A document's weight in a term whose list was cut is at most the last weight read there
-        (its threshold). A document read in some lists but not in every cut one is scored
-        exactly, best bound first (its partial score plus the thresholds of the lists it is
-        missing from), while that bound could reach the k-th exact score; the rest cannot enter
-        the top k. A document read in no list is missed: that is the approximation, and none
-        can be missed when the k-th score is at least the sum of all thresholds (`exact`).
+        Documents are chosen by the sum of the weights read (a lower bound of their score) and
+        then scored exactly, so every score returned is the exhaustive one. The cost is bounded
+        by the number of query terms and the cutoff, whatever the collection size. A list is
+        cut only for a term with more postings than the cutoff, a common term of low idf; the
+        weight of any posting left unread is at most the last one read there (its threshold),
+        which proves the top k exact (`exact`) when no document left out could reach the k-th.
         """
         async with unavailable_on_connection_errors("lexical retrieval"):
             rows = await self._pool.fetch(_TOP_POSTINGS, query, self._k1, self._b, self._postings_per_term)
@@ -173,25 +177,20 @@ class DocumentIndex:
             seen[doc_id].add(lexeme)
         thresholds = {lexeme: min(weights) for lexeme, weights in lists.items()
                       if len(weights) >= self._postings_per_term}
-        scores: dict[str, float] = {}  # exact
-        bounds: list[tuple[float, str]] = []  # the most an incompletely read document can score
-        for doc_id, score in partial.items():
-            missing = thresholds.keys() - seen[doc_id]
-            if missing:
-                bounds.append((score + sum(thresholds[t] for t in missing), doc_id))
-            else:
-                scores[doc_id] = score
-        bounds.sort(reverse=True)
-        rescored = 0
-        # Score the incompletely read documents exactly, most promising first, until none left
-        # could beat the k-th exact score.
-        while rescored < len(bounds) and bounds[rescored][0] >= _kth(scores.values(), k):
-            batch = [doc_id for _, doc_id in bounds[rescored:rescored + k]]
-            scores |= await self.lexical_scores(query, batch)
-            rescored += len(batch)
-        ranking = heapq.nsmallest(k, scores.items(), key=lambda item: (-item[1], item[0]))
-        return BoundedLexical(ranking, list(idf.values()), rescored=rescored,
-                              exact=not thresholds or _kth(scores.values(), k) >= sum(thresholds.values()))
+        # The k best partial scores (sums of the weights read), as impact-ordered search ranks
+        # documents; those not read in every cut list are then scored exactly.
+        best = heapq.nsmallest(k, partial.items(), key=lambda item: (-item[1], item[0]))
+        incomplete = [doc_id for doc_id, _ in best if thresholds.keys() - seen[doc_id]]
+        scores = dict(best) | await self.lexical_scores(query, incomplete)
+        ranking = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        # The most any other document can score: a partly read one its partial score plus the
+        # thresholds of the lists it is missing from, one read in no list the sum of them all.
+        kept = set(scores)
+        others = [sum(thresholds.values()), *(
+            score + sum(thresholds[t] for t in thresholds.keys() - seen[doc_id])
+            for doc_id, score in partial.items() if doc_id not in kept)]
+        return BoundedLexical(ranking, list(idf.values()), rescored=len(incomplete),
+                              exact=not thresholds or len(ranking) == k and ranking[-1][1] >= max(others))
 
     async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
         """BM25 of the given documents (absent: no query term, a real score of 0)."""
