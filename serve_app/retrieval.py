@@ -37,7 +37,15 @@ JOIN lexeme_stats l ON l.lexeme = q.lexeme
 JOIN postings p ON p.lexeme = q.lexeme
 CROSS JOIN corpus_stats s"""
 
-_RANKED_WITH_IDF = """
+# The top k by BM25, each row also carrying the idf of every query term the corpus has: one
+# statement analyses the query once. No row means no term is in the corpus, so no idf either.
+_BM25_WITH_IDF = f"""{_QUERY_TERMS},
+ranked AS (
+    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
+    GROUP BY p.doc_id
+    ORDER BY score DESC, p.doc_id
+    LIMIT $4
+)
 SELECT r.doc_id, r.score, i.idf
 FROM ranked r
 CROSS JOIN (
@@ -47,16 +55,6 @@ CROSS JOIN (
     CROSS JOIN corpus_stats s
 ) i
 ORDER BY r.score DESC, r.doc_id"""
-
-# The top k by BM25, each row also carrying the idf of every query term the corpus has: one
-# statement analyses the query once. No row means no term is in the corpus, so no idf either.
-_BM25_WITH_IDF = f"""{_QUERY_TERMS},
-ranked AS (
-    SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-    GROUP BY p.doc_id
-    ORDER BY score DESC, p.doc_id
-    LIMIT $4
-){_RANKED_WITH_IDF}"""
 
 # Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
 # term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part.
