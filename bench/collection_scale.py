@@ -377,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(timings, args.plot, title)
     cutoff = settings.retrieval.lexical_postings_per_term
     body = f"""Command: `.venv/bin/python bench/collection_scale.py --dataset PATH/TO/{args.dataset.name} \
---sizes {' '.join(map(str, args.sizes))}` ({time.perf_counter() - started:.0f} s; load average
+--sizes {' '.join(map(str, args.sizes))} --queries {args.queries} --warmup {args.warmup}` \
+({time.perf_counter() - started:.0f} s; load average
 {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; 2 cores). Collections made by
 expanding {args.dataset.name} (each synthetic document: a real document with half its sentences swapped for
 those of another, so lengths, words and their Zipfian frequencies are the real ones; the vocabulary does not

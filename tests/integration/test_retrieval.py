@@ -21,8 +21,7 @@ CONFIG = ArmConfig(version=3, flags=FeatureFlags())
 @pytest.fixture
 async def pipeline(pool, embedder, live_settings):
     retrieval = live_settings.retrieval
-    index = DocumentIndex(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b,
-                          ef_search=retrieval.ef_search)
+    index = DocumentIndex.configured(pool, retrieval)  # as the service runs it: bounded BM25
 
     async def embed_query(query: str):
         vectors, cpu_ms = embedder.encode_with_cpu([query])
