@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,33 @@ async def migrated(url: str) -> None:
         await migrate(connection)
     finally:
         await connection.close()
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server's URL with another database name."""
+    base, _, query = url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+
+
+async def _admin(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextlib.contextmanager
+def scratch_database(url: str, prefix: str) -> Iterator[str]:
+    """A new, migrated database on the same server, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(url, f'CREATE DATABASE "{name}"'))
+    try:
+        scratch = with_database(url, name)
+        asyncio.run(migrated(scratch))
+        yield scratch
+    finally:
+        asyncio.run(_admin(url, f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def prepare_database(settings: Settings, key_name: str) -> str:

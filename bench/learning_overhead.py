@@ -36,7 +36,6 @@ loopback_only_environment()  # before anything imports ray, or Ray binds the mac
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import collections  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import itertools  # noqa: E402
@@ -44,8 +43,7 @@ import os  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -64,6 +62,7 @@ from _harness import (  # noqa: E402
     migrated,
     prepare_database,
     relative,
+    scratch_database,
     replace_section,
     revoke,
     wait_healthy,
@@ -139,36 +138,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# --- the database -----------------------------------------------------------------------------
-
-
-def with_database(url: str, name: str) -> str:
-    """The same server's URL with another database name."""
-    base, _, query = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-@contextlib.contextmanager
-def scratch_database(url: str) -> Iterator[str]:
-    """A new, migrated database on the same server, dropped afterwards; yields its URL."""
-    name = f"overhead_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(url, f'CREATE DATABASE "{name}"'))
-    try:
-        scratch = with_database(url, name)
-        asyncio.run(migrated(scratch))
-        yield scratch
-    finally:
-        asyncio.run(_admin(url, f'DROP DATABASE "{name}" WITH (FORCE)'))
-
-
 # --- memory of the learning actor -------------------------------------------------------------
 
 
@@ -221,7 +190,7 @@ def measure_memory(settings: Settings) -> MemoryResult:
     """RSS of a fresh `LearningState` before and after `MEMORY_EXPERIENCES` experiences."""
     assert settings.database.url
     experiences = synthetic_experiences(MEMORY_EXPERIENCES, len(settings.retrieval.actions))
-    with scratch_database(settings.database.url) as url:
+    with scratch_database(settings.database.url, "overhead") as url:
         actor = create_learning_state(url, settings)
         ray.get(actor.stats.remote())  # constructed and restored (from nothing)
         process = psutil.Process(learning_state_pid())

@@ -48,9 +48,7 @@ class PipelineArm:
         configure_logging(settings.log_level)
         self._pool = pool = await create_pool(settings.database.url, settings.database)
         retrieval, learning = settings.retrieval, settings.learning
-        index = DocumentIndex(
-            pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
-        )
+        index = DocumentIndex.configured(pool, retrieval)
 
         async def embed_query(query: str) -> tuple[np.ndarray, float]:
             return await embedder.embed.remote(query)

@@ -7,13 +7,16 @@ inverse document frequency and ranks noticeably worse on real collections.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import heapq
 from collections.abc import Sequence
 
 import asyncpg
 import numpy as np
 
 from cluster.platform.database import unavailable_on_connection_errors
+from cluster.platform.settings import RetrievalSettings
 from serve_app.fusion import Ranking
 
 _QUERY_TERMS = """
@@ -53,9 +56,40 @@ CROSS JOIN (
 ) i
 ORDER BY r.score DESC, r.doc_id"""
 
+# Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
+# term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part.
+_TOP_POSTINGS = f"""{_QUERY_TERMS},
+terms AS (
+    SELECT q.lexeme, q.qtf, ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf, s.avg_doc_len
+    FROM query_terms q
+    JOIN lexeme_stats l ON l.lexeme = q.lexeme
+    CROSS JOIN corpus_stats s
+)
+SELECT t.lexeme, t.idf, top.doc_id,
+       t.qtf * t.idf * top.tf * ($2::float8 + 1)
+       / (top.tf + $2::float8 * (1 - $3::float8 + $3::float8 * top.doc_len / greatest(t.avg_doc_len, 1e-9)))
+       AS weight
+FROM terms t
+CROSS JOIN LATERAL (
+    SELECT p.doc_id, p.tf, p.doc_len FROM postings p
+    WHERE p.lexeme = t.lexeme
+    ORDER BY p.impact DESC, p.doc_id
+    LIMIT $4
+) top"""
+
+# One primary-key lookup per (term, document), however long the terms' postings lists are (the
+# LIMIT keeps the planner from turning the lookups into a scan of each term's whole list).
 _BM25_OF = f"""{_QUERY_TERMS}
-SELECT p.doc_id, {_BM25_SCORE} AS score {_BM25_FROM}
-WHERE p.doc_id = ANY($4::text[])
+SELECT p.doc_id, {_BM25_SCORE} AS score
+FROM query_terms q
+JOIN lexeme_stats l ON l.lexeme = q.lexeme
+CROSS JOIN (SELECT DISTINCT unnest($4::text[])) AS c (doc_id)
+CROSS JOIN LATERAL (
+    SELECT p.doc_id, p.tf, p.doc_len FROM postings p
+    WHERE p.lexeme = q.lexeme AND p.doc_id = c.doc_id
+    LIMIT 1
+) p
+CROSS JOIN corpus_stats s
 GROUP BY p.doc_id"""
 
 _KNN = """
@@ -70,6 +104,14 @@ _VECTORS_OF = "SELECT id, embedding FROM documents WHERE id = ANY($1::text[])"
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundedLexical:
+    ranking: Ranking
+    idf: list[float]  # of each query term the corpus has
+    exact: bool  # proven equal to exhaustive BM25's top k (given impacts in today's order)
+    rescored: int  # documents chosen whose exact score needed postings beyond those read
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredDocument:
     id: str
     title: str
@@ -79,19 +121,74 @@ class StoredDocument:
 class DocumentIndex:
     """Read side of the documents table: the two retrievers and document fetch."""
 
-    def __init__(self, pool: asyncpg.Pool, *, bm25_k1: float, bm25_b: float, ef_search: int):
+    def __init__(self, pool: asyncpg.Pool, *, bm25_k1: float, bm25_b: float, ef_search: int,
+                 postings_per_term: int = 0):
+        """`postings_per_term` bounds lexical search (see `lexical_with_idf`); 0 is exhaustive."""
         self._pool = pool
         self._k1 = bm25_k1
         self._b = bm25_b
         self._ef_search = ef_search
+        self._postings_per_term = postings_per_term
+
+    @classmethod
+    def configured(cls, pool: asyncpg.Pool, retrieval: RetrievalSettings) -> DocumentIndex:
+        return cls(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search,
+                   postings_per_term=retrieval.lexical_postings_per_term)
 
     async def lexical_with_idf(self, query: str, k: int) -> tuple[Ranking, list[float]]:
         """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
-        idf of each query term the corpus has."""
+        idf of each query term the corpus has.
+
+        Bounded (`postings_per_term` > 0), the candidates come from each term's highest-impact
+        postings and their scores are exact; exhaustive, every posting is read.
+        """
+        if self._postings_per_term:
+            bounded = await self.lexical_bounded(query, k)
+            return bounded.ranking, bounded.idf
         async with unavailable_on_connection_errors("lexical retrieval"):
             rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
         idf = [float(value) for value in rows[0]["idf"]] if rows else []
         return [(row["doc_id"], float(row["score"])) for row in rows], idf
+
+    async def lexical_bounded(self, query: str, k: int) -> BoundedLexical:
+        """Top `k` by BM25 from at most `postings_per_term` postings per query term, highest impact
+        first: impact-ordered retrieval with early termination.
+
+        Documents are chosen by the sum of the weights read (a lower bound of their score) and
+        then scored exactly, so every score returned is the exhaustive one. The cost is bounded
+        by the number of query terms and the cutoff, whatever the collection size. A list is
+        cut only for a term with more postings than the cutoff, a common term of low idf; the
+        weight of any posting left unread is at most the last one read there (its threshold),
+        which proves the top k exact (`exact`) when no document left out could reach the k-th.
+        """
+        async with unavailable_on_connection_errors("lexical retrieval"):
+            rows = await self._pool.fetch(_TOP_POSTINGS, query, self._k1, self._b, self._postings_per_term)
+        lists: dict[str, list[float]] = collections.defaultdict(list)
+        idf: dict[str, float] = {}
+        partial: dict[str, float] = collections.defaultdict(float)
+        seen: dict[str, set[str]] = collections.defaultdict(set)
+        for row in rows:
+            lexeme, doc_id, weight = row["lexeme"], row["doc_id"], float(row["weight"])
+            idf[lexeme] = float(row["idf"])
+            lists[lexeme].append(weight)
+            partial[doc_id] += weight
+            seen[doc_id].add(lexeme)
+        thresholds = {lexeme: min(weights) for lexeme, weights in lists.items()
+                      if len(weights) >= self._postings_per_term}
+        # The k best partial scores (sums of the weights read), as impact-ordered search ranks
+        # documents; those not read in every cut list are then scored exactly.
+        best = heapq.nsmallest(k, partial.items(), key=lambda item: (-item[1], item[0]))
+        incomplete = [doc_id for doc_id, _ in best if thresholds.keys() - seen[doc_id]]
+        scores = dict(best) | await self.lexical_scores(query, incomplete)
+        ranking = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        # The most any other document can score: a partly read one its partial score plus the
+        # thresholds of the lists it is missing from, one read in no list the sum of them all.
+        kept = set(scores)
+        others = [sum(thresholds.values()), *(
+            score + sum(thresholds[t] for t in thresholds.keys() - seen[doc_id])
+            for doc_id, score in partial.items() if doc_id not in kept)]
+        return BoundedLexical(ranking, list(idf.values()), rescored=len(incomplete),
+                              exact=not thresholds or len(ranking) == k and ranking[-1][1] >= max(others))
 
     async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
         """BM25 of the given documents (absent: no query term, a real score of 0)."""

@@ -88,9 +88,7 @@ async def serve_standalone(settings: Settings) -> None:
 
     pool = await create_pool(settings.database.url, settings.database)
     retrieval = settings.retrieval
-    index = DocumentIndex(
-        pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b, ef_search=retrieval.ef_search
-    )
+    index = DocumentIndex.configured(pool, retrieval)
     app = create_api(
         LocalBackend(SearchPipeline(index, embed_query, retrieval, composer_from_settings(settings), ARM,
                                     answer_modes=settings.answers.modes),

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 
 from cluster.core.vocabulary import SCOPES
-from cluster.data.ingest import IngestReport, ingest
+from cluster.data.ingest import Bm25Shape, IngestReport, ingest
 from cluster.data.retention import RetentionPolicy, prunable_count, prune_experiences
 from cluster.platform.api_keys import create_key, list_keys, revoke_key
 from cluster.platform.database import (
@@ -67,6 +67,7 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
             return await ingest(
                 pool, path, lambda texts: _embedder().encode(texts, settings.embedding.batch_size),
                 show_progress=show_progress,
+                bm25=Bm25Shape(settings.retrieval.bm25_k1, settings.retrieval.bm25_b),
             )
     finally:
         await pool.close()

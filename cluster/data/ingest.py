@@ -82,11 +82,22 @@ UPDATE documents d SET doc_len = coalesce(
     (SELECT sum(coalesce(array_length(u.positions, 1), 1)) FROM unnest(d.tsv) u), 0)
 WHERE d.id = ANY($1::text[])"""
 
+# The impact (BM25's term-frequency part) orders postings for bounded lexical search
+# (`serve_app.retrieval`); it takes the collection's average length from the statistics, or
+# from the documents being written while the collection has none yet (its first ingestion).
 _POSTINGS = """
-INSERT INTO postings (lexeme, doc_id, tf, doc_len)
-SELECT u.lexeme, d.id, coalesce(array_length(u.positions, 1), 1), d.doc_len
-FROM documents d, unnest(d.tsv) u
-WHERE d.id = ANY($1::text[])"""
+WITH average AS (
+    SELECT coalesce((SELECT avg_doc_len FROM corpus_stats WHERE n_docs > 0),
+                    (SELECT avg(doc_len) FROM documents WHERE id = ANY($1::text[]))) AS doc_len
+)
+INSERT INTO postings (lexeme, doc_id, tf, doc_len, impact)
+SELECT t.lexeme, t.doc_id, t.tf, t.doc_len,
+       t.tf * ($2::float8 + 1)
+       / (t.tf + $2::float8 * (1 - $3::float8 + $3::float8 * t.doc_len / greatest(a.doc_len, 1e-9)))
+FROM (SELECT u.lexeme, d.id AS doc_id, coalesce(array_length(u.positions, 1), 1) AS tf, d.doc_len
+      FROM documents d, unnest(d.tsv) u
+      WHERE d.id = ANY($1::text[])) t
+CROSS JOIN average a"""
 
 
 # Unconditional, so it always takes the row's lock: a chunk ending while a refresh holds the
@@ -98,8 +109,28 @@ _MARK_DIRTY = "UPDATE statistics_state SET dirty = true"
 _REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, ValueError)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bm25Shape:
+    """The BM25 parameters the postings' impacts are computed with (`retrieval.bm25_k1`, `bm25_b`)."""
+    k1: float
+    b: float
+
+    @classmethod
+    def configured(cls) -> Bm25Shape:
+        from cluster.platform.settings import load_settings
+
+        retrieval = load_settings().retrieval
+        return cls(retrieval.bm25_k1, retrieval.bm25_b)
+
+
+async def add_postings(connection: asyncpg.Connection, ids: Sequence[str], bm25: Bm25Shape) -> None:
+    """Set the length and write the postings of stored documents that have none yet."""
+    await connection.execute(_DOC_LENGTHS, ids)
+    await connection.execute(_POSTINGS, ids, bm25.k1, bm25.b)
+
+
 async def _upsert(connection: asyncpg.Connection, documents: Sequence[Document],
-                  vectors: Sequence[np.ndarray]) -> int:
+                  vectors: Sequence[np.ndarray], bm25: Bm25Shape) -> int:
     """Write `documents` and their postings in one transaction; returns how many were new."""
     ids = [d.id for d in documents]
     async with connection.transaction():
@@ -110,15 +141,14 @@ async def _upsert(connection: asyncpg.Connection, documents: Sequence[Document],
                      for d, vector in zip(documents, vectors, strict=True)],
         )
         results = await connection.fetch(_UPSERT)
-        await connection.execute(_DOC_LENGTHS, ids)
         await connection.execute("DELETE FROM postings WHERE doc_id = ANY($1::text[])", ids)
-        await connection.execute(_POSTINGS, ids)
+        await add_postings(connection, ids, bm25)
         await connection.execute(_MARK_DIRTY)
     return sum(1 for row in results if row["inserted"])
 
 
 async def _write_chunk(connection: asyncpg.Connection, documents: Sequence[Document], embed: Embed,
-                       report: IngestReport) -> None:
+                       report: IngestReport, bm25: Bm25Shape) -> None:
     """Upsert the chunk's new and changed documents, adding the outcome to `report`."""
     stored = dict(await connection.fetch(
         "SELECT id, content_sha256 FROM documents WHERE id = ANY($1::text[])", [d.id for d in documents]))
@@ -128,12 +158,12 @@ async def _write_chunk(connection: asyncpg.Connection, documents: Sequence[Docum
         return
     vectors = embed([embedding_input(d) for d in changed])
     try:
-        written, inserted = len(changed), await _upsert(connection, changed, vectors)
+        written, inserted = len(changed), await _upsert(connection, changed, vectors, bm25)
     except _REFUSED:  # a value the checks while reading did not foresee: find it, keep the rest
         written = inserted = 0
         for document, vector in zip(changed, vectors, strict=True):
             try:
-                inserted += await _upsert(connection, [document], [vector])
+                inserted += await _upsert(connection, [document], [vector], bm25)
                 written += 1
             except _REFUSED as error:
                 report.errors.append(LineError(document.line, f"refused by PostgreSQL: {error}"))
@@ -180,11 +210,14 @@ async def ingest(
     *,
     chunk_size: int = 256,
     show_progress: bool = True,
+    bm25: Bm25Shape | None = None,
 ) -> IngestReport:
     """Load the collection at `path` into the documents table; bad records are skipped and reported.
 
+    `bm25` shapes the postings' impacts; by default the configured parameters.
     Raises only for what no record can fix: an unreadable file or an unreachable database.
     """
+    bm25 = bm25 or Bm25Shape.configured()
     source = corpus_file(path)
     report = IngestReport()
     started = time.perf_counter()
@@ -193,7 +226,7 @@ async def ingest(
         async with pool.acquire() as connection:
             for chunk in _chunks(read_documents(source), chunk_size, report, progress):
                 report.read += len(chunk)
-                await _write_chunk(connection, chunk, embed, report)
+                await _write_chunk(connection, chunk, embed, report, bm25)
             report.statistics_refreshed = await refresh_statistics(connection)
     report.errors.sort(key=lambda error: error.line)  # those found by PostgreSQL came later
     report.seconds = time.perf_counter() - started

@@ -77,6 +77,7 @@ class RetrievalSettings:
     fusion_grid: tuple[float, ...]  # the policy's fusion weights; fusion_weight is one of them
     bm25_k1: float
     bm25_b: float
+    lexical_postings_per_term: int  # 0: exhaustive BM25
 
     @property
     def actions(self) -> tuple[RetrievalAction, ...]:
@@ -340,6 +341,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("retrieval.fusion_grid", "DTRAG_FUSION_GRID", _weights),
     ("retrieval.bm25_k1", "DTRAG_BM25_K1", _non_negative_float),
     ("retrieval.bm25_b", "DTRAG_BM25_B", _unit_float),
+    ("retrieval.lexical_postings_per_term", "DTRAG_LEXICAL_POSTINGS_PER_TERM", _non_negative_int),
     ("embedding.batch_size", "DTRAG_EMBED_BATCH_SIZE", _positive_int),
     ("embedding.max_batch_size", "DTRAG_EMBED_MAX_BATCH", _positive_int),
     ("embedding.batch_wait_timeout_s", "DTRAG_EMBED_BATCH_WAIT_S", _non_negative_float),

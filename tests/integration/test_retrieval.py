@@ -1,3 +1,4 @@
+import dataclasses
 import statistics
 
 import pytest
@@ -20,8 +21,7 @@ CONFIG = ArmConfig(version=3, flags=FeatureFlags())
 @pytest.fixture
 async def pipeline(pool, embedder, live_settings):
     retrieval = live_settings.retrieval
-    index = DocumentIndex(pool, bm25_k1=retrieval.bm25_k1, bm25_b=retrieval.bm25_b,
-                          ef_search=retrieval.ef_search)
+    index = DocumentIndex.configured(pool, retrieval)  # as the service runs it: bounded BM25
 
     async def embed_query(query: str):
         vectors, cpu_ms = embedder.encode_with_cpu([query])
@@ -124,3 +124,65 @@ async def test_lexical_ranking_carries_the_idf_of_each_query_term_the_corpus_has
     assert ranking and len(expected) == 2  # the made-up term is not in the corpus
     assert sorted(idf) == pytest.approx(sorted(float(row["idf"]) for row in expected))
     assert await index.lexical_with_idf("zzqxjv", 5) == ([], [])
+
+
+def index_with_cutoff(pool, live_settings, cutoff: int) -> DocumentIndex:
+    return DocumentIndex.configured(pool, dataclasses.replace(live_settings.retrieval,
+                                                              lexical_postings_per_term=cutoff))
+
+
+async def test_bounded_lexical_equals_exhaustive_when_no_list_is_cut(pool, live_settings):
+    exhaustive = index_with_cutoff(pool, live_settings, 0)
+    bounded = index_with_cutoff(pool, live_settings, await pool.fetchval("SELECT count(*) FROM postings"))
+    for query in load_queries(sample_corpus_dir()).values():
+        expected, expected_idf = await exhaustive.lexical_with_idf(query, 20)
+        result = await bounded.lexical_bounded(query, 20)
+        assert result.exact and result.rescored == 0
+        assert [d for d, _ in result.ranking] == [d for d, _ in expected], query
+        assert [s for _, s in result.ranking] == pytest.approx([s for _, s in expected])
+        assert sorted(result.idf) == pytest.approx(sorted(expected_idf))
+
+
+async def test_bounded_lexical_scores_exactly_and_is_exact_where_proven(pool, live_settings):
+    """With two postings per term, lists are cut: scores stay exact BM25, and when the thresholds
+    prove it the top k is exhaustive BM25's."""
+    exhaustive = index_with_cutoff(pool, live_settings, 0)
+    bounded = index_with_cutoff(pool, live_settings, 2)
+    queries = load_queries(sample_corpus_dir()).values()
+    proven = rescored = 0
+    for query in queries:
+        result = await bounded.lexical_bounded(query, 3)
+        exact_scores = await exhaustive.lexical_scores(query, [d for d, _ in result.ranking])
+        assert dict(result.ranking) == pytest.approx(exact_scores), query
+        assert [s for _, s in result.ranking] == sorted((s for _, s in result.ranking), reverse=True)
+        if result.exact:
+            proven += 1
+            expected, _ = await exhaustive.lexical_with_idf(query, 3)
+            assert [d for d, _ in result.ranking] == [d for d, _ in expected], query
+        rescored += result.rescored
+    assert 0 < proven < len(queries) and rescored  # both cases met, and some lists were cut
+
+
+@pytest.mark.parametrize("term", ["learning", "network", "cell", "data"])
+async def test_bounded_lexical_keeps_a_terms_highest_weighted_documents(pool, live_settings, term):
+    """One term: its top postings by impact are its top documents by BM25, even with the list cut."""
+    exhaustive = index_with_cutoff(pool, live_settings, 0)
+    bounded = index_with_cutoff(pool, live_settings, 3)
+    postings = await pool.fetchval("""SELECT count(*) FROM postings
+                                      WHERE lexeme = (SELECT lexeme FROM unnest(to_tsvector('english', $1)))""", term)
+    assert postings > 3  # the list is cut
+    expected, _ = await exhaustive.lexical_with_idf(term, 3)
+    ranking, _ = await bounded.lexical_with_idf(term, 3)
+    assert [d for d, _ in ranking] == [d for d, _ in expected]
+
+
+async def test_impacts_order_each_terms_postings_by_their_bm25_weight(pool, live_settings):
+    retrieval = live_settings.retrieval
+    out_of_order = await pool.fetchval(
+        """SELECT count(*) FROM (
+               SELECT weight, lag(weight) OVER (PARTITION BY lexeme ORDER BY impact DESC, doc_id) AS previous
+               FROM (SELECT p.lexeme, p.doc_id, p.impact,
+                            p.tf * ($1 + 1) / (p.tf + $1 * (1 - $2 + $2 * p.doc_len / s.avg_doc_len)) AS weight
+                     FROM postings p CROSS JOIN corpus_stats s) weights) ordered
+           WHERE weight > previous + 1e-6""", retrieval.bm25_k1, retrieval.bm25_b)
+    assert out_of_order == 0
