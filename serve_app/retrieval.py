@@ -56,6 +56,10 @@ CROSS JOIN (
 ) i
 ORDER BY r.score DESC, r.doc_id"""
 
+# The longest postings list among the query's terms: nothing to cut when it fits the bound.
+_LONGEST_LIST = f"""{_QUERY_TERMS}
+SELECT coalesce(max(l.df), 0) FROM query_terms q JOIN lexeme_stats l ON l.lexeme = q.lexeme"""
+
 # Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
 # term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part.
 _TOP_POSTINGS = f"""{_QUERY_TERMS},
@@ -139,13 +143,15 @@ class DocumentIndex:
         """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
         idf of each query term the corpus has.
 
-        Bounded (`postings_per_term` > 0), the candidates come from each term's highest-impact
-        postings and their scores are exact; exhaustive, every posting is read.
+        Bounded (`postings_per_term` > 0) and a query term's postings longer than that, the
+        candidates come from each term's highest-impact postings and their scores are exact;
+        otherwise every posting is read.
         """
-        if self._postings_per_term:
-            bounded = await self.lexical_bounded(query, k)
-            return bounded.ranking, bounded.idf
         async with unavailable_on_connection_errors("lexical retrieval"):
+            # Where no list would be cut the two agree, and aggregating in SQL is the cheaper.
+            if self._postings_per_term and await self._pool.fetchval(_LONGEST_LIST, query) > self._postings_per_term:
+                bounded = await self.lexical_bounded(query, k)
+                return bounded.ranking, bounded.idf
             rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
         idf = [float(value) for value in rows[0]["idf"]] if rows else []
         return [(row["doc_id"], float(row["score"])) for row in rows], idf
