@@ -287,10 +287,11 @@ def create_bench_key(url: str) -> str:
     return asyncio.run(_with_connection(url, action))
 
 
-def wait_until_learning_idle(poll_s: float = 3.0) -> None:
+def wait_until_learning_idle(poll_s: float = 3.0) -> tuple[int, float]:
     """Until the learners have nothing left to learn from: no head's sample count moves between polls.
 
-    A learner that finds nothing waits at most 2 s before asking again (`LearnerDriver`).
+    A learner that finds nothing waits at most 2 s before asking again (`LearnerDriver`). Returns
+    the samples learned meanwhile and the seconds it took.
     """
     import ray
 
@@ -298,15 +299,17 @@ def wait_until_learning_idle(poll_s: float = 3.0) -> None:
 
     actor = learning_state()
 
-    def sampled() -> dict[str, int]:
-        return {head: report["counters"]["sampled"] for head, report in ray.get(actor.model.remote()).items()}
+    def sampled() -> int:
+        return sum(report["counters"]["sampled"] for report in ray.get(actor.model.remote()).values())
 
-    last, current = None, sampled()
+    started, first = time.perf_counter(), sampled()
+    last, current = None, first
     with tqdm(desc="learning backlog", unit="sample") as progress:
         while current != last:
             time.sleep(poll_s)
             last, current = current, sampled()
-            progress.update(sum(current.values()) - sum(last.values()))
+            progress.update(current - last)
+    return current - first, time.perf_counter() - started - poll_s  # the last poll saw no change
 
 
 @contextlib.contextmanager
@@ -343,7 +346,10 @@ def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argp
         with ray_environment(variables), ray_serve(settings) as url:
             for target, target_settings in targets:
                 deploy_app(target_settings, url, HEALTH_TIMEOUT_S)
-                wait_until_learning_idle()
+                samples, seconds = wait_until_learning_idle()
+                if samples:
+                    args.backlogs.append(f"{target}: {samples:,} samples in {seconds:.0f} s "
+                                         f"({samples / max(seconds, 1e-9):,.0f} samples/s)")
                 serve_results.append(asyncio.run(run_load(target, url, key, queries, args)))
     return [*serve_results, uvicorn_result]
 
@@ -445,12 +451,17 @@ Server CPU per request (ms) by process; `ray::NAME` is a Ray worker (a Serve rep
 
 {cpu_table}
 
+Learning backlogs drained before measuring (the learners' own pace: {settings.learning.learners} learners,
+batches of {settings.learning.batch_size}, replayed from the experiences the database holds):
+{"; ".join(args.backlogs) or "none"}.
+
 Latency distributions: `{args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot}`.
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.backlogs = []  # learning backlogs drained before a Serve target was measured
     loopback_only_environment()
     # Ray starts its workers at niceness 15; the uvicorn process runs at 0. Equal priority, so
     # neither side loses the cores to the load generator or to other work on the machine.
