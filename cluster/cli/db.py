@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import multiprocessing
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +72,20 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
             )
     finally:
         await pool.close()
+
+
+def ingest_in_child(settings: Settings, path: Path) -> IngestReport:
+    """`ingest_collection` in a process of its own, for a caller that lives on (`dtrag up`): the
+    embedding model it loads (torch and MiniLM, about 500 MiB) leaves with that process instead of
+    staying resident in the caller. The child ignores Ctrl-C, which is the caller's to handle; it
+    is stopped when the caller leaves this call, by an error or a signal."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the caller's state
+    with spawn.Pool(1, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as child:
+        return child.apply(_ingest, (settings, path))
+
+
+def _ingest(settings: Settings, path: Path) -> IngestReport:
+    return asyncio.run(ingest_collection(settings, path))
 
 
 def print_ingest_report(report: IngestReport) -> None:

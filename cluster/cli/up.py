@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_report
+from cluster.cli.db import apply_migrations, ingest_in_child, print_ingest_report
 from cluster.cli.demo_key import ensure_demo_key
 from cluster.data.corpus import sample_corpus_dir
 from cluster.data.ingest import document_count
@@ -37,8 +37,8 @@ async def _prepare(settings: Settings, load_sample: bool) -> str:
     finally:
         await pool.close()
     if empty and load_sample:
-        print(f"database is empty: loading the sample corpus ({sample_corpus_dir()})")
-        print_ingest_report(await ingest_collection(settings, sample_corpus_dir()))
+        print(f"database is empty: loading the sample corpus ({sample_corpus_dir()})", flush=True)
+        print_ingest_report(ingest_in_child(settings, sample_corpus_dir()))
     return await ensure_demo_key(settings)
 
 
