@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import dataclasses
 import functools
-import multiprocessing
-import signal
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,18 +74,20 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
         await pool.close()
 
 
-def ingest_in_child(settings: Settings, path: Path) -> IngestReport:
-    """`ingest_collection` in a process of its own, for a caller that lives on (`dtrag up`): the
+class IngestFailed(RuntimeError):
+    """`dtrag ingest`, run for another command, failed; it has said why on stderr."""
+
+
+def ingest_in_child(path: Path, database_url: str, env_file: Path | None) -> None:
+    """`dtrag ingest path` in a process of its own, for a caller that lives on (`dtrag up`): the
     embedding model it loads (torch and MiniLM, about 500 MiB) leaves with that process instead of
-    staying resident in the caller. The child ignores Ctrl-C, which is the caller's to handle; it
-    is stopped when the caller leaves this call, by an error or a signal."""
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the caller's state
-    with spawn.Pool(1, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as child:
-        return child.apply(_ingest, (settings, path))
-
-
-def _ingest(settings: Settings, path: Path) -> IngestReport:
-    return asyncio.run(ingest_collection(settings, path))
+    staying resident in the caller. It runs in a session of its own, so Ctrl-C reaches only the
+    caller, which stops it on the way out (`subprocess.run` kills it on any exception)."""
+    command = [sys.executable, "-m", "cluster.cli.main", *(["--env-file", str(env_file)] if env_file else []),
+               "ingest", str(path)]
+    result = subprocess.run(command, env={**os.environ, "DATABASE_URL": database_url}, start_new_session=True)
+    if result.returncode != 0:
+        raise IngestFailed(f"loading {path} failed (`dtrag ingest` exited with {result.returncode}; see above)")
 
 
 def print_ingest_report(report: IngestReport) -> None:
