@@ -214,6 +214,9 @@ def report(base: Snapshot, tuned: Snapshot, command: str, searches: int, settle_
         f"- RSS sum (counts shared pages once per process, so it overstates): {base.label} "
         f"{rss[base.label]:.2f} GiB, {tuned.label} {rss[tuned.label]:.2f} GiB: "
         f"{rss[tuned.label] / rss[base.label]:.2f}x.",
+        f"- Largest in {tuned.label} by PSS: " + ", ".join(
+            f"`{role}` {tuned.by_role[role].pss / MIB:.0f} MiB" for role in
+            sorted(tuned.by_role, key=lambda r: -tuned.by_role[r].pss)[:4]) + ".",
     ]
     return "\n".join(lines)
 

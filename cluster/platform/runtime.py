@@ -189,10 +189,6 @@ def start_ray(settings: RaySettings, address: str | None = None, state_dir: Path
                 require_token(ensure_auth_token(state_dir))
                 temp_dir = _private_temp_dir(state_dir)
             dashboard = settings.dashboard_port > 0
-            # glibc gives threads that allocate arenas of their own, up to 8 per core, and keeps
-            # freed memory in each; Ray's processes run dozens of threads. Two arenas saved about
-            # 100 MiB in the embedder replica alone (bench/memory.py). Ray's processes inherit it.
-            os.environ.setdefault("MALLOC_ARENA_MAX", "2")
             with _agent_http_on_a_free_port():
                 ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
                          dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port if dashboard else None,
