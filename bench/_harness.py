@@ -161,6 +161,8 @@ def process_role(process: psutil.Process) -> str:
     title = " ".join(cmdline) or name
     if title.startswith("ray::"):
         return title.split()[0].split(".")[0]
+    if title.startswith("ray-dashboard-"):  # a dashboard module: `ray-dashboard-JobHead-0`
+        return title.split()[0]
     if "postgres" in name:
         return "postgres"
     for known in ("gcs_server", "raylet", "log_monitor", "runtime_env_agent", "monitor.py",
@@ -346,7 +348,7 @@ def cluster_processes(state_dir: Path) -> dict[int, str]:
     roles = {psutil.Process().pid: "driver + load generator"}
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            roles[process.pid] = process_role(process)
+            roles[process.pid] = _role(process)
     postmaster = running_postmaster(pgdata_dir(state_dir))
     if postmaster is not None:
         roles[postmaster.pid] = "postgres"
@@ -355,19 +357,11 @@ def cluster_processes(state_dir: Path) -> dict[int, str]:
     return roles
 
 
-def process_role(process: psutil.Process) -> str:
-    """A cluster process by its role: a Ray worker by its title, without the method it runs
-    (`ray::ServeReplica:dtrag:arm_control` -> `arm_control`, `ray::IDLE`), a dashboard module
-    by its (`ray-dashboard-JobHead-0` -> `dashboard JobHead`), else its script or program."""
+def _role(process: psutil.Process) -> str:
     cmdline = process.cmdline()
     first = cmdline[0] if cmdline else process.name()
     if first.startswith("ray::"):  # a worker's title ends with the method it is running, if any
         return first.split()[0].removeprefix("ray::").removeprefix("ServeReplica:dtrag:").split(".")[0]
-    if first.startswith("ray-dashboard-"):
-        return "dashboard " + first.split()[0].removeprefix("ray-dashboard-").rsplit("-", 1)[0]
-    helper = next((part for part in ("resource_tracker", "forkserver") if f"multiprocessing.{part}" in " ".join(cmdline)), None)
-    if helper:  # the dashboard starts its modules through multiprocessing's fork server
-        return f"dashboard {helper}"
     script = next((Path(part).stem for part in cmdline[1:3] if part.endswith(".py")), None)
     return f"ray {script or Path(first).name}"
 
