@@ -189,6 +189,8 @@ def process_role(process: psutil.Process) -> str:
     title = " ".join(cmdline) or name
     if title.startswith("ray::"):
         return title.split()[0].split(".")[0]
+    if title.startswith("ray-dashboard-"):  # a dashboard module: `ray-dashboard-JobHead-0`
+        return title.split()[0]
     if "postgres" in name:
         return "postgres"
     for known in ("gcs_server", "raylet", "log_monitor", "runtime_env_agent", "monitor.py",

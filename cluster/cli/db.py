@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +73,22 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
             )
     finally:
         await pool.close()
+
+
+class IngestFailed(RuntimeError):
+    """`dtrag ingest`, run for another command, failed; it has said why on stderr."""
+
+
+def ingest_in_child(path: Path, database_url: str, env_file: Path | None) -> None:
+    """`dtrag ingest path` in a process of its own, for a caller that lives on (`dtrag up`): the
+    embedding model it loads (torch and MiniLM, about 500 MiB) leaves with that process instead of
+    staying resident in the caller. It runs in a session of its own, so Ctrl-C reaches only the
+    caller, which stops it on the way out (`subprocess.run` kills it on any exception)."""
+    command = [sys.executable, "-m", "cluster.cli.main", *(["--env-file", str(env_file)] if env_file else []),
+               "ingest", str(path)]
+    result = subprocess.run(command, env={**os.environ, "DATABASE_URL": database_url}, start_new_session=True)
+    if result.returncode != 0:
+        raise IngestFailed(f"loading {path} failed (`dtrag ingest` exited with {result.returncode}; see above)")
 
 
 def print_ingest_report(report: IngestReport) -> None:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, settings)
     except (ServiceUnavailable, MigrationError, SettingsError, FileNotFoundError, ValueError,
-            OperationFailed) as error:
+            OperationFailed, db.IngestFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

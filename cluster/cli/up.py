@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.cli.db import apply_migrations, ingest_collection, print_ingest_report
+from cluster.cli.db import apply_migrations, ingest_in_child
 from cluster.cli.demo_key import ensure_demo_key
 from cluster.data.corpus import sample_corpus_dir
 from cluster.data.ingest import document_count
@@ -25,9 +25,9 @@ from cluster.platform.embedded import owned_embedded
 from cluster.platform.settings import Settings
 
 
-async def _prepare(settings: Settings, load_sample: bool) -> str:
-    """Check the connection budget, migrate, load the sample corpus into an empty database, and
-    return the demo key."""
+async def _prepare(settings: Settings, load_sample: bool, env_file: Path | None) -> str:
+    """Check the connection budget, migrate, load the sample corpus into an empty database (with
+    `dtrag ingest`, `env_file` and this database), and return the demo key."""
     assert settings.database.url
     await verify_connection_budget(settings.database.url, settings)
     await apply_migrations(settings.database.url)
@@ -37,8 +37,8 @@ async def _prepare(settings: Settings, load_sample: bool) -> str:
     finally:
         await pool.close()
     if empty and load_sample:
-        print(f"database is empty: loading the sample corpus ({sample_corpus_dir()})")
-        print_ingest_report(await ingest_collection(settings, sample_corpus_dir()))
+        print(f"database is empty: loading the sample corpus ({sample_corpus_dir()})", flush=True)
+        ingest_in_child(sample_corpus_dir(), settings.database.url, env_file)
     return await ensure_demo_key(settings)
 
 
@@ -146,7 +146,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     serving = False
     try:
         with _database(settings) as live:
-            key = asyncio.run(_prepare(live, load_sample=not args.no_sample))
+            key = asyncio.run(_prepare(live, load_sample=not args.no_sample, env_file=args.env_file))
             print("starting Ray and the Serve application ...", flush=True)
             with _ray(live, address):
                 _stop_on_signals()  # ray.init installs its own SIGTERM handler

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 from cluster.platform.errors import ServiceUnavailable
 from cluster.platform.ray_token import ensure_auth_token, require_token
@@ -28,9 +33,16 @@ def bind_replica_grpc_to_node_ip() -> None:
     to that IP changes nothing for them, and on a local cluster (127.0.0.1) nothing listens off
     loopback. `start_ray` installs it as the job's worker setup hook (Ray ignores one given per
     actor), so it runs in every worker of a local cluster before a replica starts its servers.
+
+    It patches Serve's replica module when a worker imports it, not before: importing Serve
+    (with pandas, when installed) costs a worker about 65 MiB, which the workers that host no
+    replica (the learning actors, the learners) need not pay.
     """
+    patch_on_import("ray.serve._private.replica", _bind_to_node_ip)
+
+
+def _bind_to_node_ip(replica: ModuleType) -> None:
     import ray
-    from ray.serve._private import replica
 
     node_ip = ray.util.get_node_ip_address()
     host = f"[{node_ip}]" if ":" in node_ip else node_ip
@@ -40,6 +52,37 @@ def bind_replica_grpc_to_node_ip() -> None:
         return bind(server, address.replace("[::]", host, 1))
 
     replica.add_port_to_grpc_server = bind_to_node_ip
+
+
+def patch_on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run `patch` on module `name` once it is imported: now if it already is, else right after
+    its code runs (a finder first on `sys.meta_path` wraps its loader, then steps aside)."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+        return
+
+    class Loader(importlib.abc.Loader):
+        def __init__(self, inner: importlib.abc.Loader) -> None:
+            self._inner = inner
+
+        def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+            return self._inner.create_module(spec)
+
+        def exec_module(self, module: ModuleType) -> None:
+            self._inner.exec_module(module)
+            patch(module)
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname: str, path, target=None) -> importlib.machinery.ModuleSpec | None:
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            if spec is not None and spec.loader is not None:
+                spec.loader = Loader(spec.loader)
+            return spec
+
+    sys.meta_path.insert(0, Finder())
 
 
 _SETUP_HOOK = f"{__name__}.{bind_replica_grpc_to_node_ip.__name__}"

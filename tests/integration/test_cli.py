@@ -88,6 +88,7 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
     first = _start_up(env)
     try:
         key, _ = _wait_for_key(first, deadline=time.monotonic() + 240)
+        assert not _maps_torch(first.pid), "dtrag up kept the embedding model it loaded the sample corpus with"
         own = psutil.Process(first.pid).children(recursive=True)  # postgres is detached
         assert "gcs_server" in [p.name() for p in own]
         assert not any("ServeController" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
@@ -122,6 +123,11 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
     _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after Ctrl-C")
     assert alive(gcs)
     socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has torch's library mapped (the embedding model is loaded)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def _assert_ray_jobs_work(env: dict[str, str], state: Path, tmp_path: Path) -> None:
