@@ -147,6 +147,9 @@ def importance_weights(priorities: np.ndarray, beta: float) -> np.ndarray:
     return (priorities / priorities.min()) ** -beta
 
 
+EPS = 1e-6  # eps of p_i = (|delta_i| + eps)^alpha: an experience with a zero TD error is still drawn
+
+
 def priorities_for(td_errors: ArrayLike, alpha: float, eps: float) -> np.ndarray:
     """p_i = (|delta_i| + eps)^alpha, shape (B,) -> (B,); ValueError unless all finite and > 0."""
     td_errors = np.asarray(td_errors, np.float64)
@@ -183,7 +186,7 @@ class PrioritizedReplayBuffer:
         alpha: float,
         beta0: float,
         beta_steps: int,
-        eps: float = 1e-6,
+        eps: float = EPS,
         seed: int | None = None,
     ) -> None:
         if capacity < 1:

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from learners.replay import (Column, PrioritizedReplayBuffer, Sample, annealed_beta, importance_weights,
+from learners.replay import (EPS, Column, PrioritizedReplayBuffer, Sample, annealed_beta, importance_weights,
                             priorities_for)
 from learners.value_model import context_key
 
@@ -214,7 +214,7 @@ class ShardedReplay(ShardedSampler):
 
     @classmethod
     def create(cls, num_shards: int, capacity: int, columns: Mapping[str, Column], alpha: float,
-               beta0: float, beta_steps: int, eps: float = 1e-6, split: SplitFn = multinomial_split,
+               beta0: float, beta_steps: int, eps: float = EPS, split: SplitFn = multinomial_split,
                seed: int | None = None) -> ShardedReplay:
         """num_shards empty buffers of `capacity` slots each, with independent random streams."""
         seeds = np.random.SeedSequence(seed).generate_state(num_shards + 1).tolist()
