@@ -119,6 +119,9 @@ class ReplayShard:
     def _sizes(self) -> dict[str, int]:
         return {head: len(buffer) for head, buffer in self._buffers.items()}
 
+    def _masses(self) -> dict[str, float]:
+        return {head: buffer.priority_mass for head, buffer in self._buffers.items()}
+
     # -- what `RemoteShards` calls ----------------------------------------------------------
     def status(self, head: str) -> tuple[int, float, int]:
         """(size, priority mass, bytes); nothing to sample until the checkpoint is loaded."""
@@ -149,15 +152,17 @@ class ReplayShard:
             self._pending = [(h, batch) for h, batch in self._pending if h != head]
 
     # -- persistence ---------------------------------------------------------------------------
-    def checkpoint(self) -> dict[str, int]:
-        """Write every head's buffer now (the learning state calls this as it checkpoints); the sizes."""
+    def checkpoint(self) -> dict[str, dict[str, float]]:
+        """Write every head's buffer now (the learning state calls this as it checkpoints); per head
+        the size and priority mass written."""
         with self._lock:
             if not self._loaded:  # never overwrite a checkpoint not read yet with empty buffers
                 raise RuntimeError(f"replay shard {self._shard} is still loading its checkpoint")
             sizes = self._sizes()
+            written = {"sizes": sizes, "masses": self._masses()}
             blob = codec.encode({head: buffer.state_dict() for head, buffer in self._buffers.items()})
         run_blocking(self._save(sizes, blob))
-        return sizes
+        return written
 
     async def _save(self, sizes: Mapping[str, int], blob: bytes) -> None:
         async with connection(self._url) as conn:
@@ -177,7 +182,7 @@ class ReplayShard:
         with self._lock:
             return {"shard": self._shard, "node_id": ray.get_runtime_context().get_node_id(),
                     "loaded": self._loaded, "sizes": self._sizes(), "restored_sizes": self.restored_sizes,
-                    "masses": {head: buffer.priority_mass for head, buffer in self._buffers.items()}}
+                    "masses": self._masses()}
 
 
 class RemoteShards(ShardedSampler):
