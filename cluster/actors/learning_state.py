@@ -23,6 +23,7 @@ rewards recorded since.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -232,7 +233,8 @@ class LearningState:
     def _publish(self) -> None:
         """Set the gauges; also on a timer (`report_every`), so they stay exported while unchanged."""
         policy = self._cores["retrieval"].model.snapshot()
-        self._metrics.replay_buffer_size.set(sum(len(core.replay) for core in self._cores.values()))
+        with contextlib.suppress(ray.exceptions.RayError):  # a replay shard restarting: the gauge keeps its value
+            self._metrics.replay_buffer_size.set(sum(len(core.replay) for core in self._cores.values()))
         self._metrics.context_model_active.set(float(policy.gate_open))
         self._metrics.exploration_rate.set(policy.epsilon)
 
