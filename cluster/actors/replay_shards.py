@@ -71,7 +71,7 @@ class ReplayShard:
         self._lock = threading.Lock()  # the load thread swaps the buffers
         self._loaded = False
         self._pending: list[tuple[str, dict[str, np.ndarray]]] = []  # added before the load
-        self.restored_sizes: dict[str, int] | None = None
+        self._restored: dict[str, dict[str, float]] | None = None  # per head, sizes and masses as loaded
         report_memory_every("learning")
         in_background(f"{shard_name(shard)}-load", lambda: retry_until_done(
             f"loading replay shard {shard}", lambda: self._load(rollback=False)))
@@ -108,9 +108,9 @@ class ReplayShard:
             if not rollback:
                 for head, batch in pending:
                     self._buffers[head].add(batch)
-            self.restored_sizes = self._sizes()
-        log.info("replay shard loaded", extra={"shard": self._shard, "sizes": self.restored_sizes})
-        return self.restored_sizes
+            self._restored = {"sizes": self._sizes(), "masses": self._masses()}
+        log.info("replay shard loaded", extra={"shard": self._shard, **self._restored})
+        return self._restored["sizes"]
 
     async def _fetch(self) -> Any:
         async with connection(self._url) as conn:
@@ -181,8 +181,8 @@ class ReplayShard:
         """Where it runs and what it holds: for operators and the multi-node test."""
         with self._lock:
             return {"shard": self._shard, "node_id": ray.get_runtime_context().get_node_id(),
-                    "loaded": self._loaded, "sizes": self._sizes(), "restored_sizes": self.restored_sizes,
-                    "masses": self._masses()}
+                    "loaded": self._loaded, "sizes": self._sizes(), "masses": self._masses(),
+                    "restored": self._restored}
 
 
 class RemoteShards(ShardedSampler):

@@ -76,12 +76,12 @@ async def test_losing_a_node_restarts_its_shard_elsewhere_from_its_checkpoint_wh
     assert len(serving) >= 2 and spare not in serving  # replicas over the head and the serving node
 
     assert sum(d["sizes"]["retrieval"] for d in result["saved"].values()) == result["replay_size"]
-    for name, restored in result["restored"].items():
-        saved = result["saved"][name]
-        assert saved["node_id"] == spare and restored["node_id"] != spare
-        assert restored["restored_sizes"] == saved["sizes"] == restored["sizes"] and saved["sizes"]["retrieval"] > 0
+    for name, described in result["restored"].items():
+        saved, restored = result["saved"][name], described["restored"]  # as loaded: learners go on changing it
+        assert saved["node_id"] == spare and described["node_id"] != spare
+        assert restored["sizes"] == saved["sizes"] and saved["sizes"]["retrieval"] > 0
         assert restored["masses"] == pytest.approx(saved["masses"], rel=1e-12)
-        assert result["placement_after"][name] == restored["node_id"]
+        assert result["placement_after"][name] == described["node_id"]
 
     statuses = result["statuses"]
     assert result["removed_at"] >= 5 and len(statuses) >= result["restored_at"] + 5  # before, during and after
