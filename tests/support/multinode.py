@@ -168,6 +168,7 @@ def exercise(settings: Settings, spare_node: str, remove_spare: Callable[[], Non
     loop = SearchLoop(client, queries)
     wait_for("searches answered before the node goes", lambda: len(loop.statuses) >= 5)
     removed_at = len(loop.statuses)
+    started = time.monotonic()
     remove_spare()
 
     def back(name: str) -> dict[str, Any] | None:
@@ -175,6 +176,7 @@ def exercise(settings: Settings, spare_node: str, remove_spare: Callable[[], Non
         return d if d["loaded"] and d["node_id"] != spare_node else None
 
     restored = {name: wait_for(f"{name} restarted on another node", lambda name=name: back(name)) for name in lost}
+    restore_s = time.monotonic() - started
     after_restore = len(loop.statuses)
     wait_for("searches answered after the restore", lambda: len(loop.statuses) >= after_restore + 5)
     statuses = loop.stop()
@@ -187,6 +189,7 @@ def exercise(settings: Settings, spare_node: str, remove_spare: Callable[[], Non
         "statuses": statuses,
         "removed_at": removed_at,
         "restored_at": after_restore,
+        "restore_s": restore_s,
         "replay_size": searches * actions,
     }
 
