@@ -2,8 +2,8 @@
 
 Each actor is named and detached in one namespace, so a restarted deployment, `dtrag up` run
 again, or a Ray job finds the same instances (`get_if_exists`), and Ray restarts a dead one.
-Replay shards (`learning.replay_shards` > 1) are spread over the cluster's nodes (SPREAD), so
-losing one node loses at most its shards until Ray restarts them elsewhere from their checkpoints.
+Replay shards (`learning.replay_shards` > 1) are spread over the cluster's nodes, so losing one
+node loses at most its shards until Ray restarts them elsewhere from their checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import NAMESPACE
 from cluster.actors.learners import DRIVER_NAME, LearnerDriver
@@ -41,15 +42,24 @@ def learning_heads(settings: Settings) -> dict[str, Head]:
             "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
 
 
+def _round_robin_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
+    """Actor k on the k-th node alive now, softly: a restart lands on any node that can take it.
+
+    Ray's SPREAD strategy is best effort: it put two of three shards on one node of three.
+    """
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+    return [NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True) for k in range(count)]
+
+
 def start_actors(settings: Settings) -> ClusterActors:
     """Create the actors, or find the running ones; `settings.database.url` must be resolved."""
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
     shards = () if learning.replay_shards == 1 else tuple(
-        ReplayShard.options(**_named(shard_name(k)), scheduling_strategy="SPREAD").remote(
+        ReplayShard.options(**_named(shard_name(k)), scheduling_strategy=placement).remote(
             url, k, learning.replay_shards, learning.core, len(FEATURES), HEADS)
-        for k in range(learning.replay_shards))
+        for k, placement in enumerate(_round_robin_over_nodes(learning.replay_shards)))
     learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(
         url, learning, learning_heads(settings), settings.retention, settings.promotion, shards)
     return ClusterActors(

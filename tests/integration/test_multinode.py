@@ -28,7 +28,7 @@ from conftest import free_port, temporary_database
 pytestmark = pytest.mark.integration
 
 DRIVER = Path(__file__).resolve().parents[1] / "support" / "multinode.py"
-SHARDS = 3  # SPREAD over three nodes: one on each
+SHARDS = 3  # round robin over three nodes: one on each
 TIMEOUT_S = 480
 
 
@@ -55,6 +55,9 @@ def run_driver(database_url: str, state_dir: Path) -> dict:
         "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()), "DTRAG_DASHBOARD_PORT": "0",
         "DTRAG_REPLAY_SHARDS": str(SHARDS), "DTRAG_LEARNERS": "1", "DTRAG_CHECKPOINT_INTERVAL_S": "3600",
         "FEATURE_EXPERIENCE_REPLAY": "on",  # searches are logged, so feedback rewards them
+        # one replica each, pinned (no autoscaling): every CPU-needing replica fits on the head and serving node
+        "DTRAG_INGRESS_REPLICAS": "1", "DTRAG_PIPELINE_REPLICAS": "1", "DTRAG_TREATMENT_REPLICAS": "1",
+        "DTRAG_EMBEDDER_REPLICAS": "1",
         "PYTHONPATH": os.pathsep.join([str(DRIVER.parents[2]), environment.get("PYTHONPATH", "")]),
     })
     try:
