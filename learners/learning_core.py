@@ -16,6 +16,10 @@ mean of its last COST_MEMORY measured costs. The cost a stage measures for one s
 machine's load (on a busy 2-core machine a dense side's 56 ms varied by +-25 ms from search to
 search): noise no context can predict, which would bury a per-query choice worth a few ms.
 
+Replay: one local buffer, or N shards reached elsewhere (`learners.sharded_replay`); either way
+an experience is drawn with p_i / M over all of them. A batch names experience k by one index,
+slot * N + shard (the slot itself for one shard), so learners need not know about shards.
+
 Staleness: a delta computed on a snapshot more than `max_staleness` versions old is rejected,
 since its TD targets and priorities came from values that later updates have already moved.
 """
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from learners.replay import PrioritizedReplayBuffer, experience_columns
+from learners.sharded_replay import ShardedReplay, ShardedSampler, shard_of
 from learners.value_model import Transitions, ValueDelta, ValueModel, ValueSnapshot, fold_of
 
 COST_MEMORY = 1000  # measured costs per action in its expected cost: its noise falls below 1 ms
@@ -116,7 +121,7 @@ class RewardedSearch:
 class LearnerBatch:
     """A prioritized sample and everything a learner needs to turn it into an update."""
 
-    indices: np.ndarray  # (B,) buffer slots
+    indices: np.ndarray  # (B,) slot * N + shard, N shards (module doc)
     insertion_ids: np.ndarray  # (B,) to skip slots overwritten meanwhile
     weights: np.ndarray  # (B,) importance weights, max 1
     transitions: Transitions
@@ -144,8 +149,15 @@ class Policies:
 
 
 class LearningCore:
+    """One head's learning: rewards, value model, rate limit, over a replay it holds or shares.
+
+    `shards`: replay shards held elsewhere (e.g. Ray actors), which outlive this core: a new core
+    over them neither empties them nor checkpoints them (they do that themselves). None: one local
+    buffer, part of `state_dict`.
+    """
+
     def __init__(self, actions: Sequence[str], features: Sequence[str], default_action: int,
-                 config: LearningConfig):
+                 config: LearningConfig, shards: ShardedSampler | None = None):
         self.actions = tuple(actions)
         self.features = tuple(features)
         self.config = config
@@ -153,6 +165,7 @@ class LearningCore:
             len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
             tau=config.tau, margin=config.margin, explore_max=config.explore_max, default_action=default_action,
         )
+        self._shards = shards
         self._empty_replay()
 
     def _new_buffer(self) -> PrioritizedReplayBuffer:
@@ -162,7 +175,8 @@ class LearningCore:
         )
 
     def _empty_replay(self) -> None:
-        self.buffer = self._new_buffer()
+        self.replay = (ShardedReplay([self._new_buffer()], seed=self.config.seed) if self._shards is None
+                       else self._shards)
         self.expected_cost = np.zeros(len(self.actions))  # (A,) c(a): mean of the last measured costs
         self.costs_measured = np.zeros(len(self.actions))  # (A,) how many, up to COST_MEMORY
         self.inserted = 0
@@ -171,8 +185,17 @@ class LearningCore:
         self.updates_rejected = 0
         self.last_context: list[float] | None = None  # the sample context of `model_report`
 
+    @property
+    def buffer(self) -> PrioritizedReplayBuffer:
+        """The local replay buffer; ValueError when the replay is sharded elsewhere."""
+        if self._shards is not None:
+            raise ValueError("this core's replay is sharded over other processes: it has no local buffer")
+        return self.replay.shards[0]
+
     def forget(self) -> None:
         """Start learning afresh: an empty replay and a fresh model at a new version."""
+        if self._shards is not None:
+            self._shards.clear()
         self._empty_replay()
         self.model.forget()
 
@@ -211,15 +234,17 @@ class LearningCore:
         self.expected_cost[actions] += (costs - self.expected_cost[actions]) / self.costs_measured[actions]
 
     def add(self, experiences: Sequence[Experience]) -> int:
-        """Insert rewarded experiences at max priority; returns the buffer size."""
+        """Insert rewarded experiences at max priority, each on its context's shard; returns the replay size."""
         if not experiences:
-            return len(self.buffer)
+            return len(self.replay)
         for e in experiences:
             if not 0 <= e.action < len(self.actions):
                 raise ValueError(f"action {e.action} is not in [0, {len(self.actions)})")
             if len(e.context) != len(self.features):
                 raise ValueError(f"context has {len(e.context)} features, the model {len(self.features)}")
-        self.buffer.add({
+        shards = [shard_of(e.context, self.replay.num_shards) if self.replay.num_shards > 1 else 0
+                  for e in experiences]
+        self.replay.add({
             "context": [e.context for e in experiences],
             "fold": [fold_of(e.context) for e in experiences],
             "action": [e.action for e in experiences],
@@ -229,27 +254,30 @@ class LearningCore:
             "next_context": [e.next_context if e.next_context is not None else np.zeros(len(self.features))
                              for e in experiences],
             "has_next": [e.next_context is not None for e in experiences],
-        })
+        }, shards)
         self.inserted += len(experiences)
-        return len(self.buffer)
+        return len(self.replay)
+
+    def _within_rate(self, batch_size: int) -> bool:
+        return self.sampled + batch_size <= self.config.samples_per_insert * self.inserted
 
     def can_sample(self, batch_size: int) -> bool:
-        return (
-            len(self.buffer) >= self.config.min_replay_size
-            and self.sampled + batch_size <= self.config.samples_per_insert * self.inserted
-        )
+        return self._within_rate(batch_size) and len(self.replay) >= self.config.min_replay_size
 
     def sample(self, batch_size: int) -> LearnerBatch | None:
-        """A prioritized batch, or None while the buffer is small or the rate limit holds."""
-        if not self.can_sample(batch_size):
+        """A prioritized batch, or None while the replay is small or the rate limit holds."""
+        if not self._within_rate(batch_size):  # first: it needs no look at the shards
             return None
-        drawn = self.buffer.sample(batch_size)
+        status = self.replay.status()
+        if status.sizes.sum() < self.config.min_replay_size:
+            return None
+        drawn = self.replay.sample(batch_size, status.masses)
         self.sampled += batch_size
         c = drawn.columns
         transitions = Transitions(c["context"].astype(np.float64), c["fold"], c["action"],
                                   c["reward"].astype(np.float64), c["next_context"].astype(np.float64), c["has_next"])
-        return LearnerBatch(drawn.indices, drawn.insertion_ids, drawn.weights, transitions,
-                            self.model.snapshot(), self.config.gamma)
+        return LearnerBatch(drawn.indices * self.replay.num_shards + drawn.shards, drawn.insertion_ids,
+                            drawn.weights, transitions, self.model.snapshot(), self.config.gamma)
 
     def apply_update(
         self, delta: ValueDelta, indices: np.ndarray, insertion_ids: np.ndarray, td_errors: np.ndarray
@@ -258,7 +286,9 @@ class LearningCore:
         if self.model.version - delta.base_version > self.config.max_staleness:
             self.updates_rejected += 1
             return False
-        self.buffer.update_priorities(indices, insertion_ids, td_errors)
+        indices = np.asarray(indices, np.int64)
+        shards = self.replay.num_shards
+        self.replay.update_priorities(indices % shards, indices // shards, insertion_ids, td_errors)
         self.model.apply_deltas(delta)
         self.updates_applied += 1
         return True
@@ -267,15 +297,17 @@ class LearningCore:
         return PolicySnapshot(self.model.version, self.actions, self.features, self.model.snapshot())
 
     def stats(self) -> dict[str, Any]:
+        status = self.replay.status()
         return {
             "policy_version": self.model.version,
-            "replay_size": len(self.buffer),
-            "replay_bytes": self.buffer.nbytes,
+            "replay_size": int(status.sizes.sum()),
+            "replay_bytes": int(status.nbytes.sum()),
+            "replay_shards": status.sizes.tolist(),
             "inserted": self.inserted,
             "sampled": self.sampled,
             "updates_applied": self.updates_applied,
             "updates_rejected": self.updates_rejected,
-            "beta": self.buffer.beta,
+            "beta": self.replay.beta,
         }
 
     def model_report(self) -> dict[str, Any]:
@@ -314,11 +346,12 @@ class LearningCore:
         return report
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: buffer, model and counters (plain values)."""
+        """Everything needed to resume exactly: buffer (a local one), model and counters (plain values)."""
         return {
             "actions": list(self.actions),
             "features": list(self.features),
-            "buffer": self.buffer.state_dict(),
+            **({} if self._shards is not None else {"buffer": self.buffer.state_dict()}),
+            "sample_calls": self.replay.num_sample_calls,
             "model": self.model.state_dict(),
             "counters": {"inserted": self.inserted, "sampled": self.sampled,
                          "updates_applied": self.updates_applied,
@@ -335,10 +368,17 @@ class LearningCore:
                              f"this model has {list(self.actions)} and {list(self.features)}")
         expected_cost = np.array(state["expected_cost"], np.float64)
         costs_measured = np.array(state["costs_measured"], np.float64)
-        buffer = self._new_buffer()
-        buffer.load_state_dict(state["buffer"])  # into a new buffer: a bad state leaves this core as it was
+        replay = self.replay
+        if self._shards is None:  # into a new buffer: a bad state leaves this core as it was
+            buffer = self._new_buffer()
+            buffer.load_state_dict(state["buffer"])
+            replay = ShardedReplay([buffer], seed=self.config.seed)
         self.model.load_state_dict(state["model"])
-        self.buffer = buffer
+        self.replay = replay
+        calls = state.get("sample_calls")
+        if calls is None and self._shards is None:  # a checkpoint from before sharding: the buffer counted them
+            calls = state["buffer"]["num_sample_calls"]
+        self.replay.num_sample_calls = calls if calls is not None else self.replay.num_sample_calls
         counters = state["counters"]
         self.inserted = counters["inserted"]
         self.sampled = counters["sampled"]

@@ -147,6 +147,22 @@ def importance_weights(priorities: np.ndarray, beta: float) -> np.ndarray:
     return (priorities / priorities.min()) ** -beta
 
 
+EPS = 1e-6  # eps of p_i = (|delta_i| + eps)^alpha: an experience with a zero TD error is still drawn
+
+
+def priorities_for(td_errors: ArrayLike, alpha: float, eps: float) -> np.ndarray:
+    """p_i = (|delta_i| + eps)^alpha, shape (B,) -> (B,); ValueError unless all finite and > 0."""
+    td_errors = np.asarray(td_errors, np.float64)
+    priorities = (np.abs(td_errors) + eps) ** alpha
+    if not ((priorities > 0) & (priorities < np.inf)).all():  # also False for NaN
+        raise ValueError(
+            f"priorities (|td_error| + eps)^alpha must be finite and > 0: non-finite for "
+            f"td_errors {td_errors[~np.isfinite(priorities)].tolist()}, zero for td_errors "
+            f"{td_errors[priorities == 0].tolist()} (eps={eps}, alpha={alpha})"
+        )
+    return priorities
+
+
 class Sample(NamedTuple):
     """A prioritized batch of B experiences."""
 
@@ -170,7 +186,7 @@ class PrioritizedReplayBuffer:
         alpha: float,
         beta0: float,
         beta_steps: int,
-        eps: float = 1e-6,
+        eps: float = EPS,
         seed: int | None = None,
     ) -> None:
         if capacity < 1:
@@ -262,16 +278,8 @@ class PrioritizedReplayBuffer:
                       {name: column[indices] for name, column in self._columns.items()})
 
     def priorities_for(self, td_errors: ArrayLike) -> np.ndarray:
-        """p_i = (|delta_i| + eps)^alpha, shape (B,) -> (B,); ValueError unless all finite and > 0."""
-        td_errors = np.asarray(td_errors, np.float64)
-        priorities = (np.abs(td_errors) + self.eps) ** self.alpha
-        if not ((priorities > 0) & (priorities < np.inf)).all():  # also False for NaN
-            raise ValueError(
-                f"priorities (|td_error| + eps)^alpha must be finite and > 0: non-finite for "
-                f"td_errors {td_errors[~np.isfinite(priorities)].tolist()}, zero for td_errors "
-                f"{td_errors[priorities == 0].tolist()} (eps={self.eps}, alpha={self.alpha})"
-            )
-        return priorities
+        """p_i = (|delta_i| + eps)^alpha with this buffer's alpha and eps (`priorities_for`)."""
+        return priorities_for(td_errors, self.alpha, self.eps)
 
     def update_priorities(
         self, indices: ArrayLike, insertion_ids: ArrayLike, td_errors: ArrayLike
@@ -289,6 +297,11 @@ class PrioritizedReplayBuffer:
             self._tree.update(indices[current], priorities[current])
             self._max_priority = max(self._max_priority, float(priorities[current].max()))
         return int(current.sum())
+
+    def emptied(self) -> PrioritizedReplayBuffer:
+        """A new empty buffer with this one's settings (its random stream continues this one's)."""
+        return PrioritizedReplayBuffer(self.capacity, self._spec, self.alpha, self.beta0, self.beta_steps, self.eps,
+                                       seed=int(self._rng.integers(2**63)))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: numpy arrays, scalars and the RNG state."""

@@ -12,10 +12,18 @@ from the recorded rewards. So a killed actor comes back with what it had, less o
 since its last checkpoint, and an actor started while the database is down comes up anyway. Another
 thread applies the retention settings to the experiences table (`cluster.data.retention`), which
 never deletes a row that such a restart would replay.
+
+Replay shards (`learning.replay_shards` > 1): the experiences live in `ReplayShard` actors
+(`cluster.actors.replay_shards`) and each head samples across them in proportion to their priority
+mass; the value models, their single version and every policy change stay here. A checkpoint writes
+the shards' buffers and then this actor's state, with additions held back meanwhile, so both
+describe the same moment; a restart of this actor rolls the shards back to it before replaying the
+rewards recorded since.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -31,6 +39,7 @@ import numpy as np
 import ray
 
 from cluster.actors.persistence import connection, in_background, retry_until_done
+from cluster.actors.replay_shards import SHARD_CHECKPOINT_TIMEOUT_S, RemoteShards
 from cluster.data.retention import RetentionPolicy, prune_experiences
 from cluster.platform.database import run_blocking, unavailable_on_connection_errors
 from cluster.platform.errors import Refused, ServiceUnavailable
@@ -156,8 +165,10 @@ class LearningState:
     """Calls run one at a time (a synchronous actor); a thread checkpoints on a schedule."""
 
     def __init__(self, database_url: str, settings: LearningSettings, heads: dict[str, Head],
-                 retention: RetentionSettings | None = None, promotion: PromotionSettings | None = None):
+                 retention: RetentionSettings | None = None, promotion: PromotionSettings | None = None,
+                 shards: Sequence[ray.actor.ActorHandle] = ()):
         self._url = database_url
+        self._shards = list(shards)  # ReplayShard actors; none: each head's replay is a local buffer
         self._settings = settings
         self._promotion = promotion
         self._heads = heads
@@ -177,12 +188,19 @@ class LearningState:
 
     def _new_cores(self) -> dict[str, LearningCore]:
         return {name: LearningCore(self._heads[name].actions, FEATURES, self._heads[name].default_action,
-                                   self._settings.core) for name in HEADS}
+                                   self._settings.core,
+                                   RemoteShards(self._shards, name, self._settings.core) if self._shards else None)
+                for name in HEADS}
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
         """Restore from the database (retrying while it is down), then checkpoint on a schedule."""
-        retry_until_done("loading the learning state", lambda: run_blocking(self._restore()))
+        def restore() -> None:
+            ray.get([shard.restore.remote() for shard in self._shards],  # back to the checkpoint below
+                    timeout=SHARD_CHECKPOINT_TIMEOUT_S)
+            run_blocking(self._restore())
+
+        retry_until_done("loading the learning state", restore)
         self._checkpoint_every(self._settings.checkpoint_interval_s)
 
     async def _restore(self) -> None:
@@ -215,7 +233,8 @@ class LearningState:
     def _publish(self) -> None:
         """Set the gauges; also on a timer (`report_every`), so they stay exported while unchanged."""
         policy = self._cores["retrieval"].model.snapshot()
-        self._metrics.replay_buffer_size.set(sum(len(core.buffer) for core in self._cores.values()))
+        with contextlib.suppress(ray.exceptions.RayError):  # a replay shard restarting: the gauge keeps its value
+            self._metrics.replay_buffer_size.set(sum(len(core.replay) for core in self._cores.values()))
         self._metrics.context_model_active.set(float(policy.gate_open))
         self._metrics.exploration_rate.set(policy.epsilon)
 
@@ -281,9 +300,10 @@ class LearningState:
         return self.checkpoint()
 
     def checkpoint(self) -> int:
-        """Write a checkpoint now; returns the policy version saved."""
-        with self._lock:
+        """Write a checkpoint now (the shards' first); returns the policy version saved."""
+        with self._lock:  # held while the shards write: nothing is added to them in between
             self._require_loaded()
+            ray.get([shard.checkpoint.remote() for shard in self._shards], timeout=SHARD_CHECKPOINT_TIMEOUT_S)
             checkpoint = _checkpoint_of(self._cores)
         run_blocking(self._write_checkpoint(checkpoint))
         return checkpoint.version
@@ -419,16 +439,31 @@ class LearningState:
                 log.exception("pruning experiences failed")
 
     def export_parquet(self, path: str) -> int:
-        """Write the retrieval head's replay to a Parquet file; returns the row count."""
+        """Write the retrieval head's replay to a Parquet file; returns the row count.
+
+        Rows are ordered by shard, then by insertion (ids count within a shard).
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         core = self._cores["retrieval"]
         with self._lock:
-            state = core.buffer.state_dict()
-            filled = state["insertion_id"] >= 0
+            states = ([core.buffer.state_dict()] if not self._shards else
+                      ray.get([shard.buffer_state.remote("retrieval") for shard in self._shards],
+                              timeout=SHARD_CHECKPOINT_TIMEOUT_S))
+        table = pa.concat_tables([self._replay_table(core, shard, state) for shard, state in enumerate(states)])
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return table.num_rows
+
+    @staticmethod
+    def _replay_table(core: LearningCore, shard: int, state: dict[str, Any]) -> Any:
+        import pyarrow as pa
+
+        filled = state["insertion_id"] >= 0
         has_next = state["has_next"][filled]
-        table = pa.table({
+        return pa.table({
+            "shard": np.full(int(filled.sum()), shard, np.int32),
             "insertion_id": state["insertion_id"][filled],
             "context": list(state["context"][filled]),
             "action": state["action"][filled],
@@ -439,6 +474,3 @@ class LearningState:
             "next_context": [c if n else None for c, n in zip(state["next_context"][filled], has_next, strict=True)],
             "priority": state["priorities"][: len(filled)][filled],
         }).sort_by("insertion_id")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-        return table.num_rows

@@ -2,6 +2,8 @@
 
 Each actor is named and detached in one namespace, so a restarted deployment, `dtrag up` run
 again, or a Ray job finds the same instances (`get_if_exists`), and Ray restarts a dead one.
+Replay shards (`learning.replay_shards` > 1) are spread over the cluster's nodes, so losing one
+node loses at most its shards until Ray restarts them elsewhere from their checkpoints.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import dataclasses
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import NAMESPACE
 from cluster.actors.learners import DRIVER_NAME, LearnerDriver
-from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, Head, LearningState
+from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, HEADS, Head, LearningState
+from cluster.actors.replay_shards import SHARD_PREFIX, ReplayShard, shard_name
 from cluster.actors.rollout_control import ACTOR_NAME as ROLLOUT_CONTROL_NAME, RolloutControl
 from cluster.platform.settings import Settings
-
-ACTOR_NAMES = (DRIVER_NAME, LEARNING_STATE_NAME, ROLLOUT_CONTROL_NAME)  # stop order: users first
+from learners.context import FEATURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +28,7 @@ class ClusterActors:
     rollout_control: ActorHandle  # RolloutControl
     learning_state: ActorHandle  # LearningState
     learner_driver: ActorHandle  # LearnerDriver
+    replay_shards: tuple[ActorHandle, ...] = ()  # ReplayShard, when learning.replay_shards > 1
 
 
 def _named(name: str) -> dict:
@@ -38,19 +42,33 @@ def learning_heads(settings: Settings) -> dict[str, Head]:
             "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
 
 
+def _round_robin_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
+    """Actor k on the k-th node alive now, softly: a restart lands on any node that can take it.
+
+    Ray's SPREAD strategy is best effort: it put two of three shards on one node of three.
+    """
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+    return [NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True) for k in range(count)]
+
+
 def start_actors(settings: Settings) -> ClusterActors:
     """Create the actors, or find the running ones; `settings.database.url` must be resolved."""
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
+    shards = () if learning.replay_shards == 1 else tuple(
+        ReplayShard.options(**_named(shard_name(k)), scheduling_strategy=placement).remote(
+            url, k, learning.replay_shards, learning.core, len(FEATURES), HEADS)
+        for k, placement in enumerate(_round_robin_over_nodes(learning.replay_shards)))
     learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(
-        url, learning, learning_heads(settings), settings.retention, settings.promotion)
+        url, learning, learning_heads(settings), settings.retention, settings.promotion, shards)
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),
         learning_state=learning_state,
         learner_driver=LearnerDriver.options(**_named(DRIVER_NAME)).remote(
             learning_state, learning.learners, learning.batch_size),
+        replay_shards=shards,
     )
 
 
@@ -61,7 +79,9 @@ def learning_state() -> ActorHandle:
 
 def stop_actors() -> None:
     """Kill the actors for good (no restart); absent ones are skipped."""
-    for name in ACTOR_NAMES:
+    shards = sorted(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                    if actor["namespace"] == NAMESPACE and actor["name"].startswith(SHARD_PREFIX))
+    for name in (DRIVER_NAME, LEARNING_STATE_NAME, *shards, ROLLOUT_CONTROL_NAME):  # users first
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:

@@ -294,18 +294,20 @@ def check_port_free(host: str, port: int, variable: str) -> None:
             ) from None
 
 
-def start_serve(http: HttpSettings) -> None:
+def start_serve(http: HttpSettings, proxy_location: str = "EveryNode") -> None:
     """Start Serve's proxy with our HTTP edge in front of it (body limit, request ids, JSON errors).
 
     The edge reaches the proxy through its controller's environment, which the proxy inherits;
-    it applies only when this call creates the controller.
+    it applies only when this call creates the controller. `proxy_location`: "HeadOnly" where
+    the nodes share one address and so cannot each listen on the same port (nodes on one machine).
     """
     from ray import serve
 
     from cluster.platform.edge import proxy_environment  # starlette: loaded only with Serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve sets its own INFO level
-    serve.start(http_options={"host": http.host, "port": http.port}, logging_config=SERVE_LOGGING,
+    serve.start(proxy_location=proxy_location, http_options={"host": http.host, "port": http.port},
+                logging_config=SERVE_LOGGING,
                 controller_options={"runtime_env": {"env_vars": proxy_environment(http.max_body_bytes, http.max_candidate_bytes)}})
 
 

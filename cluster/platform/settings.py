@@ -114,6 +114,7 @@ class LearningSettings:
     core: LearningConfig  # replay and value-model hyperparameters (the `learning.*` keys it names)
     batch_size: int
     learners: int
+    replay_shards: int  # 1: the replay lives in the learning actor; N > 1: in N ReplayShard actors
     checkpoint_interval_s: float
     policy_refresh_s: float
     experience_queue: int
@@ -368,6 +369,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.max_staleness", "DTRAG_MAX_STALENESS", _non_negative_int),
     ("learning.batch_size", "DTRAG_LEARNER_BATCH_SIZE", _positive_int),
     ("learning.learners", "DTRAG_LEARNERS", _positive_int),
+    ("learning.replay_shards", "DTRAG_REPLAY_SHARDS", _positive_int),
     ("learning.checkpoint_interval_s", "DTRAG_CHECKPOINT_INTERVAL_S", _positive_float),
     ("learning.policy_refresh_s", "DTRAG_POLICY_REFRESH_S", _positive_float),
     ("learning.experience_queue", "DTRAG_EXPERIENCE_QUEUE", _positive_int),

@@ -14,7 +14,9 @@ from learners.learning_core import (
     RewardedSearch,
     policy_from_report,
 )
+from learners.replay import experience_columns
 from learners.reward import judgements_from_clicks, reward
+from learners.sharded_replay import ShardedReplay, shard_of
 from learners.value_model import compute_deltas
 
 ACTIONS = ("lexical", "hybrid@0.5", "hybrid@0.5+prf")
@@ -273,3 +275,48 @@ def test_reward_is_ndcg_of_the_served_list():
     assert reward(["x"], {"a": 2}) == 0.0
     assert reward([], {"a": 1}) == 0.0
     assert reward(["a", "b"], judgements_from_clicks(["b"])) == pytest.approx(1 / np.log2(3))
+
+
+def sharded_core(num_shards: int, **changes) -> LearningCore:
+    c = config(**changes)
+    shards = ShardedReplay.create(num_shards, c.capacity, experience_columns(len(FEATURES)), c.alpha, c.beta0,
+                                  c.beta_steps, seed=1)
+    return LearningCore(ACTIONS, FEATURES, DEFAULT, c, shards=shards)
+
+
+def test_a_sharded_core_keeps_each_search_on_its_contexts_shard_and_routes_priorities_back():
+    core = sharded_core(3, min_replay_size=1)
+    rng = np.random.default_rng(4)
+    graded = [s for s in searches(rng, 60) if s.graded]
+    core.add_searches(graded)
+    shards = core.replay.shards
+    assert [len(shard) for shard in shards] == np.bincount(
+        [shard_of(s.context, 3) for s in graded for _ in ACTIONS], minlength=3).tolist()
+    assert min(len(shard) for shard in shards) > 0  # the hash spreads them
+    for s, shard in enumerate(shards):  # every experience of a search sits on the shard of its context
+        contexts = shard.state_dict()["context"][: len(shard)]
+        assert {shard_of(x, 3) for x in contexts} == {s}
+    batch = core.sample(64)
+    np.testing.assert_array_equal(batch.transitions.contexts.astype(np.float32), np.concatenate(
+        [shards[i % 3].state_dict()["context"][[i // 3]] for i in batch.indices]))
+    before = [shard.priorities.copy() for shard in shards]
+    delta, _ = compute_deltas(batch.snapshot, batch.transitions, batch.weights, batch.gamma)
+    assert core.apply_update(delta, batch.indices, batch.insertion_ids, np.full(64, 9.0))
+    for s, shard in enumerate(shards):
+        changed = np.flatnonzero(shard.priorities != before[s])
+        assert set(changed) == {i // 3 for i in batch.indices if i % 3 == s}
+    assert core.stats()["replay_shards"] == [len(shard) for shard in shards]
+
+
+def test_a_core_over_shards_it_does_not_own_leaves_them_out_of_its_state_and_empties_them_on_forget():
+    core = sharded_core(2, min_replay_size=1)
+    core.add_searches(searches(np.random.default_rng(5), 20))
+    state = core.state_dict()
+    assert "buffer" not in state
+    other = LearningCore(ACTIONS, FEATURES, DEFAULT, core.config, shards=core.replay)
+    other.load_state_dict(state)
+    assert len(other.replay) == len(core.replay) > 0  # a new core over the shards does not empty them
+    with pytest.raises(ValueError, match="no local buffer"):
+        other.buffer
+    other.forget()
+    assert len(core.replay) == 0
