@@ -59,7 +59,12 @@ ON CONFLICT (shard) DO UPDATE SET num_shards = excluded.num_shards, saved_at = n
                                   state = excluded.state"""
 
 
-@ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
+# Ray ignores a soft node affinity for an actor that requests no resource at all (it lands on any
+# node), so a shard reserves memory: a process's worth, and a buffer of capacity / N is far less.
+SHARD_MEMORY_BYTES = 64 * 2**20
+
+
+@ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0, memory=SHARD_MEMORY_BYTES)
 class ReplayShard:
     """Shard `shard` of N: per head, a prioritized replay buffer of capacity / N slots."""
 

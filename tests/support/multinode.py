@@ -125,6 +125,7 @@ def run(settings: Settings) -> dict[str, Any]:
     try:
         cluster.add_node(num_cpus=2)
         spare = cluster.add_node(num_cpus=0)
+        cluster.wait_for_nodes()  # the shards are placed over the nodes alive when they start
         hook = f"{bind_replica_grpc_to_node_ip.__module__}.{bind_replica_grpc_to_node_ip.__name__}"
         ray.init(address=cluster.address, logging_level=logging.WARNING,
                  runtime_env={"worker_process_setup_hook": hook})
