@@ -191,8 +191,10 @@ def process_role(process: psutil.Process) -> str:
         return title.split()[0].split(".")[0]
     if title.startswith("ray-dashboard-"):  # a dashboard module: `ray-dashboard-JobHead-0`
         return title.split()[0]
-    if "postgres" in name:
-        return "postgres"
+    if "postgres" in name:  # the server's own processes by name, client backends as one
+        background = ("checkpointer", "background writer", "walwriter", "autovacuum launcher",
+                      "logical replication launcher", "io worker", "startup", "archiver")
+        return next((f"postgres: {part}" for part in background if part in title), "postgres")
     for known in ("gcs_server", "raylet", "log_monitor", "runtime_env_agent", "monitor.py",
                   "multiprocessing.resource_tracker", "multiprocessing.forkserver", "dashboard/agent.py",
                   "dashboard.py"):
@@ -369,29 +371,19 @@ def percentiles_ms(seconds: Any) -> tuple[float, float, float]:
 # --- the cluster's processes ------------------------------------------------------------------
 
 
-def cluster_processes(state_dir: Path) -> dict[int, str]:
-    """Every process of the cluster, pid -> role: this driver (with the load generator), Ray's
-    own processes and workers (a worker by its title: `ray::ServeReplica:dtrag:Ingress`,
-    `ray::LearningState`, ...), and the embedded PostgreSQL with its backends."""
-    roles = {psutil.Process().pid: "driver + load generator"}
-    for process in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            roles[process.pid] = _role(process)
+def cluster_processes(state_dir: Path, root: psutil.Process | None = None,
+                      root_role: str = "driver + load generator") -> dict[int, str]:
+    """Every process of the cluster, pid -> `process_role`: `root` (this process by default) and
+    its descendants (Ray's own processes and workers), and the embedded PostgreSQL with its
+    backends (not a descendant: the server daemonizes)."""
+    root = root or psutil.Process()
+    roles = {root.pid: root_role}
     postmaster = running_postmaster(pgdata_dir(state_dir))
-    if postmaster is not None:
-        roles[postmaster.pid] = "postgres"
-        for backend in postmaster.children():
-            roles[backend.pid] = "postgres"
+    others = [] if postmaster is None else [postmaster, *postmaster.children()]
+    for process in [*root.children(recursive=True), *others]:
+        with contextlib.suppress(psutil.Error):
+            roles[process.pid] = process_role(process)
     return roles
-
-
-def _role(process: psutil.Process) -> str:
-    cmdline = process.cmdline()
-    first = cmdline[0] if cmdline else process.name()
-    if first.startswith("ray::"):  # a worker's title ends with the method it is running, if any
-        return first.split()[0].removeprefix("ray::").removeprefix("ServeReplica:dtrag:").split(".")[0]
-    script = next((Path(part).stem for part in cmdline[1:3] if part.endswith(".py")), None)
-    return f"ray {script or Path(first).name}"
 
 
 def rss_by_role(roles: dict[int, str]) -> dict[str, int]:

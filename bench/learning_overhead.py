@@ -59,7 +59,6 @@ from _harness import (  # noqa: E402
     BENCH,
     admin,
     local_settings,
-    migrated,
     prepare_database,
     relative,
     scratch_database,

@@ -41,8 +41,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from _harness import BENCH, REPO, Judged, process_role, replace_section
-from cluster.platform.embedded import pgdata_dir, running_postmaster
+from _harness import BENCH, REPO, Judged, cluster_processes, replace_section
 from cluster.platform.runtime import free_port
 
 MIB = 1024 * 1024
@@ -99,30 +98,6 @@ def _search(url: str, key: str, searches: int) -> None:
                 raise RuntimeError(f"search {i}: HTTP {response.status_code}: {response.text[:300]}")
 
 
-def cluster_of(up: psutil.Process, state: Path) -> dict[int, str]:
-    """pid -> role of every process of the `dtrag up` whose process is `up`."""
-    roles = {up.pid: "dtrag up"}
-    for process in up.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            roles[process.pid] = process_role(process)
-    postmaster = running_postmaster(pgdata_dir(state))
-    if postmaster is not None:
-        roles[postmaster.pid] = "postgres: postmaster"
-        for child in postmaster.children():
-            with contextlib.suppress(psutil.Error):
-                roles[child.pid] = _postgres_role(child)
-    return roles
-
-
-def _postgres_role(process: psutil.Process) -> str:
-    """`postgres: checkpointer`, ...; client backends (whose titles name user, database and
-    state) as one role."""
-    title = " ".join(process.cmdline())
-    background = ("checkpointer", "background writer", "walwriter", "autovacuum launcher",
-                  "logical replication launcher", "startup", "archiver")
-    return next((f"postgres: {name}" for name in background if name in title), "postgres: backends")
-
-
 def snapshot(label: str, roles: dict[int, str]) -> Snapshot:
     usage: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     for pid, role in roles.items():
@@ -157,7 +132,7 @@ def measure(label: str, source: Path, searches: int, settle_s: float) -> Snapsho
             print(f"[{label}] serving; {searches} searches, then {settle_s:.0f} s to settle", flush=True)
             _search(url, key, searches)
             time.sleep(settle_s)  # Ray starts and retires idle workers for a while after a deploy
-            result = snapshot(label, cluster_of(psutil.Process(process.pid), Path(state)))
+            result = snapshot(label, cluster_processes(Path(state), psutil.Process(process.pid), "dtrag up"))
         finally:
             _stop(process)
     print(f"[{label}] PSS {result.total('pss') / GIB:.2f} GiB, RSS {result.total('rss') / GIB:.2f} GiB "

@@ -192,12 +192,19 @@ class LearningState:
                                    RemoteShards(self._shards, name, self._settings.core) if self._shards else None)
                 for name in HEADS}
 
+    def _ask_shards(self, method: str, *arguments: Any) -> list[Any]:
+        """`method` on every replay shard at once, awaited; none to ask with one local buffer (and
+        then no blocking `ray.get`, which Ray warns about in this actor)."""
+        if not self._shards:
+            return []
+        return ray.get([getattr(shard, method).remote(*arguments) for shard in self._shards],
+                       timeout=SHARD_CHECKPOINT_TIMEOUT_S)
+
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
         """Restore from the database (retrying while it is down), then checkpoint on a schedule."""
         def restore() -> None:
-            ray.get([shard.restore.remote() for shard in self._shards],  # back to the checkpoint below
-                    timeout=SHARD_CHECKPOINT_TIMEOUT_S)
+            self._ask_shards("restore")  # back to the checkpoint below
             run_blocking(self._restore())
 
         retry_until_done("loading the learning state", restore)
@@ -303,7 +310,7 @@ class LearningState:
         """Write a checkpoint now (the shards' first); returns the policy version saved."""
         with self._lock:  # held while the shards write: nothing is added to them in between
             self._require_loaded()
-            ray.get([shard.checkpoint.remote() for shard in self._shards], timeout=SHARD_CHECKPOINT_TIMEOUT_S)
+            self._ask_shards("checkpoint")
             checkpoint = _checkpoint_of(self._cores)
         run_blocking(self._write_checkpoint(checkpoint))
         return checkpoint.version
@@ -448,9 +455,7 @@ class LearningState:
 
         core = self._cores["retrieval"]
         with self._lock:
-            states = ([core.buffer.state_dict()] if not self._shards else
-                      ray.get([shard.buffer_state.remote("retrieval") for shard in self._shards],
-                              timeout=SHARD_CHECKPOINT_TIMEOUT_S))
+            states = self._ask_shards("buffer_state", "retrieval") or [core.buffer.state_dict()]
         table = pa.concat_tables([self._replay_table(core, shard, state) for shard, state in enumerate(states)])
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)

@@ -270,17 +270,20 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _config_file(text: str, shipped: str) -> str:
+    """The text of the file at the path `text`, or of the shipped `configs/<shipped>` for null."""
+    if text.strip() in ("", "null", "none"):
+        return resources.files("configs").joinpath(shipped).read_text()
+    path = Path(text.strip())
+    if not path.is_file():
+        raise ValueError(f"no such file {path}")
+    return path.read_text()
+
+
 def _rollout_plan(text: str) -> RolloutPlan:
     """The rollout YAML at the path `text`, or the shipped `configs/rollout.yaml` for null."""
-    if text.strip() in ("", "null", "none"):
-        raw = resources.files("configs").joinpath("rollout.yaml").read_text()
-    else:
-        path = Path(text.strip())
-        if not path.is_file():
-            raise ValueError(f"no such file {path}")
-        raw = path.read_text()
     try:
-        return parse_plan(yaml.safe_load(raw))
+        return parse_plan(yaml.safe_load(_config_file(text, "rollout.yaml")))
     except (KeyError, TypeError, yaml.YAMLError) as error:
         raise ValueError(f"not a rollout plan: {error!r}") from None
 
@@ -288,15 +291,8 @@ def _rollout_plan(text: str) -> RolloutPlan:
 def _serve_deployments(text: str) -> dict[str, dict[str, Any]]:
     """The deployment options of the Serve config at the path `text`, or of the shipped
     `configs/serve.yaml` for null."""
-    if text.strip() in ("", "null", "none"):
-        raw = resources.files("configs").joinpath("serve.yaml").read_text()
-    else:
-        path = Path(text.strip())
-        if not path.is_file():
-            raise ValueError(f"no such file {path}")
-        raw = path.read_text()
     try:
-        return parse_deployments(yaml.safe_load(raw))
+        return parse_deployments(yaml.safe_load(_config_file(text, "serve.yaml")))
     except yaml.YAMLError as error:
         raise ValueError(f"not YAML: {error}") from None
 
