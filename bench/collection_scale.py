@@ -399,7 +399,7 @@ Builds (each step adds documents to the previous collection, then rebuilds every
 
 {build_table(builds)}
 
-![latency against collection size]({relative(args.plot)})
+![latency against collection size]({os.path.relpath(args.plot.resolve(), BENCH)})
 """
     replace_section(args.results, SECTION, body)
     print(f"wrote {relative(args.plot)} and the section '{SECTION}' of {relative(args.results)}")
