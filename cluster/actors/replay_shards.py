@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -186,7 +187,7 @@ class ReplayShard:
         """Where it runs and what it holds: for operators and the multi-node test."""
         with self._lock:
             return {"shard": self._shard, "node_id": ray.get_runtime_context().get_node_id(),
-                    "loaded": self._loaded, "sizes": self._sizes(), "masses": self._masses(),
+                    "pid": os.getpid(), "loaded": self._loaded, "sizes": self._sizes(), "masses": self._masses(),
                     "restored": self._restored}
 
 

@@ -82,6 +82,7 @@ async def test_the_learning_state_learns_across_shards_and_they_survive_restarts
     assert [json.loads(row["sizes"]) for row in rows] == [s["sizes"] for s in saved]
 
     # a shard killed (its process gone, as with its node) comes back with its checkpoint
+    killed_pid = (await shards[1].describe.remote())["pid"]
     ray.kill(shards[1], no_restart=False)
 
     async def restarted() -> dict | None:
@@ -89,7 +90,7 @@ async def test_the_learning_state_learns_across_shards_and_they_survive_restarts
             d = await shards[1].describe.remote()
         except ray.exceptions.RayActorError:
             return None
-        return d if d["loaded"] else None
+        return d if d["loaded"] and d["pid"] != killed_pid else None  # ray.kill returns before it dies
 
     back = (await eventually(restarted, timeout_s=60))["restored"]  # as loaded: learners go on changing it
     assert back["sizes"] == saved[1]["sizes"] and back["sizes"]["retrieval"] > 0
