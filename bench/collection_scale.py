@@ -333,7 +333,7 @@ def estimate_next(builds: list[Build], target: int, free_bytes: int) -> str | No
 async def run(args: argparse.Namespace, url: str, settings: Settings) -> tuple[list[Build], list[Timing], dict[int, float], list[str]]:
     real = real_documents(args.dataset)
     queries = list(load_queries(args.dataset).values())[: args.queries + args.warmup]
-    bm25 = Bm25Shape(settings.retrieval.bm25_k1, settings.retrieval.bm25_b)
+    bm25 = Bm25Shape.of(settings.retrieval)
     print(f"{len(real):,} real documents, {len(queries):,} queries; sizes {args.sizes}", flush=True)
     builds: list[Build] = []
     timings: list[Timing] = []

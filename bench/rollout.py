@@ -72,6 +72,7 @@ from _harness import (  # noqa: E402
     replace_section,
     revoke,
 )
+from cluster.core.deployments import ARM_CONTROL, ARM_TREATMENT, INGRESS  # noqa: E402
 from cluster.core.vocabulary import Arm, FeatureFlags, Flag  # noqa: E402
 from cluster.data.beir import load_queries  # noqa: E402
 from cluster.data.corpus import sample_corpus_dir  # noqa: E402
@@ -97,8 +98,7 @@ SEARCH_PATH = "/api/v1/search/"
 FLAGS_PATH = "/api/v1/admin/flags"
 ROLLOUT_PATH = "/api/v1/admin/rollout"
 ARM_COLORS = {Arm.CONTROL: "tab:blue", Arm.TREATMENT: "tab:orange"}
-INGRESS = "Ingress"
-ROUTED = (INGRESS, f"arm_{Arm.CONTROL}", f"arm_{Arm.TREATMENT}")  # the deployments with REPLICAS replicas
+ROUTED = (INGRESS, ARM_CONTROL, ARM_TREATMENT)  # the deployments with REPLICAS replicas
 SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"  # Serve's own, by deployment and replica
 METRICS_SETTLE_S = 30.0  # Ray exports metrics every few seconds
 

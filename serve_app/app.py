@@ -10,7 +10,7 @@ from typing import Any
 from ray.serve import Application
 
 from cluster.actors.start import start_actors
-from cluster.core.deployments import EMBEDDER, INGRESS
+from cluster.core.deployments import ARM_DEPLOYMENTS, EMBEDDER, INGRESS
 from cluster.core.vocabulary import ARMS
 from cluster.platform.connection_budget import verify_connection_budget
 from cluster.platform.database import run_blocking
@@ -41,7 +41,7 @@ def build_app(settings: Settings) -> Application:
     )
     arms = {
         arm: PipelineArm.options(
-            **health, **deployment_options(settings, f"arm_{arm}"), name=f"arm_{arm}",
+            **health, **deployment_options(settings, ARM_DEPLOYMENTS[arm]), name=ARM_DEPLOYMENTS[arm],
             max_ongoing_requests=serve.max_ongoing_requests,
         ).bind(settings, embedder, arm, actors.rollout_control, actors.learning_state)
         for arm in ARMS

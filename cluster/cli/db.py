@@ -69,7 +69,7 @@ async def ingest_collection(settings: Settings, path: Path, show_progress: bool 
             return await ingest(
                 pool, path, lambda texts: _embedder().encode(texts, settings.embedding.batch_size),
                 show_progress=show_progress,
-                bm25=Bm25Shape(settings.retrieval.bm25_k1, settings.retrieval.bm25_b),
+                bm25=Bm25Shape.of(settings.retrieval),
             )
     finally:
         await pool.close()

@@ -9,7 +9,8 @@ from typing import Any
 from cluster.core.vocabulary import Arm
 
 INGRESS, EMBEDDER = "Ingress", "Embedder"
-ARM_CONTROL, ARM_TREATMENT = f"arm_{Arm.CONTROL}", f"arm_{Arm.TREATMENT}"
+ARM_DEPLOYMENTS = {arm: f"arm_{arm}" for arm in Arm}  # one deployment per arm
+ARM_CONTROL, ARM_TREATMENT = ARM_DEPLOYMENTS[Arm.CONTROL], ARM_DEPLOYMENTS[Arm.TREATMENT]
 DEPLOYMENTS = (INGRESS, ARM_CONTROL, ARM_TREATMENT, EMBEDDER)
 # What a deployment entry may set here; everything else (health checks, max_ongoing_requests)
 # comes from configs/settings.yaml, so it has one home.

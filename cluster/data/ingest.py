@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cluster.data.corpus import Document, LineError, corpus_file, count_lines, read_documents
+from cluster.platform.settings import RetrievalSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,12 @@ class Bm25Shape:
     b: float
 
     @classmethod
-    def configured(cls) -> Bm25Shape:
-        from cluster.platform.settings import load_settings
-
-        retrieval = load_settings().retrieval
+    def of(cls, retrieval: RetrievalSettings) -> Bm25Shape:
         return cls(retrieval.bm25_k1, retrieval.bm25_b)
+
+    @classmethod
+    def configured(cls) -> Bm25Shape:
+        return cls.of(load_settings().retrieval)
 
 
 async def add_postings(connection: asyncpg.Connection, ids: Sequence[str], bm25: Bm25Shape) -> None:
