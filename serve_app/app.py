@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from cluster.actors.start import start_actors
+from cluster.actors.start import ClusterActors, start_actors
 from cluster.core.deployments import ARM_DEPLOYMENTS, EMBEDDER, INGRESS
 from cluster.core.vocabulary import ARMS
 from cluster.platform.connection_budget import verify_connection_budget
@@ -26,11 +26,16 @@ APP_NAME = "dtrag"
 def build_app(settings: Settings) -> Application:
     """Start the actors and bind the deployments; `settings.database.url` must point at a live database.
 
-    Needs a connected Ray (`cluster.platform.runtime.start_ray`), as `serve deploy` has. Replicas
-    and resources come from the Serve config (`configs/serve.yaml`), as under `serve deploy`.
+    Needs a connected Ray (`cluster.platform.runtime.start_ray`), as `serve deploy` has.
     """
+    return bind_app(settings, start_actors(settings))
+
+
+def bind_app(settings: Settings, actors: ClusterActors) -> Application:
+    """The deployment graph over running actors. Replicas and resources come from the Serve
+    config (`configs/serve.yaml`), as under `serve deploy`; binding runs nothing, so the graph
+    can be rendered the way `serve build` renders one (tests/unit/test_serve_build.py)."""
     serve = settings.serve
-    actors = start_actors(settings)
     health = {"health_check_period_s": serve.health_check_period_s,
               "health_check_timeout_s": serve.health_check_timeout_s}
     embedder = Embedder.options(

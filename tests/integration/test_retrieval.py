@@ -94,9 +94,8 @@ async def test_every_action_ranks_to_depth_and_costs_what_it_ran(pipeline):
     assert all(len(ids) == 10 and len(set(ids)) == 10 for ids, _ in outcomes)
     costs = {action.name: cost for action, (_, cost) in zip(pipeline.actions, outcomes, strict=True)}
     assert costs["lexical"] == Cost()  # enough BM25 matches: nothing runs after the lexical stage
-    assert all(costs[f"hybrid@{w}"].cpu_ms > 0 for w in (0.3, 0.5, 0.7))
-    # PRF runs what plain hybrid runs, plus its own stages
-    assert all(costs[f"hybrid@{w}+prf"].wall_ms > costs[f"hybrid@{w}"].wall_ms for w in (0.3, 0.5, 0.7))
+    # which stages each action shares and pays for: tests/unit/test_stages.py
+    assert all(costs[name].cpu_ms > 0 for name in costs if name != "lexical")
 
 
 async def test_lexical_action_backfills_a_short_list_from_dense_and_pays_for_it(pipeline):

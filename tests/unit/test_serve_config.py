@@ -76,3 +76,25 @@ def test_a_wrong_config_names_the_variable_and_the_deployment(tmp_path, change, 
 def test_a_missing_config_file_is_named(tmp_path):
     with pytest.raises(SettingsError, match="DTRAG_SERVE_CONFIG=.*no such file"):
         load_settings(environ={"DTRAG_SERVE_CONFIG": str(tmp_path / "absent.yaml")})
+
+
+def test_serve_build_renders_the_graph_as_the_shipped_config_sets_it():
+    """What `serve build` would write for the graph `dtrag up` binds (Serve's own build and schema;
+    the CLI itself takes an Application object, and this graph needs its actors running first)
+    agrees with configs/serve.yaml on every option the file sets."""
+    from ray.serve._private.build_app import build_app
+    from ray.serve.deployment import deployment_to_schema
+
+    from cluster.actors.start import ClusterActors
+    from serve_app.app import APP_NAME, bind_app
+
+    settings = load_settings(environ={})
+    not_started = ClusterActors(rollout_control=None, learning_state=None, learner_driver=None)  # bound, never called
+    built = build_app(bind_app(settings, not_started), name=APP_NAME)
+    rendered = {d.name: deployment_to_schema(d).model_dump(exclude_unset=True) for d in built.deployments}
+    shipped = yaml.safe_load(SERVE_YAML.read_text())["applications"][0]
+    assert shipped["name"] == APP_NAME and set(rendered) == set(DEPLOYMENTS)
+    for entry in shipped["deployments"]:
+        assert {key: rendered[entry["name"]][key] for key in entry} == entry
+    # what the file leaves to the settings is set in the code, never left to Serve's defaults
+    assert all({"max_ongoing_requests", "health_check_period_s"} <= set(options) for options in rendered.values())
