@@ -137,13 +137,16 @@ class CpuSample:
     machine: float  # all cores, busy time
 
 
-def sample_cpu(state_dir: Path) -> CpuSample:
-    """Serving processes are this process's descendants (Ray's, or the uvicorn process) and the
-    embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
-    postmaster = psutil.Process(int((state_dir / "pgdata" / "postmaster.pid").read_text().split()[0]))
+def sample_cpu(state_dir: Path | None) -> CpuSample:
+    """Serving processes are this process's descendants (Ray's, or the uvicorn process) and, given
+    the state folder, its embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
+    database: list[psutil.Process] = []
+    if state_dir is not None:
+        postmaster = psutil.Process(int((state_dir / "pgdata" / "postmaster.pid").read_text().split()[0]))
+        database = [postmaster, *postmaster.children()]
     service: dict[int, float] = {}
     roles: dict[int, str] = {}
-    for process in [*psutil.Process().children(recursive=True), postmaster, *postmaster.children()]:
+    for process in [*psutil.Process().children(recursive=True), *database]:
         with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
             service[process.pid] = process_cpu_seconds(process)
             roles[process.pid] = process_role(process)
