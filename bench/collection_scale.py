@@ -355,8 +355,10 @@ async def run(args: argparse.Namespace, url: str, settings: Settings) -> tuple[l
             for t in measured:
                 print(f"  {t.method:28s} p50 {t.p50_ms:8.1f} ms  p95 {t.p95_ms:8.1f} ms", flush=True)
             print(f"  bounded vs exhaustive: top-10 overlap {overlaps[size]:.3f}", flush=True)
-    finally:
-        await pool.close()
+    except BaseException:  # Ctrl-C mid-COPY: close() would wait for the statement it interrupted
+        pool.terminate()
+        raise
+    await pool.close()
     return builds, timings, overlaps, notes
 
 

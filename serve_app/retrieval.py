@@ -7,9 +7,7 @@ inverse document frequency and ranks noticeably worse on real collections.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import heapq
 from collections.abc import Sequence
 
 import asyncpg
@@ -62,31 +60,57 @@ SELECT coalesce(sum(l.df), 0) AS exhaustive, coalesce(sum(least(l.df, $2)), 0) A
 FROM query_terms q JOIN lexeme_stats l ON l.lexeme = q.lexeme"""
 
 # A posting the bounded search reads costs about this many times one that the exhaustive search
-# aggregates: it travels to this process and is summed in Python, not in SQL. Measured with
-# bench/collection_scale.py (100k documents: 10x fewer postings read, 3.75x faster).
+# aggregates (an index-only scan of each term's list, then a sort of the documents read by their
+# partial score). Measured with bench/collection_scale.py: see BOUNDED_COST in bench/RESULTS.md.
 BOUNDED_POSTING_COST = 3.0
-
 # Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
-# term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part.
-_TOP_POSTINGS = f"""{_QUERY_TERMS},
+# term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part. A document's partial
+# score is the sum of its weights read; the $5 best partial scores are returned, each with
+# whether the document is missing from a cut list (one with $4 postings read: it may hold more),
+# and, in every row, the most any other document can score: its partial score plus the lowest
+# weight read (the threshold) of each cut list it is missing from, or the sum of all thresholds
+# for a document read in no list.
+_BOUNDED_TOP = f"""{_QUERY_TERMS},
 terms AS (
     SELECT q.lexeme, q.qtf, ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf, s.avg_doc_len
     FROM query_terms q
     JOIN lexeme_stats l ON l.lexeme = q.lexeme
     CROSS JOIN corpus_stats s
+),
+read AS (
+    SELECT t.lexeme, top.doc_id,
+           t.qtf * t.idf * top.tf * ($2::float8 + 1)
+           / (top.tf + $2::float8 * (1 - $3::float8 + $3::float8 * top.doc_len / greatest(t.avg_doc_len, 1e-9)))
+           AS weight
+    FROM terms t
+    CROSS JOIN LATERAL (
+        SELECT p.doc_id, p.tf, p.doc_len FROM postings p
+        WHERE p.lexeme = t.lexeme
+        ORDER BY p.impact DESC, p.doc_id
+        LIMIT $4
+    ) top
+),
+cut AS (
+    SELECT lexeme, min(weight) AS threshold FROM read GROUP BY lexeme HAVING count(*) >= $4
+),
+documents AS (
+    SELECT r.doc_id, sum(r.weight) AS partial, count(c.lexeme) AS cut_lists_read,
+           coalesce(sum(c.threshold), 0) AS thresholds_read,
+           row_number() OVER (ORDER BY sum(r.weight) DESC, r.doc_id) AS place
+    FROM read r LEFT JOIN cut c ON c.lexeme = r.lexeme
+    GROUP BY r.doc_id
+),
+bounds AS (
+    SELECT count(*) AS cut_lists, coalesce(sum(threshold), 0) AS thresholds,
+           (SELECT array_agg(idf) FROM terms) AS idf,
+           (SELECT coalesce(max(partial - thresholds_read), 0) FROM documents WHERE place > $5) AS others_excess
+    FROM cut
 )
-SELECT t.lexeme, t.idf, top.doc_id,
-       t.qtf * t.idf * top.tf * ($2::float8 + 1)
-       / (top.tf + $2::float8 * (1 - $3::float8 + $3::float8 * top.doc_len / greatest(t.avg_doc_len, 1e-9)))
-       AS weight
-FROM terms t
-CROSS JOIN LATERAL (
-    SELECT p.doc_id, p.tf, p.doc_len FROM postings p
-    WHERE p.lexeme = t.lexeme
-    ORDER BY p.impact DESC, p.doc_id
-    LIMIT $4
-) top"""
-
+SELECT d.doc_id, d.partial, d.cut_lists_read < b.cut_lists AS incomplete, b.cut_lists,
+       b.thresholds + b.others_excess AS others_bound, b.idf
+FROM documents d CROSS JOIN bounds b
+WHERE d.place <= $5
+ORDER BY d.place"""
 # One primary-key lookup per (term, document), however long the terms' postings lists are (the
 # LIMIT keeps the planner from turning the lookups into a scan of each term's whole list).
 _BM25_OF = f"""{_QUERY_TERMS}
@@ -177,33 +201,17 @@ class DocumentIndex:
         which proves the top k exact (`exact`) when no document left out could reach the k-th.
         """
         async with unavailable_on_connection_errors("lexical retrieval"):
-            rows = await self._pool.fetch(_TOP_POSTINGS, query, self._k1, self._b, self._postings_per_term)
-        lists: dict[str, list[float]] = collections.defaultdict(list)
-        idf: dict[str, float] = {}
-        partial: dict[str, float] = collections.defaultdict(float)
-        seen: dict[str, set[str]] = collections.defaultdict(set)
-        for row in rows:
-            lexeme, doc_id, weight = row["lexeme"], row["doc_id"], float(row["weight"])
-            idf[lexeme] = float(row["idf"])
-            lists[lexeme].append(weight)
-            partial[doc_id] += weight
-            seen[doc_id].add(lexeme)
-        thresholds = {lexeme: min(weights) for lexeme, weights in lists.items()
-                      if len(weights) >= self._postings_per_term}
-        # The k best partial scores (sums of the weights read), as impact-ordered search ranks
-        # documents; those not read in every cut list are then scored exactly.
-        best = heapq.nsmallest(k, partial.items(), key=lambda item: (-item[1], item[0]))
-        incomplete = [doc_id for doc_id, _ in best if thresholds.keys() - seen[doc_id]]
-        scores = dict(best) | await self.lexical_scores(query, incomplete)
+            rows = await self._pool.fetch(_BOUNDED_TOP, query, self._k1, self._b, self._postings_per_term, k)
+        if not rows:  # no query term is in the corpus
+            return BoundedLexical([], [], exact=True, rescored=0)
+        best = {row["doc_id"]: float(row["partial"]) for row in rows}
+        incomplete = [row["doc_id"] for row in rows if row["incomplete"]]
+        scores = best | await self.lexical_scores(query, incomplete)
         ranking = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
-        # The most any other document can score: a partly read one its partial score plus the
-        # thresholds of the lists it is missing from, one read in no list the sum of them all.
-        kept = set(scores)
-        others = [sum(thresholds.values()), *(
-            score + sum(thresholds[t] for t in thresholds.keys() - seen[doc_id])
-            for doc_id, score in partial.items() if doc_id not in kept)]
-        return BoundedLexical(ranking, list(idf.values()), rescored=len(incomplete),
-                              exact=not thresholds or len(ranking) == k and ranking[-1][1] >= max(others))
+        bounds = rows[0]
+        return BoundedLexical(ranking, [float(value) for value in bounds["idf"]], rescored=len(incomplete),
+                              exact=not bounds["cut_lists"]
+                              or len(ranking) == k and ranking[-1][1] >= float(bounds["others_bound"]))
 
     async def lexical_scores(self, query: str, ids: Sequence[str]) -> dict[str, float]:
         """BM25 of the given documents (absent: no query term, a real score of 0)."""
