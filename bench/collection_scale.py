@@ -355,10 +355,8 @@ async def run(args: argparse.Namespace, url: str, settings: Settings) -> tuple[l
             for t in measured:
                 print(f"  {t.method:28s} p50 {t.p50_ms:8.1f} ms  p95 {t.p95_ms:8.1f} ms", flush=True)
             print(f"  bounded vs exhaustive: top-10 overlap {overlaps[size]:.3f}", flush=True)
-    except BaseException:  # Ctrl-C mid-COPY: close() would wait for the statement it interrupted
-        pool.terminate()
-        raise
-    await pool.close()
+    finally:
+        await pool.close()
     return builds, timings, overlaps, notes
 
 
@@ -387,9 +385,9 @@ those of another, so lengths, words and their Zipfian frequencies are the real o
 grow, so postings lists grow in full proportion: the hard case), random unit vectors instead of embeddings
 (documents and queries). {args.queries} real queries of the dataset timed at each size after
 {args.warmup} untimed, k = {settings.retrieval.candidates} (`retrieval.candidates`), one at a time, through
-`DocumentIndex`. "As served" is the service's lexical search: per query, bounded BM25 (at most
-{cutoff} postings per query term, `retrieval.lexical_postings_per_term`) where reading every
-posting would cost more, else exhaustive.
+`DocumentIndex`. "As served" is the service's lexical search: bounded BM25, at most
+{cutoff} postings per query term (`retrieval.lexical_postings_per_term`), the highest-impact first,
+the chosen documents scored exactly.
 
 {table(timings)}
 

@@ -54,15 +54,6 @@ CROSS JOIN (
 ) i
 ORDER BY r.score DESC, r.doc_id"""
 
-# Postings an exhaustive search aggregates, and the most a bounded one reads, for this query.
-_POSTINGS_TO_READ = f"""{_QUERY_TERMS}
-SELECT coalesce(sum(l.df), 0) AS exhaustive, coalesce(sum(least(l.df, $2)), 0) AS bounded
-FROM query_terms q JOIN lexeme_stats l ON l.lexeme = q.lexeme"""
-
-# A posting the bounded search reads costs about this many times one that the exhaustive search
-# aggregates (an index-only scan of each term's list, then a sort of the documents read by their
-# partial score). Measured with bench/collection_scale.py: see BOUNDED_COST in bench/RESULTS.md.
-BOUNDED_POSTING_COST = 3.0
 # Bounded lexical search reads each query term's $4 highest-impact postings (all of them for a
 # term with fewer), weighted exactly: qtf * idf * BM25's term-frequency part. A document's partial
 # score is the sum of its weights read; the $5 best partial scores are returned, each with
@@ -173,18 +164,15 @@ class DocumentIndex:
         """Top `k` documents by BM25 (documents sharing no term with the query are absent), and the
         idf of each query term the corpus has.
 
-        Bounded (`postings_per_term` > 0), when reading every posting would cost more than
-        reading at most `postings_per_term` per term (BOUNDED_POSTING_COST), the candidates come
-        from each term's highest-impact postings and their scores are exact; otherwise every
-        posting is read, and aggregated in SQL.
+        Bounded (`postings_per_term` > 0, `lexical_bounded`): the candidates come from each term's
+        highest-impact postings and their scores are exact. A posting costs less read that way
+        than aggregated by the exhaustive plan, so it is the faster plan even where no list is cut
+        (bench/bounded_lexical_quality.py). 0: every posting is read and aggregated in SQL.
         """
+        if self._postings_per_term:
+            result = await self.lexical_bounded(query, k)
+            return result.ranking, result.idf
         async with unavailable_on_connection_errors("lexical retrieval"):
-            if self._postings_per_term:
-                postings = await self._pool.fetchrow(_POSTINGS_TO_READ, query, self._postings_per_term)
-                # the cheaper plan: bounded only where the lists it cuts are long
-                if postings["exhaustive"] > BOUNDED_POSTING_COST * postings["bounded"]:
-                    bounded = await self.lexical_bounded(query, k)
-                    return bounded.ranking, bounded.idf
             rows = await self._pool.fetch(_BM25_WITH_IDF, query, self._k1, self._b, k)
         idf = [float(value) for value in rows[0]["idf"]] if rows else []
         return [(row["doc_id"], float(row["score"])) for row in rows], idf
