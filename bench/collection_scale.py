@@ -191,7 +191,7 @@ async def grow(pool: asyncpg.Pool, real: list[list[str]], start: int, stop: int,
         await rebuild(connection, deferred, with_hnsw)
         await connection.execute("UPDATE statistics_state SET dirty = true")
         print("refreshing the BM25 statistics and vacuuming ...", flush=True)
-        await refresh_statistics(connection)
+        await refresh_statistics(connection, bm25)
         await connection.execute("VACUUM ANALYZE documents")
         await connection.execute("VACUUM ANALYZE postings")
         postings, postings_bytes, database_bytes = await connection.fetchrow(

@@ -101,6 +101,26 @@ FROM (SELECT u.lexeme, d.id AS doc_id, coalesce(array_length(u.positions, 1), 1)
 CROSS JOIN average a"""
 
 
+# Whether the postings' impacts were computed with another BM25 shape than ($1 = k1, $2 = b) and
+# the collection's average length now (more than $3 of it apart), or with one nobody recorded.
+_IMPACTS_STALE = """
+SELECT st.impact_k1 IS DISTINCT FROM $1 OR st.impact_b IS DISTINCT FROM $2
+       OR st.impact_avg_doc_len IS NULL
+       OR abs(c.avg_doc_len / greatest(st.impact_avg_doc_len, 1e-9) - 1) > $3
+FROM statistics_state st CROSS JOIN corpus_stats c
+WHERE c.n_docs > 0"""
+_REWEIGH_IMPACTS = """
+UPDATE postings p
+SET impact = p.tf * ($1::float8 + 1)
+             / (p.tf + $1::float8 * (1 - $2::float8 + $2::float8 * p.doc_len / greatest(c.avg_doc_len, 1e-9)))
+FROM corpus_stats c"""
+_RECORD_IMPACT_SHAPE = """
+UPDATE statistics_state SET impact_k1 = $1, impact_b = $2, impact_avg_doc_len = c.avg_doc_len
+FROM corpus_stats c"""
+# How far the average document length may move before every impact is recomputed: the ordering
+# it gives drifts slowly (b = 0.4 weighs length at 40%), and a recompute rewrites every posting.
+IMPACT_DRIFT = 0.1
+
 # Unconditional, so it always takes the row's lock: a chunk ending while a refresh holds the
 # row waits for it, then marks the statistics stale again.
 _MARK_DIRTY = "UPDATE statistics_state SET dirty = true"
@@ -173,19 +193,23 @@ async def _write_chunk(connection: asyncpg.Connection, documents: Sequence[Docum
     report.updated += written - inserted
 
 
-async def refresh_statistics(connection: asyncpg.Connection, *, timeout_s: float = 3600) -> bool:
-    """Recompute document frequencies and average length for BM25 if any write made them stale.
+async def refresh_statistics(connection: asyncpg.Connection, bm25: Bm25Shape, *, timeout_s: float = 3600) -> bool:
+    """Recompute document frequencies and average length for BM25 if any write made them stale,
+    and the postings' impacts if they no longer have `bm25`'s shape (see `IMPACT_DRIFT`).
 
-    Readers are never blocked (CONCURRENTLY); returns whether a refresh was needed. The refresh
-    scans every posting, so it gets its own time limit rather than the pool's per-command one.
+    Readers are never blocked (CONCURRENTLY); returns whether the statistics needed a refresh.
+    Both scan every posting, so they get their own time limit rather than the pool's per-command one.
     """
     async with connection.transaction():
-        if not await connection.fetchval("SELECT dirty FROM statistics_state FOR UPDATE"):
-            return False
-        await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY lexeme_stats", timeout=timeout_s)
-        await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY corpus_stats", timeout=timeout_s)
-        await connection.execute("UPDATE statistics_state SET dirty = false, refreshed_at = now()")
-    return True
+        dirty = await connection.fetchval("SELECT dirty FROM statistics_state FOR UPDATE")
+        if dirty:
+            await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY lexeme_stats", timeout=timeout_s)
+            await connection.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY corpus_stats", timeout=timeout_s)
+            await connection.execute("UPDATE statistics_state SET dirty = false, refreshed_at = now()")
+        if await connection.fetchval(_IMPACTS_STALE, bm25.k1, bm25.b, IMPACT_DRIFT):
+            await connection.execute(_REWEIGH_IMPACTS, bm25.k1, bm25.b, timeout=timeout_s)
+            await connection.execute(_RECORD_IMPACT_SHAPE, bm25.k1, bm25.b)
+    return dirty
 
 
 def _chunks(items: Iterable[Document | LineError], size: int, report: IngestReport,
@@ -229,7 +253,7 @@ async def ingest(
             for chunk in _chunks(read_documents(source), chunk_size, report, progress):
                 report.read += len(chunk)
                 await _write_chunk(connection, chunk, embed, report, bm25)
-            report.statistics_refreshed = await refresh_statistics(connection)
+            report.statistics_refreshed = await refresh_statistics(connection, bm25)
     report.errors.sort(key=lambda error: error.line)  # those found by PostgreSQL came later
     report.seconds = time.perf_counter() - started
     log.info("ingested", extra={"source": str(source), **{

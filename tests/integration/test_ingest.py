@@ -12,7 +12,7 @@ from cluster.cli.main import main as dtrag
 from cluster.data import corpus as corpus_module
 from cluster.data import ingest as ingest_module
 from cluster.data.corpus import MAX_TEXT_BYTES
-from cluster.data.ingest import ingest
+from cluster.data.ingest import Bm25Shape, ingest
 from serve_app.fusion import Ranking
 from serve_app.retrieval import DocumentIndex
 
@@ -189,7 +189,7 @@ async def test_interrupted_runs_leave_statistics_to_be_refreshed_by_the_next(emp
     assert await empty_pool.fetchval("SELECT n_docs FROM corpus_stats") == 0
 
     # Ctrl-C once every document is written, before the refresh: asyncio.run cancels the main task.
-    async def cancelled(connection, **kwargs):
+    async def cancelled(*args, **kwargs):
         raise asyncio.CancelledError
 
     with monkeypatch.context() as patch:
@@ -217,6 +217,49 @@ async def test_interrupted_runs_leave_statistics_to_be_refreshed_by_the_next(emp
 
     again = await ingest(empty_pool, corpus, embed_must_not_run, show_progress=False)
     assert not again.statistics_refreshed  # nothing changed since: no refresh
+
+
+async def impacts_off_their_weight(pool: asyncpg.Pool, bm25: Bm25Shape) -> float:
+    """The largest gap between a posting's impact and BM25's term-frequency part under `bm25` now."""
+    return await pool.fetchval(
+        """SELECT coalesce(max(abs(p.impact - p.tf * ($1::float8 + 1)
+                                / (p.tf + $1::float8 * (1 - $2::float8 + $2::float8 * p.doc_len / c.avg_doc_len)))), 0)
+           FROM postings p CROSS JOIN corpus_stats c""", bm25.k1, bm25.b)
+
+
+async def test_impacts_follow_the_bm25_shape_and_the_collections_average_length(empty_pool, embedder, tmp_path):
+    """A refresh recomputes every impact when k1 or b changes, or the average length moves by
+    more than IMPACT_DRIFT; within it, they stay as written."""
+    default, other = Bm25Shape(0.9, 0.4), Bm25Shape(1.2, 0.75)
+    short = [{"_id": f"s{i}", "text": f"Tulips and owls, number {i}."} for i in range(8)]
+    corpus = write_corpus(tmp_path / "docs.jsonl", short)
+    await ingest(empty_pool, corpus, embedder.encode, chunk_size=3, show_progress=False, bm25=default)
+    # the first refresh finds no recorded shape, recomputes and records it
+    assert await impacts_off_their_weight(empty_pool, default) < 1e-6
+    shape = "SELECT impact_k1, impact_b, impact_avg_doc_len FROM statistics_state"
+    average = await empty_pool.fetchval("SELECT avg_doc_len FROM corpus_stats")
+    assert tuple(await empty_pool.fetchrow(shape)) == (0.9, 0.4, pytest.approx(average))
+
+    async with empty_pool.acquire() as connection:
+        assert not await ingest_module.refresh_statistics(connection, other)  # statistics fresh, shape not
+    assert await impacts_off_their_weight(empty_pool, other) < 1e-6
+    assert tuple(await empty_pool.fetchrow(shape))[:2] == (1.2, 0.75)
+
+    # One more short document moves the average by less than a tenth: impacts stay as written.
+    write_corpus(corpus, [*short, {"_id": "s8", "text": "Tulips and owls, number 8, grey."}])
+    await ingest(empty_pool, corpus, embedder.encode, show_progress=False, bm25=other)
+    moved = await empty_pool.fetchval("SELECT avg_doc_len FROM corpus_stats")
+    assert 0 < abs(moved / average - 1) <= ingest_module.IMPACT_DRIFT
+    assert (await empty_pool.fetchrow(shape))["impact_avg_doc_len"] == pytest.approx(average)
+
+    # Long documents double it: every impact is recomputed with the new average.
+    long = [{"_id": f"l{i}", "text": random_words(600, seed=i)} for i in range(8)]
+    write_corpus(corpus, [*short, *long])
+    await ingest(empty_pool, corpus, embedder.encode, show_progress=False, bm25=other)
+    grown = await empty_pool.fetchval("SELECT avg_doc_len FROM corpus_stats")
+    assert grown > 2 * average
+    assert await impacts_off_their_weight(empty_pool, other) < 1e-6
+    assert (await empty_pool.fetchrow(shape))["impact_avg_doc_len"] == pytest.approx(grown)
 
 
 def test_dtrag_ingest_summarises_skips_and_fails_only_when_nothing_is_stored(fresh_database_url, monkeypatch,
