@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -249,22 +249,26 @@ def standalone_server(settings: Settings, port: int, log_path: Path) -> Iterator
         "DTRAG_HTTP_HOST": "127.0.0.1",
         "DTRAG_HTTP_PORT": str(port),
     }
+    with log_path.open("wb") as log, serving([sys.executable, "-m", "serve_app.standalone"], port,
+                                             env=environment, stdout=log, stderr=subprocess.STDOUT) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, **popen: Any) -> Iterator[str]:
+    """Run `command`, a server on 127.0.0.1:`port`, until it answers /health; yield its URL, stop it after."""
     url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.standalone"],
-            cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
-        )
+    process = subprocess.Popen(command, cwd=REPO, **popen)
+    try:
+        wait_healthy(url, HEALTH_TIMEOUT_S, process)
+        yield url
+    finally:
+        process.terminate()
         try:
-            wait_healthy(url, HEALTH_TIMEOUT_S, process)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def _with_connection(url: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

@@ -33,10 +33,9 @@ import dataclasses
 import datetime
 import os
 import shlex
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -51,19 +50,19 @@ loopback_only_environment()  # before Ray is imported: the deployments below are
 from ray import serve  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 
-from _harness import BENCH, REPO, process_cpu_seconds, ray_serve, replace_section, revoke, wait_healthy  # noqa: E402
+from _harness import BENCH, process_cpu_seconds, ray_serve, replace_section, revoke, wait_healthy  # noqa: E402
 from cluster.data.beir import load_queries  # noqa: E402
 from cluster.data.corpus import sample_corpus_dir  # noqa: E402
 from cluster.platform.database import resolve_database_url  # noqa: E402
 from cluster.platform.settings import load_settings  # noqa: E402
 from load import (  # noqa: E402
     HEALTH_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     LoadResult,
     create_bench_key,
     format_cpu_by_role,
     ray_environment,
     run_load,
+    serving,
     standalone_server,
 )
 
@@ -159,21 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def uvicorn_echo(port: int) -> Iterator[str]:
+def uvicorn_echo(port: int) -> contextlib.AbstractContextManager[str]:
     """The echo app in a uvicorn process of its own (this script, `--echo-child`)."""
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, __file__, "--echo-child", str(port)], cwd=REPO)
-    try:
-        wait_healthy(url, HEALTH_TIMEOUT_S, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return serving([sys.executable, __file__, "--echo-child", str(port)], port)
 
 
 def idle_cpu_ms_per_s(window_s: float) -> float:

@@ -102,6 +102,7 @@ SELECT d.doc_id, d.partial, d.cut_lists_read < b.cut_lists AS incomplete, b.cut_
 FROM documents d CROSS JOIN bounds b
 WHERE d.place <= $5
 ORDER BY d.place"""
+
 # One primary-key lookup per (term, document), however long the terms' postings lists are (the
 # LIMIT keeps the planner from turning the lookups into a scan of each term's whole list).
 _BM25_OF = f"""{_QUERY_TERMS}
