@@ -14,10 +14,12 @@ ten hits the size of a real search's:
 
 Serve's floor is a Serve target's server CPU per request less uvicorn's. Given `--state-dir`
 (an ingested DTRAG_STATE_DIR) it also measures the real pipeline in one uvicorn process in the
-same run, P ms of server CPU per search with PostgreSQL, and reports the most any Serve app with
-that many deployments could reach against it: P / (P + floor). It is a ceiling: a real search
-carries more through each hop than the echo, and Ray's per-second background (measured idle
-here) is spread over many more echo requests per second than searches.
+same run, P ms of server CPU per search with PostgreSQL, and reports P / (P + floor): the CPU
+a search would cost one uvicorn process for each CPU it costs a Serve app of that many
+deployments that adds the echo's floor and nothing else. That is a ratio of CPU, not of
+throughput: one uvicorn process does not use every core (bench/load.py reports both), so Serve's
+throughput against it can be higher, and an app that batches across requests (the embedder)
+pays less per request for its hop than the echo does.
 
     .venv/bin/python bench/serve_floor.py --state-dir /tmp/bench-state --dataset $DATA/scifact
 
@@ -136,7 +138,7 @@ class Middle:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Back:
-    def __call__(self, query: str) -> dict:
+    async def __call__(self, query: str) -> dict:  # async, as every deployment of the app: no thread pool
         return echo_hits(query)
 
 
@@ -218,17 +220,17 @@ def measure(args: argparse.Namespace, queries: list[str]) -> tuple[list[LoadResu
 
 
 def format_floor(results: Sequence[LoadResult], pipeline: LoadResult | None) -> str:
-    """One row per echo target: its pace, CPU per request and floor; with the pipeline, the ceiling."""
+    """One row per echo target: its pace, CPU per request and floor; with the pipeline, P / (P + floor)."""
     baseline = results[0].service_cpu_ms_per_request
     lines = ["| target | req/s | p50 ms | server CPU ms/req | floor: ms/req over uvicorn echo "
-             "| ceiling vs the uvicorn pipeline | other work, % of cores |",
+             "| uvicorn pipeline CPU / (it + floor) | other work, % of cores |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         floor = r.service_cpu_ms_per_request - baseline
-        ceiling = "" if pipeline is None else (
+        share = "" if pipeline is None else (
             f"{pipeline.service_cpu_ms_per_request / (pipeline.service_cpu_ms_per_request + floor):.2f}")
         lines.append(f"| {r.target} | {r.requests_per_second:.0f} | {r.percentile(50):.1f} | "
-                     f"{r.service_cpu_ms_per_request:.2f} | {floor:.2f} | {ceiling} | {r.other_cpu_percent:.0f} |")
+                     f"{r.service_cpu_ms_per_request:.2f} | {floor:.2f} | {share} | {r.other_cpu_percent:.0f} |")
     if pipeline is not None:
         lines.append(f"| {pipeline.target} | {pipeline.requests_per_second:.1f} | {pipeline.percentile(50):.0f} | "
                      f"{pipeline.service_cpu_ms_per_request:.1f} | | 1.00 | {pipeline.other_cpu_percent:.0f} |")
@@ -249,9 +251,9 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu
 hits of a search's size) from {args.concurrency} closed-loop clients after {args.warmup} uncounted,
 with bench/load.py's client and CPU accounting (Ray workers at niceness
 {os.environ["RAY_worker_niceness"]}). Floor: a target's server CPU per request less the uvicorn
-echo's. Ceiling: P / (P + floor), P the server CPU per search (PostgreSQL included) of the real
-pipeline in one uvicorn process, measured in the same run: the most a Serve app with that many
-deployments could reach against `uvicorn` in bench/load.py's table, before any of its own work.
+echo's. P / (P + floor), P the server CPU per search (PostgreSQL included) of the real pipeline
+in one uvicorn process, measured in the same run: the CPU per search of uvicorn over that of a
+Serve app that adds exactly the floor (a ratio of CPU; see the notes).
 
 {floor_table}
 
@@ -260,9 +262,8 @@ Server CPU per request (ms) by process:
 {cpu_table}
 
 Ray (default options) with the 3-deployment echo deployed and no requests: {idle_ms_per_s:.0f} ms of CPU per second
-(over {IDLE_WINDOW_S:.0f} s). At the echo's pace that is a small part of each request; at the
-pipeline's pace under Serve (bench/load.py: about 16 searches/s) it adds about
-{idle_ms_per_s / 16:.1f} ms per search that the ceiling above leaves out.
+(over {IDLE_WINDOW_S:.0f} s). At the echo's pace that is a small part of each request; at 20 searches a
+second it would be {idle_ms_per_s / 20:.1f} ms of each.
 """
 
 
