@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -77,14 +77,9 @@ class PlanCosts:
     exhaustive_ms: np.ndarray  # (queries,)
     bounded_ms: np.ndarray  # (queries,)
 
-    def fit(self, postings: np.ndarray, ms: np.ndarray) -> tuple[float, float]:
-        """(fixed ms, ms per posting) of ms = fixed + per_posting x postings, least squares."""
-        per_posting, fixed = np.polyfit(postings.astype(float), ms, 1)
-        return float(fixed), float(per_posting)
-
     def summary(self) -> str:
-        e_fixed, e_slope = self.fit(self.exhaustive_postings, self.exhaustive_ms)
-        b_fixed, b_slope = self.fit(self.bounded_postings, self.bounded_ms)
+        e_fixed, e_slope = line_fit(self.exhaustive_postings, self.exhaustive_ms)
+        b_fixed, b_slope = line_fit(self.bounded_postings, self.bounded_ms)
         return (f"| {self.dataset} | {len(self.bounded_ms)} | {e_fixed:.2f} + {1000 * e_slope:.2f} us/posting "
                 f"| {b_fixed:.2f} + {1000 * b_slope:.2f} us/posting | {b_slope / e_slope:.2f} "
                 f"| {(self.bounded_postings < self.exhaustive_postings).mean():.1%} "
@@ -92,7 +87,13 @@ class PlanCosts:
                 f"| {self.bounded_ms.sum() / self.exhaustive_ms.sum():.2f} |")
 
 
-async def best_ms(run) -> float:
+def line_fit(postings: np.ndarray, ms: np.ndarray) -> tuple[float, float]:
+    """(fixed ms, ms per posting) of ms = fixed + per_posting x postings, least squares."""
+    per_posting, fixed = np.polyfit(postings.astype(float), ms, 1)
+    return float(fixed), float(per_posting)
+
+
+async def best_ms(run: Callable[[], Awaitable[object]]) -> float:
     """The best of TIMING_RUNS runs, in ms."""
     times = []
     for _ in range(TIMING_RUNS):
