@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import asyncpg
 import numpy as np
 
+from cluster.core.bm25 import IDF, term_frequency_part
 from cluster.platform.database import unavailable_on_connection_errors
 from cluster.platform.settings import RetrievalSettings
 from serve_app.fusion import Ranking
@@ -23,11 +24,8 @@ WITH query_terms AS (
     FROM unnest(to_tsvector('english', $1)) u
 )"""
 
-_BM25_SCORE = """
-sum(q.qtf
-    * ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))
-    * p.tf * ($2::float8 + 1)
-    / (p.tf + $2::float8 * (1 - $3::float8 + $3::float8 * p.doc_len / greatest(s.avg_doc_len, 1e-9))))"""
+_BM25_SCORE = f"""
+sum(q.qtf * {IDF} * {term_frequency_part("p.tf", "p.doc_len", "s.avg_doc_len", "$2", "$3")})"""
 
 _BM25_FROM = """
 FROM query_terms q
@@ -47,7 +45,7 @@ ranked AS (
 SELECT r.doc_id, r.score, i.idf
 FROM ranked r
 CROSS JOIN (
-    SELECT array_agg(ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5))) AS idf
+    SELECT array_agg({IDF}) AS idf
     FROM query_terms q
     JOIN lexeme_stats l ON l.lexeme = q.lexeme
     CROSS JOIN corpus_stats s
@@ -63,16 +61,14 @@ ORDER BY r.score DESC, r.doc_id"""
 # for a document read in no list.
 _BOUNDED_TOP = f"""{_QUERY_TERMS},
 terms AS (
-    SELECT q.lexeme, q.qtf, ln(1 + (s.n_docs - l.df + 0.5) / (l.df + 0.5)) AS idf, s.avg_doc_len
+    SELECT q.lexeme, q.qtf, {IDF} AS idf, s.avg_doc_len
     FROM query_terms q
     JOIN lexeme_stats l ON l.lexeme = q.lexeme
     CROSS JOIN corpus_stats s
 ),
 read AS (
     SELECT t.lexeme, top.doc_id,
-           t.qtf * t.idf * top.tf * ($2::float8 + 1)
-           / (top.tf + $2::float8 * (1 - $3::float8 + $3::float8 * top.doc_len / greatest(t.avg_doc_len, 1e-9)))
-           AS weight
+           t.qtf * t.idf * {term_frequency_part("top.tf", "top.doc_len", "t.avg_doc_len", "$2", "$3")} AS weight
     FROM terms t
     CROSS JOIN LATERAL (
         SELECT p.doc_id, p.tf, p.doc_len FROM postings p

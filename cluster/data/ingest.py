@@ -30,6 +30,7 @@ import asyncpg
 import numpy as np
 from tqdm import tqdm
 
+from cluster.core.bm25 import term_frequency_part
 from cluster.data.corpus import Document, LineError, corpus_file, count_lines, read_documents
 from cluster.platform.settings import RetrievalSettings, load_settings
 
@@ -86,15 +87,13 @@ WHERE d.id = ANY($1::text[])"""
 # The impact (BM25's term-frequency part) orders postings for bounded lexical search
 # (`serve_app.retrieval`); it takes the collection's average length from the statistics, or
 # from the documents being written while the collection has none yet (its first ingestion).
-_POSTINGS = """
+_POSTINGS = f"""
 WITH average AS (
     SELECT coalesce((SELECT avg_doc_len FROM corpus_stats WHERE n_docs > 0),
                     (SELECT avg(doc_len) FROM documents WHERE id = ANY($1::text[]))) AS doc_len
 )
 INSERT INTO postings (lexeme, doc_id, tf, doc_len, impact)
-SELECT t.lexeme, t.doc_id, t.tf, t.doc_len,
-       t.tf * ($2::float8 + 1)
-       / (t.tf + $2::float8 * (1 - $3::float8 + $3::float8 * t.doc_len / greatest(a.doc_len, 1e-9)))
+SELECT t.lexeme, t.doc_id, t.tf, t.doc_len, {term_frequency_part("t.tf", "t.doc_len", "a.doc_len", "$2", "$3")}
 FROM (SELECT u.lexeme, d.id AS doc_id, coalesce(array_length(u.positions, 1), 1) AS tf, d.doc_len
       FROM documents d, unnest(d.tsv) u
       WHERE d.id = ANY($1::text[])) t
@@ -109,10 +108,8 @@ SELECT st.impact_k1 IS DISTINCT FROM $1 OR st.impact_b IS DISTINCT FROM $2
        OR abs(c.avg_doc_len / greatest(st.impact_avg_doc_len, 1e-9) - 1) > $3
 FROM statistics_state st CROSS JOIN corpus_stats c
 WHERE c.n_docs > 0"""
-_REWEIGH_IMPACTS = """
-UPDATE postings p
-SET impact = p.tf * ($1::float8 + 1)
-             / (p.tf + $1::float8 * (1 - $2::float8 + $2::float8 * p.doc_len / greatest(c.avg_doc_len, 1e-9)))
+_REWEIGH_IMPACTS = f"""
+UPDATE postings p SET impact = {term_frequency_part("p.tf", "p.doc_len", "c.avg_doc_len", "$1", "$2")}
 FROM corpus_stats c"""
 _RECORD_IMPACT_SHAPE = """
 UPDATE statistics_state SET impact_k1 = $1, impact_b = $2, impact_avg_doc_len = c.avg_doc_len
