@@ -34,7 +34,7 @@ def build_app(settings: Settings) -> Application:
 def bind_app(settings: Settings, actors: ClusterActors) -> Application:
     """The deployment graph over running actors. Replicas and resources come from the Serve
     config (`configs/serve.yaml`), as under `serve deploy`; binding runs nothing, so the graph
-    can be rendered the way `serve build` renders one (tests/unit/test_serve_build.py)."""
+    can be rendered the way `serve build` renders one (tests/unit/test_serve_config.py)."""
     serve = settings.serve
     health = {"health_check_period_s": serve.health_check_period_s,
               "health_check_timeout_s": serve.health_check_timeout_s}
