@@ -371,14 +371,14 @@ def percentiles_ms(seconds: Any) -> tuple[float, float, float]:
 # --- the cluster's processes ------------------------------------------------------------------
 
 
-def cluster_processes(state_dir: Path, root: psutil.Process | None = None,
+def cluster_processes(state_dir: Path | None, root: psutil.Process | None = None,
                       root_role: str = "driver + load generator") -> dict[int, str]:
     """Every process of the cluster, pid -> `process_role`: `root` (this process by default) and
-    its descendants (Ray's own processes and workers), and the embedded PostgreSQL with its
-    backends (not a descendant: the server daemonizes)."""
+    its descendants (Ray's own processes and workers), and, given the state folder, the embedded
+    PostgreSQL with its backends (not a descendant: the server daemonizes)."""
     root = root or psutil.Process()
     roles = {root.pid: root_role}
-    postmaster = running_postmaster(pgdata_dir(state_dir))
+    postmaster = None if state_dir is None else running_postmaster(pgdata_dir(state_dir))
     others = [] if postmaster is None else [postmaster, *postmaster.children()]
     for process in [*root.children(recursive=True), *others]:
         with contextlib.suppress(psutil.Error):

@@ -54,10 +54,10 @@ from tqdm import tqdm
 from _harness import (
     BENCH,
     REPO,
+    cluster_processes,
     deploy_app,
     machine_busy_seconds,
     process_cpu_seconds,
-    process_role,
     ray_serve,
     replace_section,
     revoke,
@@ -139,18 +139,17 @@ class CpuSample:
 
 def sample_cpu(state_dir: Path | None) -> CpuSample:
     """Serving processes are this process's descendants (Ray's, or the uvicorn process) and, given
-    the state folder, its embedded PostgreSQL server (not our child: it daemonizes) with its backends."""
-    database: list[psutil.Process] = []
-    if state_dir is not None:
-        postmaster = psutil.Process(int((state_dir / "pgdata" / "postmaster.pid").read_text().split()[0]))
-        database = [postmaster, *postmaster.children()]
+    the state folder, its embedded PostgreSQL with its backends (`cluster_processes`)."""
+    own = psutil.Process()
+    roles = cluster_processes(state_dir, own)
+    del roles[own.pid]
+    if state_dir is not None and "postgres" not in roles.values():
+        raise RuntimeError(f"no PostgreSQL server runs on {state_dir}: its CPU would go uncounted")
     service: dict[int, float] = {}
-    roles: dict[int, str] = {}
-    for process in [*psutil.Process().children(recursive=True), *database]:
+    for pid in roles:
         with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
-            service[process.pid] = process_cpu_seconds(process)
-            roles[process.pid] = process_role(process)
-    return CpuSample(service, roles, process_cpu_seconds(psutil.Process()), machine_busy_seconds())
+            service[pid] = process_cpu_seconds(psutil.Process(pid))
+    return CpuSample(service, {pid: roles[pid] for pid in service}, process_cpu_seconds(own), machine_busy_seconds())
 
 
 def cpu_between(before: CpuSample, after: CpuSample) -> tuple[float, float, dict[str, float]]:
