@@ -61,6 +61,16 @@ async def migrated(url: str) -> None:
         await connection.close()
 
 
+EMBEDDING_DIMENSIONS = 384  # documents.embedding is vector(384): MiniLM's
+
+
+def unit_vectors(count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, EMBEDDING_DIMENSIONS) random unit vectors: stand-ins for embeddings where only
+    BM25 or the index's cost is measured."""
+    vectors = rng.standard_normal((count, EMBEDDING_DIMENSIONS)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
 def with_database(url: str, name: str) -> str:
     """The same server's URL with another database name."""
     base, _, query = url.partition("?")

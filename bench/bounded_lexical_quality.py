@@ -27,7 +27,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 
-from _harness import BENCH, relative, replace_section, scratch_database
+from _harness import BENCH, relative, replace_section, scratch_database, unit_vectors
 from cluster.clients.evaluate import judged_queries
 from cluster.data.ingest import ingest
 from cluster.platform.database import create_pool
@@ -115,8 +115,8 @@ async def plan_costs(name: str, pool: asyncpg.Pool, exhaustive: DocumentIndex, b
 
 
 def random_vectors(texts: Sequence[str]) -> np.ndarray:
-    vectors = np.random.default_rng(len(texts)).standard_normal((len(texts), 384)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    """The ingestion's `embed`, with random unit vectors: only BM25 is scored here."""
+    return unit_vectors(len(texts), np.random.default_rng(len(texts)))
 
 
 async def evaluate(url: str, settings: Settings, dataset: Path, cutoffs: Sequence[int]) -> tuple[list[Row], PlanCosts]:

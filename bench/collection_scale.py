@@ -44,7 +44,7 @@ import asyncpg
 import numpy as np
 from tqdm import tqdm
 
-from _harness import BENCH, relative, replace_section, scratch_database
+from _harness import BENCH, relative, replace_section, scratch_database, unit_vectors
 from cluster.data.beir import load_queries
 from cluster.data.corpus import Document, read_documents
 from cluster.data.ingest import Bm25Shape, add_postings, refresh_statistics
@@ -54,7 +54,6 @@ from cluster.platform.settings import Settings, load_settings
 from serve_app.retrieval import DocumentIndex
 
 SECTION = "## Collection size: lexical and dense latency"
-DIMENSIONS = 384
 BUSY = Path("/tmp/bench-busy")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -99,11 +98,6 @@ def synthetic_documents(real: list[list[str]], start: int, count: int, seed: int
         text = " ".join(s if rng.random() < 0.5 else b_sentences[j % len(b_sentences)]
                         for j, s in enumerate(a[1:]))
         yield Document(f"s{i:08d}", a[0], text)
-
-
-def unit_vectors(count: int, rng: np.random.Generator) -> np.ndarray:
-    vectors = rng.standard_normal((count, DIMENSIONS)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 # --- loading ----------------------------------------------------------------------------------
