@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import random
@@ -37,7 +36,7 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -54,7 +53,6 @@ from cluster.platform.settings import Settings, load_settings
 from serve_app.retrieval import DocumentIndex
 
 SECTION = "## Collection size: lexical and dense latency"
-BUSY = Path("/tmp/bench-busy")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -209,19 +207,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-@contextlib.asynccontextmanager
-async def busy_flag() -> AsyncIterator[None]:
-    """Wait for anyone else timing on this machine to finish, then say that we are."""
-    while BUSY.exists():
-        print(f"{BUSY} exists: someone is measuring; waiting", flush=True)
-        await asyncio.sleep(30)
-    BUSY.touch()
-    try:
-        yield
-    finally:
-        BUSY.unlink(missing_ok=True)
-
-
 async def measure(pool: asyncpg.Pool, settings: Settings, queries: list[str], documents: int,
                   with_dense: bool, args: argparse.Namespace) -> tuple[list[Timing], float]:
     """p50 and p95 of each method over the queries (interleaved, so all see the same machine),
@@ -236,24 +221,23 @@ async def measure(pool: asyncpg.Pool, settings: Settings, queries: list[str], do
     if with_dense:
         times["dense (HNSW)"] = []
     overlaps = []
-    async with busy_flag():
-        for i, (query, vector) in enumerate(tqdm(list(zip(queries, vectors, strict=True)),
-                                                 desc=f"time {documents:,}", unit="query")):
-            rankings = []
-            for name, index in methods.items():
-                started = time.perf_counter()
-                ranking, _ = await index.lexical_with_idf(query, k)
-                times[name].append((time.perf_counter() - started) * 1000)
-                rankings.append([doc for doc, _ in ranking[:10]])
-            overlaps.append(len(set(rankings[0]) & set(rankings[1])) / max(len(rankings[0]), 1))
-            if with_dense:
-                index = methods["lexical exhaustive"]
-                started = time.perf_counter()
-                await index.dense(vector, k)
-                times["dense (HNSW)"].append((time.perf_counter() - started) * 1000)
-            if i + 1 == args.warmup:  # the first queries only warm the caches
-                times = {name: [] for name in times}
-                overlaps = []
+    for i, (query, vector) in enumerate(tqdm(list(zip(queries, vectors, strict=True)),
+                                             desc=f"time {documents:,}", unit="query")):
+        rankings = []
+        for name, index in methods.items():
+            started = time.perf_counter()
+            ranking, _ = await index.lexical_with_idf(query, k)
+            times[name].append((time.perf_counter() - started) * 1000)
+            rankings.append([doc for doc, _ in ranking[:10]])
+        overlaps.append(len(set(rankings[0]) & set(rankings[1])) / max(len(rankings[0]), 1))
+        if with_dense:
+            index = methods["lexical exhaustive"]
+            started = time.perf_counter()
+            await index.dense(vector, k)
+            times["dense (HNSW)"].append((time.perf_counter() - started) * 1000)
+        if i + 1 == args.warmup:  # the first queries only warm the caches
+            times = {name: [] for name in times}
+            overlaps = []
     timings = [Timing(name, documents, percentile(values, 50), percentile(values, 95))
                for name, values in times.items()]
     return timings, statistics.fmean(overlaps)
