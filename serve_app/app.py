@@ -41,9 +41,7 @@ def bind_app(settings: Settings, actors: ClusterActors) -> Application:
     embedder = Embedder.options(
         **health, **deployment_options(settings, EMBEDDER),
         max_ongoing_requests=2 * settings.embedding.max_batch_size,  # room to fill a batch
-    ).bind(
-        settings.embedding.max_batch_size, settings.embedding.batch_wait_timeout_s
-    )
+    ).bind(settings.embedding.max_batch_size)
     arms = {
         arm: PipelineArm.options(
             **health, **deployment_options(settings, ARM_DEPLOYMENTS[arm]), name=ARM_DEPLOYMENTS[arm],

@@ -69,6 +69,12 @@ class IngressMetrics:
         self.rollout_weight = Gauge("rollout_weight", "Share of callers routed to each arm", ("arm",))
 
 
+def embed_batch_size_histogram() -> Histogram:
+    """Queries per forward pass of the embedder: near 1 means no batching, so one more replica
+    costs a whole model's CPU per query."""
+    return Histogram("embed_batch_size", "Queries per forward pass of the embedder", (1, 2, 4, 8, 16, 32, 64))
+
+
 class ArmMetrics:
     def __init__(self) -> None:
         self.latency = Histogram("pipeline_latency_seconds", "Pipeline time per search",

@@ -94,7 +94,6 @@ class RetrievalSettings:
 class EmbeddingSettings:
     batch_size: int
     max_batch_size: int
-    batch_wait_timeout_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +340,6 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("retrieval.lexical_postings_per_term", "DTRAG_LEXICAL_POSTINGS_PER_TERM", _non_negative_int),
     ("embedding.batch_size", "DTRAG_EMBED_BATCH_SIZE", _positive_int),
     ("embedding.max_batch_size", "DTRAG_EMBED_MAX_BATCH", _positive_int),
-    ("embedding.batch_wait_timeout_s", "DTRAG_EMBED_BATCH_WAIT_S", _non_negative_float),
     ("serve.pipeline_replicas", "DTRAG_PIPELINE_REPLICAS", _optional(_positive_int)),
     ("serve.ingress_replicas", "DTRAG_INGRESS_REPLICAS", _optional(_positive_int)),
     ("serve.embedder_replicas", "DTRAG_EMBEDDER_REPLICAS", _optional(_positive_int)),
