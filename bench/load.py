@@ -2,14 +2,20 @@
 
 Sends `--requests` searches (POST /api/v1/search/, final_topk 10, queries cycled from the
 dataset's queries.jsonl) from `--concurrency` closed-loop clients (like `ab -n 1000 -c 10`),
-after an uncounted warm-up, to three targets in turn, on the same machine and database:
+after an uncounted warm-up, to each target in turn, on the same machine and database:
 
-1. `serve batched`: the Serve app with the default settings (the embedder batches queries);
-2. `serve unbatched`: the same app with `embedding.max_batch_size = 1`;
-3. `serve throughput-optimized`: the default app on a Ray started with Serve's
-   `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (gRPC between deployments, user code and router on the
-   replica's main loop, buffered request logs, frozen GC);
-4. `uvicorn`: `python -m serve_app.standalone`, one process, no Ray.
+- `serve`: the Serve app with the default settings, behind Serve's own HTTP proxy;
+- `serve-haproxy`: the same app on a Ray started with `RAY_SERVE_ENABLE_HA_PROXY=1`
+  (Ray 2.56+: HAProxy listens on the HTTP port and forwards to the ingress replica's own HTTP
+  server, with no Python proxy in between);
+- `serve-throughput-optimized`: the default app on a Ray started with Serve's
+  `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (gRPC between deployments, user code and router on the
+  replica's main loop, buffered request logs, frozen GC);
+- `serve-unbatched`: the default app with `embedding.max_batch_size = 1`;
+- `uvicorn`: `python -m serve_app.standalone`, one process, no Ray.
+
+Machines drift by 10-20% over minutes, so the whole set runs `--rounds` times, each round
+measuring uvicorn first: a ratio is taken within a round, and the table reports every round's.
 
 Before a Serve target is measured, the learners must have run out of work (a restored replay
 gives them a backlog that would otherwise be counted as the cost of searches), and the CPU of
@@ -22,9 +28,10 @@ PostgreSQL, Ray, Serve and the uvicorn process itself, and stops them before it 
     .venv/bin/python bench/load.py --state-dir /tmp/bench-state --dataset $DATA/scifact
 
 Ray workers run at niceness 0 here (Ray's default is 15, uvicorn's 0), so both sides have the
-same CPU priority. It prints req/s and latency percentiles per target, writes a latency plot
-(`bench/results/load_latency.png`) and the section "## Load: Serve vs one uvicorn process" of
-`bench/RESULTS.md`, and exits 1 if any request failed.
+same CPU priority. HAProxy's stats and metrics listeners bind every interface (Ray's template;
+requests still go over loopback only). It prints req/s and latency percentiles per target,
+writes a latency plot (`bench/results/load_latency.png`) and the section "## Load: Serve vs one
+uvicorn process" of `bench/RESULTS.md`, and exits 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -106,13 +113,26 @@ class LoadResult:
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
 
+    @classmethod
+    def pooled(cls, results: Sequence[LoadResult]) -> LoadResult:
+        """One target's rounds as one run: every request, all the time and all the CPU."""
+        by_role: collections.Counter[str] = collections.Counter()
+        for r in results:
+            by_role.update(r.cpu_by_role)
+        return cls(results[0].target, np.concatenate([r.latencies_ms for r in results]),
+                   [e for r in results for e in r.errors], sum(r.seconds for r in results),
+                   sum(r.service_cpu_s for r in results), sum(r.other_cpu_s for r in results), dict(by_role))
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, required=True, help="an ingested DTRAG_STATE_DIR")
     parser.add_argument("--dataset", type=Path, default=sample_corpus_dir(),
                         help="a folder with queries.jsonl (default: the sample corpus)")
-    parser.add_argument("--requests", type=int, default=1000, help="counted requests per target")
+    parser.add_argument("--requests", type=int, default=1000, help="counted requests per target and round")
+    parser.add_argument("--rounds", type=int, default=3, help="times every target is measured")
+    parser.add_argument("--targets", nargs="+", choices=SERVE_TARGETS, default=list(SERVE_TARGETS),
+                        help="the Serve targets to measure (uvicorn always is)")
     parser.add_argument("--concurrency", type=int, default=10, help="closed-loop clients")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted requests first")
     parser.add_argument("--max-seconds", type=float, default=600.0,
@@ -333,25 +353,31 @@ def ray_environment(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def measure_all(settings: Settings, key: str, queries: Sequence[str], args: argparse.Namespace) -> list[LoadResult]:
-    """uvicorn first (before Ray exists, so nothing else competes for the cores), then Serve."""
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    uvicorn_log = args.plot.parent / "load_uvicorn.log"
-    with standalone_server(settings, args.uvicorn_port, uvicorn_log) as url:
-        uvicorn_result = asyncio.run(run_load("uvicorn", url, key, queries, args))
+# Serve targets: the environment of the Ray they run on, and how their settings differ.
+SERVE_TARGETS: dict[str, tuple[dict[str, str], str]] = {
+    "serve": ({}, "default"),
+    "serve-haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, "default"),
+    "serve-throughput-optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "default"),
+    "serve-unbatched": ({}, "unbatched"),
+}
 
-    unbatched = dataclasses.replace(
-        settings, embedding=dataclasses.replace(settings.embedding, max_batch_size=1)
-    )
-    rays = (
-        ({}, (("serve batched", settings), ("serve unbatched", unbatched))),
-        ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, (("serve throughput-optimized", settings),)),
-    )
+
+def measure_round(settings: Settings, key: str, queries: Sequence[str], args: argparse.Namespace) -> list[LoadResult]:
+    """uvicorn first (before Ray exists, so nothing else competes for the cores), then each Serve
+    target; targets that share a Ray environment share one Ray."""
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    with standalone_server(settings, args.uvicorn_port, args.plot.parent / "load_uvicorn.log") as url:
+        uvicorn_result = asyncio.run(run_load("uvicorn", url, key, queries, args))
+    variants = {"default": settings, "unbatched": dataclasses.replace(
+        settings, embedding=dataclasses.replace(settings.embedding, max_batch_size=1))}
+    by_environment: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for target in args.targets:
+        by_environment.setdefault(tuple(sorted(SERVE_TARGETS[target][0].items())), []).append(target)
     serve_results = []
-    for variables, targets in rays:
-        with ray_environment(variables), ray_serve(settings) as url:
-            for target, target_settings in targets:
-                deploy_app(target_settings, url, HEALTH_TIMEOUT_S)
+    for variables, targets in by_environment.items():
+        with ray_environment(dict(variables)), ray_serve(settings) as url:
+            for target in targets:
+                deploy_app(variants[SERVE_TARGETS[target][1]], url, HEALTH_TIMEOUT_S)
                 samples, seconds = wait_until_learning_idle()
                 if samples:
                     args.backlogs.append(f"{target}: {samples:,} samples in {seconds:.0f} s "
@@ -377,6 +403,18 @@ def format_table(results: Sequence[LoadResult], baseline: LoadResult) -> str:
             f"{r.percentile(50) / baseline.percentile(50):.2f} | "
             f"{r.service_cpu_ms_per_request:.0f} | {r.other_cpu_percent:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_rounds(rounds: Sequence[Sequence[LoadResult]], first: int = 1) -> str:
+    """Each round's searches per second, and each Serve target's against that round's uvicorn."""
+    targets = [r.target for r in rounds[0]]
+    lines = ["| round | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
+    for number, results in enumerate(rounds, first):
+        baseline = results[-1].requests_per_second
+        lines.append(f"| {number} | " + " | ".join(
+            f"{r.requests_per_second:.1f}" + ("" if r is results[-1] else f" ({r.requests_per_second / baseline:.2f}x)")
+            for r in results) + " |")
     return "\n".join(lines)
 
 
@@ -426,9 +464,9 @@ def plot_latencies(results: Sequence[LoadResult], path: Path) -> None:
     plt.close(figure)
 
 
-def section_body(table: str, cpu_table: str, settings: Settings, args: argparse.Namespace) -> str:
+def section_body(rounds_table: str, table: str, cpu_table: str, settings: Settings,
+                 args: argparse.Namespace) -> str:
     command = shlex.join([".venv/bin/python", "bench/load.py", *sys.argv[1:]])
-    embedding = settings.embedding
     return f"""
 Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()} cores.
 
@@ -436,19 +474,25 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu
 {command}
 ```
 
-{args.requests} counted searches per target (POST /api/v1/search/, final_topk {FINAL_TOPK}, queries
-cycled from `{args.dataset}/queries.jsonl`) from {args.concurrency} closed-loop clients, after
-{args.warmup} uncounted warm-up requests; client and servers on the same machine. Serve: one
-replica each of ingress, pipeline arm and embedder; batched = `max_batch_size`
-{embedding.max_batch_size}, `batch_wait_timeout_s` {embedding.batch_wait_timeout_s}; unbatched =
-`max_batch_size` 1; throughput-optimized = batched on a Ray started with
-`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each Serve target is measured once the learners are idle.
-Ray workers at niceness {os.environ["RAY_worker_niceness"]} (Ray's default is 15).
-uvicorn: `python -m serve_app.standalone`, one process, niceness 0. Ratios are
-target / uvicorn. Server CPU: user + system time of the serving processes (all of Ray's, or the
-uvicorn process) and PostgreSQL, per request; largely independent of other load. Other work:
-CPU time used meanwhile by every other process on the machine (the load generator excluded), as
-a share of all cores; well above 0 means the cores were shared and the timings are pessimistic.
+{args.requests} counted searches per target and round (POST /api/v1/search/, final_topk {FINAL_TOPK},
+queries cycled from `{args.dataset}/queries.jsonl`) from {args.concurrency} closed-loop clients, after
+{args.warmup} uncounted warm-up requests; client and servers on the same machine; {args.rounds} rounds,
+each measuring uvicorn first, then every Serve target. Serve: one replica each of ingress, pipeline
+arm and embedder; the embedder batches up to {settings.embedding.max_batch_size} queries per forward
+pass (serve-unbatched: 1); serve-haproxy = on a Ray started with `RAY_SERVE_ENABLE_HA_PROXY=1`;
+serve-throughput-optimized = on a Ray started with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each Serve target
+is measured once the learners are idle. Ray workers at niceness {os.environ["RAY_worker_niceness"]}
+(Ray's default is 15). uvicorn: `python -m serve_app.standalone`, one process, niceness 0.
+
+Searches per second in each round, and against that round's uvicorn:
+
+{rounds_table}
+
+All rounds pooled. Ratios are target / uvicorn. Server CPU: user + system time of the serving
+processes (all of Ray's, or the uvicorn process) and PostgreSQL, per request; largely
+independent of other load. Other work: CPU time used meanwhile by every other process on the
+machine (the load generator excluded), as a share of all cores; well above 0 means the cores
+were shared and the timings are pessimistic.
 
 {table}
 
@@ -481,19 +525,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = resolve_database_url(None, args.state_dir)  # the embedded server; stops when we exit
     settings = base.with_database_url(url)
     key = create_bench_key(url)
+    rounds: list[list[LoadResult]] = []
     try:
-        results = measure_all(settings, key, queries, args)
+        for number in range(1, args.rounds + 1):
+            rounds.append(measure_round(settings, key, queries, args))
+            print(f"round {number} of {args.rounds}:", format_rounds(rounds[-1:], first=number), sep="\n")
     finally:
         asyncio.run(revoke(url, key))
 
+    results = [LoadResult.pooled(each) for each in zip(*rounds)]
     table = format_table(results, baseline=results[-1])
     cpu_table = format_cpu_by_role(results)
-    print(table, cpu_table, sep="\n\n")
+    rounds_table = format_rounds(rounds)
+    print(rounds_table, table, cpu_table, sep="\n\n")
     for r in results:
         for error in sorted(set(r.errors))[:5]:
             print(f"{r.target}: {r.errors.count(error)} x {error}", file=sys.stderr)
     plot_latencies(results, args.plot)
-    replace_section(args.results, SECTION, section_body(table, cpu_table, settings, args))
+    replace_section(args.results, SECTION, section_body(rounds_table, table, cpu_table, settings, args))
     print(f"wrote {args.plot} and the load section of {args.results}")
     return 1 if any(r.errors for r in results) else 0
 
