@@ -78,8 +78,10 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
     1. beside a cluster `ray start` recorded as the machine's latest (Ray's default would join
        it), a fresh state folder: its own loopback-only Ray, the sample corpus, search, a Ray job;
     2. `kill -9`: its PostgreSQL and Ray's agents are left running;
-    3. again on the same folder and ports: it stops what was left, serves the first run's corpus,
-       and a third run on the folder is refused; Ctrl-C stops everything it started.
+    3. again on the same folder and ports, behind Ray's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY`,
+       the faster front the README recommends for clusters): it stops what was left, serves the
+       first run's corpus with the same HTTP edge, and a third run on the folder is refused;
+       Ctrl-C stops everything it started, HAProxy included.
     The `ray start` cluster is untouched throughout.
     """
     gcs_port, ray_env, gcs, raylet = ray_start_cluster
@@ -101,10 +103,14 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
     orphans = _postgres_of(state)
     assert orphans, "kill -9 should have left the embedded PostgreSQL running (nothing to test)"
 
-    second = _start_up(env)
+    # In the short RAY_TMPDIR: HAProxy's socket path must fit in 97 characters.
+    second = _start_up({**env, **_haproxy_env(Path(env["RAY_TMPDIR"]) / "haproxy")})
     try:
         key, started = _wait_for_key(second, deadline=time.monotonic() + 240)
+        haproxy = _named(second, "haproxy")
+        assert haproxy is not None, "no HAProxy runs in front of Serve"
         _assert_search_works(http_port, key)  # the first run's corpus, in the first run's database
+        _assert_edge_errors_are_json(http_port, key)
         assert not any(map(alive, orphans))
         assert not any(map(alive, own))  # Ray's agents would hold the metrics port for minutes
         elsewhere = {**env, "DTRAG_HTTP_PORT": str(free_port()), "DTRAG_METRICS_PORT": str(free_port()),
@@ -121,6 +127,7 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5)
     _wait_for(lambda: not _postgres_of(state), "the embedded PostgreSQL to stop after Ctrl-C")
+    _wait_for(lambda: not alive(haproxy), "HAProxy to stop after Ctrl-C")
     assert alive(gcs)
     socket.create_connection(("127.0.0.1", gcs_port), timeout=5).close()  # the other GCS still answers
 
@@ -276,6 +283,30 @@ def _assert_search_works(port: int, key: str) -> None:
     )
     assert response.status_code == 200, response.text
     assert len(response.json()["hits"]) == 5
+
+
+def _haproxy_env(folder: Path) -> dict[str, str]:
+    """Ray's HAProxy ingress, with its files and its fixed ports (stats, metrics, the fallback
+    proxy) moved where no other cluster on the machine has them."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            **{name: str(free_port()) for name in (
+                "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}}
+
+
+def _assert_edge_errors_are_json(port: int, key: str) -> None:
+    """The edge (body limit, request ids, JSON errors) also runs where HAProxy sends requests."""
+    response = httpx.post(f"http://127.0.0.1:{port}/api/v1/search/", headers={"X-API-Key": key},
+                          content=b"x" * (128 * 1024), timeout=30)
+    assert response.status_code == 413, response.text
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    response = httpx.post(f"http://127.0.0.1:{port}/api/v1/search/", headers={"X-API-Key": key},
+                          json={"q": ""}, timeout=30)
+    assert response.status_code == 422 and "request_id" in response.json(), response.text
 
 
 def _postgres_of(state: Path) -> list[psutil.Process]:
