@@ -79,7 +79,7 @@ def test_dtrag_up_quick_start_kill_9_and_ctrl_c(ray_start_cluster, tmp_path: Pat
        it), a fresh state folder: its own loopback-only Ray, the sample corpus, search, a Ray job;
     2. `kill -9`: its PostgreSQL and Ray's agents are left running;
     3. again on the same folder and ports, behind Ray's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY`,
-       the faster front the README recommends for clusters): it stops what was left, serves the
+       the faster front the README describes): it stops what was left, serves the
        first run's corpus with the same HTTP edge, and a third run on the folder is refused;
        Ctrl-C stops everything it started, HAProxy included.
     The `ray start` cluster is untouched throughout.
