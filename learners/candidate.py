@@ -61,7 +61,7 @@ class Candidate:
         """The candidate as a model under the live hyperparameters (margin, tau, exploration)."""
         model = ValueModel(len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
                            tau=config.tau, margin=config.margin, explore_max=config.explore_max,
-                           default_action=default_action)
+                           default_action=default_action, bins=config.context_bins)
         try:
             model.load_state_dict(self.model)
         except (KeyError, TypeError, ValueError) as error:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from learners.context_bins import ContextBins
 from learners.replay import PrioritizedReplayBuffer, experience_columns
 from learners.sharded_replay import ShardedReplay, ShardedSampler, shard_of
 from learners.value_model import Transitions, ValueDelta, ValueModel, ValueSnapshot, fold_of
@@ -57,6 +58,7 @@ class LearningConfig:
     min_replay_size: int
     max_staleness: int
     cost_weight: float  # lambda: reward = quality - lambda * expected CPU ms
+    context_bins: int  # k steps per context feature (`learners.context_bins`); 0: linear in the raw features
     seed: int | None = None  # of the replay's sampling; set in tests that replay a sequence
 
 
@@ -164,6 +166,7 @@ class LearningCore:
         self.model = ValueModel(
             len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
             tau=config.tau, margin=config.margin, explore_max=config.explore_max, default_action=default_action,
+            bins=config.context_bins,
         )
         self._shards = shards
         self._empty_replay()
@@ -282,8 +285,9 @@ class LearningCore:
     def apply_update(
         self, delta: ValueDelta, indices: np.ndarray, insertion_ids: np.ndarray, td_errors: np.ndarray
     ) -> bool:
-        """Apply a learner's delta and priorities; False (nothing changed) when it is too stale."""
-        if self.model.version - delta.base_version > self.config.max_staleness:
+        """Apply a learner's delta and priorities; False (nothing changed) when it is too stale or was
+        computed with the context bins' edges before they were learned."""
+        if self.model.version - delta.base_version > self.config.max_staleness or not self.model.accepts(delta):
             self.updates_rejected += 1
             return False
         indices = np.asarray(indices, np.int64)
@@ -319,8 +323,12 @@ class LearningCore:
             "policy_version": s.version,
             "actions": list(self.actions),
             "features": list(self.features),
-            "theta": {a: dict(zip(("intercept", *self.features), row.tolist(), strict=True))
+            "theta": {a: dict(zip(_phi_names(s, self.features), row.tolist(), strict=True))
                       for a, row in zip(self.actions, s.theta, strict=True)},
+            "context_bins": None if s.bins is None else {
+                "bins": self.config.context_bins,
+                "edges": dict(zip(self.features, s.bins.edges.tolist(), strict=True)) if s.bins.learned else None,
+            },
             "pooled": dict(zip(self.actions, s.pooled.tolist(), strict=True)),
             "experiences_per_action": dict(zip(self.actions, s.seen.tolist(), strict=True)),
             "pooled_choice": self.actions[s.pooled_action()],
@@ -388,10 +396,21 @@ class LearningCore:
         self.last_context = state.get("last_context")
 
 
+def _phi_names(snapshot: ValueSnapshot, features: Sequence[str]) -> list[str]:
+    """A name per entry of phi(x), as the report labels theta."""
+    return ["intercept", *features] if snapshot.bins is None else snapshot.bins.names(features)
+
+
 def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
     """The acting policy of a `LearningCore.model_report` (e.g. fetched over HTTP), to score offline."""
     actions, features = report["actions"], report["features"]
-    theta = np.array([[report["theta"][a][name] for name in ("intercept", *features)] for a in actions])
+    binned = report.get("context_bins")
+    bins = None
+    if binned is not None:
+        bins = (ContextBins.unset(len(features), binned["bins"]) if binned["edges"] is None
+                else ContextBins(np.array([binned["edges"][name] for name in features], np.float64)))
+    names = ["intercept", *features] if bins is None else bins.names(features)
+    theta = np.array([[report["theta"][a][name] for name in names] for a in actions])
     return ValueSnapshot(
         version=report["policy_version"], theta=theta,
         pooled=np.array([report["pooled"][a] for a in actions]),
@@ -399,5 +418,5 @@ def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
         preferred=tuple(actions.index(a) for a in report["preferred_over_default"]),
         default_action=actions.index(report["default_action"]), margin=report["margin"],
         open_actions=tuple(i for i, a in enumerate(actions) if report["gates"][a]["open"]),
-        epsilon=report["exploration_rate"], tau=report["tau"],
+        epsilon=report["exploration_rate"], tau=report["tau"], bins=bins,
     )

@@ -1,8 +1,10 @@
 """A per-action linear value model over context features: soft Q-learning with a pooled prior.
 
-For a context x (the `learners.context` features of a query, shape (d,)) and phi(x) = [1, x]:
+For a context x (the `learners.context` features of a query, shape (d,)) and phi(x) either
+[1, x], or with k bins per feature the steps of `learners.context_bins` (edges at the quantiles
+of the first BIN_SAMPLE distinct contexts seen, then fixed), shape (D,) = (1 + d (k - 1),):
 
-    Q(x, a)  = theta_a . phi(x)                          theta: (A, d + 1)
+    Q(x, a)  = theta_a . phi(x)                          theta: (A, D)
     theta_a  = argmin_theta  sum_i w_i (y_i - theta . phi_i)^2 + k |slopes of theta, in standard units|^2
     b(a)     = sum_i w_i y_i / sum_i w_i  over a's samples        the pooled row: Q without context
     y        = r + gamma * V(x'),   V(x) = tau * log sum_a exp(Q(x, a) / tau)   (gamma = 0: a bandit)
@@ -37,10 +39,12 @@ FOLDS folds by a stable hash of their context, and for each fold a model is fitt
 fold (cross-fitting). Every new experience is scored before it is learned from, by the model that
 leaves its fold out: per action, the reward of the rule's choice minus the reward of that model's
 a_b, exactly when every action was rewarded, by inverse propensity otherwise. A query that comes
-back is then still judged by a model that never saw it, and it counts once while it stays among
-the last GATE_HORIZON distinct queries, so repeats cannot make an overfit model look good. A gate
-is open while the one-sided 95% lower bound (Bonferroni over the A - 1 gates) of its uplift's
-mean over the last GATE_HORIZON queries is above 0: a collection with too little traffic for the
+back is judged again, by the current model that leaves its fold out (so still one that never saw
+it), and the new judgement replaces the old: the evidence is the current rule's, once per query,
+over the last GATE_HORIZON distinct queries. Repeats cannot make an overfit model look good, and
+judgements of the early, barely fitted models do not linger while traffic repeats. A gate is open
+while the one-sided 95% lower bound (Bonferroni over the A - 1 gates) of its uplift's mean over
+those queries is above 0: a collection with too little traffic for the
 model to generalise gets the best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from the
 share of feedback that rewards only the served action (clicks), since graded feedback rewards
 every action anyway.
@@ -61,10 +65,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-FORMAT = 7  # state_dict layout: 7 = per-fold, per-action statistics, a gate per action
+from learners.context_bins import ContextBins
+
+FORMAT = 8  # state_dict layout: 8 = per-fold, per-action statistics, per-query gate judgements, context bins
 FOLDS = 5  # the judging models learn from 4/5 of the queries: close to the served model, never the query
 MIN_SAMPLES = 30  # queries of evidence before a normal bound is trusted (advantages, the gate)
 GATE_HORIZON = 500  # searches of gate evidence kept: the model it judged keeps changing
+BIN_SAMPLE = 100  # distinct contexts whose quantiles fix the bins' edges (before them: pooled values only)
 
 
 def _lower_bound(stats: np.ndarray, z: float) -> np.ndarray:
@@ -123,7 +130,7 @@ class ValueSnapshot:
     """The policy at one version; treat as immutable (its arrays are read-only)."""
 
     version: int
-    theta: np.ndarray  # (A, d + 1) coefficients on phi(x), raw feature units
+    theta: np.ndarray  # (A, D) coefficients on phi(x): raw feature units, or steps
     pooled: np.ndarray  # (A,) b(a)
     seen: np.ndarray  # (A,) experiences each action was rewarded in
     preferred: tuple[int, ...]  # actions significantly better than the default, best first
@@ -132,10 +139,15 @@ class ValueSnapshot:
     open_actions: tuple[int, ...]  # actions whose gate is open: the context model may choose them
     epsilon: float
     tau: float
+    bins: ContextBins | None = None  # None: phi(x) = [1, x]
 
     @property
     def n_actions(self) -> int:
         return self.theta.shape[0]
+
+    def design(self, contexts: ArrayLike) -> np.ndarray:
+        """phi(x) per context; (B, d) -> (B, D)."""
+        return design(contexts) if self.bins is None else self.bins.design(contexts)
 
     @property
     def gate_open(self) -> bool:
@@ -144,7 +156,7 @@ class ValueSnapshot:
 
     def values(self, contexts: ArrayLike) -> np.ndarray:
         """Q(x, .) per context; (B, d) -> (B, A)."""
-        return design(contexts) @ self.theta.T
+        return self.design(contexts) @ self.theta.T
 
     def _allowed(self, allowed: np.ndarray | None) -> np.ndarray:
         """Which actions may be chosen (all by default); the default action always may."""
@@ -193,7 +205,7 @@ class ValueSnapshot:
 
 @dataclass(frozen=True)
 class ValueDelta:
-    """Sufficient statistics of one batch, to add: S (FOLDS, A, D, D) and t (FOLDS, A, D), D = d + 1."""
+    """Sufficient statistics of one batch, to add: S (FOLDS, A, D, D) and t (FOLDS, A, D), D = len(phi)."""
 
     gram: np.ndarray
     target: np.ndarray
@@ -208,7 +220,7 @@ def compute_deltas(
     if len(actions) and (actions.min() < 0 or actions.max() >= snapshot.n_actions):
         raise ValueError(f"actions must be in [0, {snapshot.n_actions}), got {sorted(set(actions.tolist()))}")
     w = np.asarray(weights, np.float64)
-    phi = design(batch.contexts)  # (B, D)
+    phi = snapshot.design(batch.contexts)  # (B, D)
     y = np.asarray(batch.rewards, np.float64).copy()
     has_next = np.asarray(batch.has_next, bool)
     if gamma > 0 and has_next.any():
@@ -227,13 +239,15 @@ class ValueModel:
     """The owner of the statistics: fits theta after each delta and keeps the gate's evidence."""
 
     def __init__(self, n_actions: int, n_features: int, *, prior_count: float, lr: float, tau: float,
-                 margin: float, explore_max: float, default_action: int) -> None:
+                 margin: float, explore_max: float, default_action: int, bins: int = 0) -> None:
         if (n_actions < 1 or n_features < 0 or prior_count < 0 or not 0 < lr <= 1 or tau <= 0
-                or margin < 0 or not 0 <= explore_max <= 1 or not 0 <= default_action < n_actions):
+                or margin < 0 or not 0 <= explore_max <= 1 or not 0 <= default_action < n_actions
+                or bins == 1 or bins < 0):
             raise ValueError(
                 "need n_actions >= 1, n_features >= 0, prior_count >= 0, 0 < lr <= 1, tau > 0, margin >= 0, "
-                f"0 <= explore_max <= 1, 0 <= default_action < n_actions; got {n_actions}, {n_features}, "
-                f"{prior_count}, {lr}, {tau}, {margin}, {explore_max}, {default_action}"
+                "0 <= explore_max <= 1, 0 <= default_action < n_actions, bins 0 (raw features) or >= 2; got "
+                f"{n_actions}, {n_features}, {prior_count}, {lr}, {tau}, {margin}, {explore_max}, "
+                f"{default_action}, {bins}"
             )
         self.prior_count = prior_count
         self.lr = lr
@@ -241,19 +255,26 @@ class ValueModel:
         self.margin = margin
         self.explore_max = explore_max
         self.default_action = default_action
-        self._shape = (n_actions, n_features + 1)
+        self.bins = bins
+        self._n_features = n_features
+        self._shape = (n_actions, 1 + n_features * (bins - 1) if bins else n_features + 1)
         self._version = 0
         self.forget()
 
     def forget(self) -> ValueSnapshot:
         """Drop every statistic (a fresh model), as a new version so no replica keeps the old one."""
         n_actions, dim = self._shape
+        self._bins = ContextBins.unset(self._n_features, self.bins) if self.bins else None
+        self._bin_sample: list[np.ndarray] = []  # distinct contexts until the edges are learned
+        self._bins_version = 0  # deltas computed before it used other edges
         self._gram = np.zeros((FOLDS, n_actions, dim, dim))
         self._target = np.zeros((FOLDS, n_actions, dim))
         self._seen = np.zeros(n_actions)
         self._advantage = np.zeros((n_actions, 3))  # per action: n, sum, sum of squares of r(a) - r(a_0)
         self._uplift = np.zeros((n_actions, 4))  # per gate: weight, sum, sum of squares of the uplift, non-zero ones
-        self._judged: collections.OrderedDict[int, None] = collections.OrderedDict()  # recent context keys
+        # the last GATE_HORIZON distinct contexts' keys, each with its latest judgement: per action
+        # (1, uplift, uplift^2, uplift != 0), shape (A, 4); _uplift is their sum
+        self._judged: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._feedback = np.zeros(2)  # weight of experiences rewarding every action, of the others
         return self.refresh()
 
@@ -281,27 +302,57 @@ class ValueModel:
         if self._feedback.sum() > 1 / self.lr:
             self._feedback *= (1 / self.lr) / self._feedback.sum()
         key = context_key(context)
-        if key in self._judged:  # a repeat: the same evidence again
-            self._judged.move_to_end(key)
-            return
-        self._judged[key] = None
+        if key not in self._judged:  # a new query: its advantage and its context count once
+            self._observe_new(context, rewards, action, reward, propensity)
+        judge = self._judges()[fold_of(context)]
+        uplift = np.where(judge.beats_pooled(context)[0],
+                          self._gain(np.arange(len(self._seen)), judge.pooled_action(), rewards, action, reward,
+                                     propensity), 0.0)
+        self._judged.pop(key, None)  # a repeat's judgement is replaced by the current model's
+        self._judged[key] = np.stack([np.ones_like(uplift), uplift, uplift * uplift, uplift != 0], axis=1)
         if len(self._judged) > GATE_HORIZON:
             self._judged.popitem(last=False)
+        self._uplift = np.sum(list(self._judged.values()), axis=0)
 
-        def gain(a: np.ndarray | int, b: int) -> np.ndarray:
-            """r(a) - r(b): exact with every reward, else its inverse-propensity estimate."""
-            if rewards is not None:
-                return np.asarray(rewards, np.float64)[a] - rewards[b]
-            return reward * ((np.asarray(a) == action).astype(np.float64) - (action == b)) / propensity
+    @staticmethod
+    def _gain(a: np.ndarray | int, b: int, rewards: Sequence[float] | None, action: int, reward: float,
+              propensity: float) -> np.ndarray:
+        """r(a) - r(b): exact with every reward, else its inverse-propensity estimate."""
+        if rewards is not None:
+            return np.asarray(rewards, np.float64)[a] - rewards[b]
+        return reward * ((np.asarray(a) == action).astype(np.float64) - (action == b)) / propensity
 
-        advantage = gain(np.arange(len(self._seen)), self.default_action)
+    def _observe_new(self, context: ArrayLike, rewards: Sequence[float] | None, action: int, reward: float,
+                     propensity: float) -> None:
+        """A query not among the recent ones: its advantage over the default, and a context for the bins."""
+        advantage = self._gain(np.arange(len(self._seen)), self.default_action, rewards, action, reward, propensity)
         self._advantage += np.stack([np.ones_like(advantage), advantage, advantage * advantage], axis=1)
-        judge = self._judges()[fold_of(context)]
-        uplift = np.where(judge.beats_pooled(context)[0], gain(np.arange(len(self._seen)), judge.pooled_action()), 0.0)
-        self._uplift += np.stack([np.ones_like(uplift), uplift, uplift * uplift, uplift != 0], axis=1)
-        for stats in (self._advantage, self._uplift):
-            if stats[..., 0].max() > GATE_HORIZON:
-                stats *= GATE_HORIZON / stats[..., 0].max()
+        if self._advantage[:, 0].max() > GATE_HORIZON:
+            self._advantage *= GATE_HORIZON / self._advantage[:, 0].max()
+        if self._bins is not None and not self._bins.learned:
+            self._bin_sample.append(np.asarray(context, np.float64))
+            if len(self._bin_sample) >= BIN_SAMPLE:
+                self.learn_bins(np.array(self._bin_sample))
+
+    def learn_bins(self, contexts: ArrayLike) -> ValueSnapshot:
+        """Fix the bins' edges at the quantiles of `contexts` (N, d), drop what was learned under the old
+        ones (the pooled values only: every step was 0), and refuse deltas computed before (`accepts`)."""
+        if self._bins is None:
+            raise ValueError("this model uses raw features (bins 0): there are no edges to learn")
+        self._bins = ContextBins.from_contexts(contexts, self.bins)
+        self._bin_sample = []
+        self._gram[:] = 0.0
+        self._target[:] = 0.0
+        for key in self._judged:  # judged by models that knew no edges: kept as seen, not as evidence
+            self._judged[key] = np.zeros_like(self._uplift)
+        self._uplift = np.zeros_like(self._uplift)
+        snapshot = self.refresh()
+        self._bins_version = snapshot.version
+        return snapshot
+
+    def accepts(self, delta: ValueDelta) -> bool:
+        """Whether a delta was computed with the current edges (on a snapshot since they were learned)."""
+        return delta.base_version >= self._bins_version
 
     def gates(self) -> list[dict[str, float | None]]:
         """Per action, the cross-fitted uplift of its pairwise rule over the pooled row: n, mean, lower bound.
@@ -341,6 +392,9 @@ class ValueModel:
 
     def apply_deltas(self, delta: ValueDelta) -> int:
         """Add a learner's statistics, forget beyond the horizon, refit; returns the new version."""
+        if not self.accepts(delta):
+            raise ValueError(f"delta computed on version {delta.base_version}, before the bins' edges were "
+                             f"learned at version {self._bins_version}")
         self._gram += delta.gram
         self._target += delta.target
         horizon = 1 / self.lr
@@ -393,7 +447,7 @@ class ValueModel:
             array.flags.writeable = False
         seen, preferred, epsilon = self._shared
         return ValueSnapshot(self._version, theta, pooled, seen, preferred, self.default_action, self.margin,
-                             open_actions, epsilon, self.tau)
+                             open_actions, epsilon, self.tau, self._bins)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: hyperparameters, version and statistics."""
@@ -401,9 +455,13 @@ class ValueModel:
             "format": FORMAT, "prior_count": self.prior_count, "lr": self.lr, "tau": self.tau,
             "margin": self.margin, "explore_max": self.explore_max, "default_action": self.default_action,
             "version": self._version, "gram": self._gram.copy(), "target": self._target.copy(),
-            "seen": self._seen.copy(), "advantage": self._advantage.copy(), "uplift": self._uplift.copy(),
-            "judged": list(self._judged),
+            "seen": self._seen.copy(), "advantage": self._advantage.copy(),
+            "judged_keys": list(self._judged),
+            "judged": np.array(list(self._judged.values())).reshape(len(self._judged), *self._uplift.shape),
             "feedback": self._feedback.copy(),
+            "bins": None if self._bins is None else self._bins.edges.copy(),
+            "bin_sample": [c.copy() for c in self._bin_sample],
+            "bins_version": self._bins_version,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -416,12 +474,22 @@ class ValueModel:
         gram = np.array(state["gram"], np.float64)
         if gram.shape != self._gram.shape:
             raise ValueError(f"state has statistics of shape {gram.shape}, the model {self._gram.shape}")
+        edges = None if state["bins"] is None else np.array(state["bins"], np.float64)
+        expected = None if self._bins is None else self._bins.edges.shape
+        if (edges is None) != (expected is None) or (edges is not None and edges.shape != expected):
+            raise ValueError(f"state has context bins {None if edges is None else edges.shape}, "
+                             f"the model {expected} ({self.bins} bins per feature)")
         self._gram = gram
         self._target = np.array(state["target"], np.float64)
         self._seen = np.array(state["seen"], np.float64)
         self._advantage = np.array(state["advantage"], np.float64)
-        self._uplift = np.array(state["uplift"], np.float64)
-        self._judged = collections.OrderedDict.fromkeys(int(key) for key in state["judged"])
+        judged = np.array(state["judged"], np.float64).reshape(-1, *self._uplift.shape)
+        self._judged = collections.OrderedDict(
+            (int(key), row) for key, row in zip(state["judged_keys"], judged, strict=True))
+        self._uplift = judged.sum(axis=0)
         self._feedback = np.array(state["feedback"], np.float64)
+        self._bins = None if edges is None else ContextBins(edges)
+        self._bin_sample = [np.array(c, np.float64) for c in state["bin_sample"]]
+        self._bins_version = int(state["bins_version"])
         self._version = int(state["version"])
         self._snapshot = self._fit()

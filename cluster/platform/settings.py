@@ -243,6 +243,7 @@ _unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number between 0 and 
 _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _port = _number(int, lambda v: 1 <= v <= 65535, "a TCP port between 1 and 65535")
 _port_or_off = _number(int, lambda v: 0 <= v <= 65535, "a TCP port between 1 and 65535, or 0 for off")
+_bins = _number(int, lambda v: v == 0 or v >= 2, "0 (raw features) or a whole number >= 2")
 
 
 def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
@@ -357,6 +358,7 @@ _FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("learning.margin", "DTRAG_POLICY_MARGIN", _non_negative_float),
     ("learning.explore_max", "DTRAG_EXPLORE_MAX", _unit_float),
     ("learning.cost_weight", "DTRAG_COST_WEIGHT", _non_negative_float),
+    ("learning.context_bins", "DTRAG_CONTEXT_BINS", _bins),
     ("learning.gamma", "DTRAG_SOFTQ_GAMMA", _unit_float),
     ("learning.samples_per_insert", "DTRAG_SAMPLES_PER_INSERT", _positive_float),
     ("learning.min_replay_size", "DTRAG_MIN_REPLAY_SIZE", _positive_int),

@@ -14,7 +14,7 @@ FEATURES = ("x0", "x1")
 DEFAULT = 0
 CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.0002,
                         gamma=0.0, prior_count=50.0, margin=0.005, explore_max=0.05, samples_per_insert=8.0,
-                        min_replay_size=32, max_staleness=8, cost_weight=0.0, seed=0)
+                        min_replay_size=32, max_staleness=8, cost_weight=0.0, context_bins=0, seed=0)
 
 
 def mean_quality(x: np.ndarray) -> np.ndarray:

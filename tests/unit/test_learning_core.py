@@ -25,7 +25,7 @@ DEFAULT = 0
 # The shipped hyperparameters (configs/settings.yaml); each test changes what it is about.
 CONFIG = LearningConfig(capacity=10_000, alpha=0.6, beta0=0.4, beta_steps=100_000, tau=0.1, lr=0.0002,
                         gamma=0.0, prior_count=50.0, margin=0.005, explore_max=0.05, samples_per_insert=8.0,
-                        min_replay_size=32, max_staleness=8, cost_weight=0.0005, seed=0)
+                        min_replay_size=32, max_staleness=8, cost_weight=0.0005, context_bins=0, seed=0)
 
 
 def config(**changes) -> LearningConfig:
@@ -320,3 +320,20 @@ def test_a_core_over_shards_it_does_not_own_leaves_them_out_of_its_state_and_emp
         other.buffer
     other.forget()
     assert len(core.replay) == 0
+
+
+def test_a_binned_policy_survives_the_report_before_and_after_its_edges_are_learned():
+    fresh = make_core(context_bins=3)
+    report = json.loads(json.dumps(fresh.model_report(), allow_nan=False))  # strict JSON: no inf edges
+    assert report["context_bins"] == {"bins": 3, "edges": None}
+    x = np.random.default_rng(4).uniform(-1, 1, (50, len(FEATURES)))
+    np.testing.assert_array_equal(policy_from_report(report).values(x), fresh.policy().model.values(x))
+
+    core = trained_core(margin=0.2, context_bins=3)
+    snapshot = core.policy().model
+    assert snapshot.bins.learned
+    report = json.loads(json.dumps(core.model_report(), allow_nan=False))
+    assert list(report["theta"]["lexical"]) == ["intercept", "x0>q1", "x0>q2", "x1>q1", "x1>q2"]
+    policy = policy_from_report(report)
+    np.testing.assert_allclose(policy.values(x), snapshot.values(x), rtol=1e-12)
+    np.testing.assert_array_equal(policy.greedy_actions(x), snapshot.greedy_actions(x))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from learners.value_model import (
+    BIN_SAMPLE,
     FOLDS,
     MIN_SAMPLES,
     Transitions,
@@ -63,7 +64,7 @@ def test_without_data_q_is_zero_and_the_default_action_is_served():
 
 @pytest.mark.parametrize("bad", [dict(n_actions=0), dict(prior_count=-1.0), dict(lr=0.0), dict(lr=1.5),
                                  dict(tau=0.0), dict(margin=-0.1), dict(explore_max=1.5),
-                                 dict(default_action=3)])
+                                 dict(default_action=3), dict(bins=1), dict(bins=-2)])
 def test_invalid_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError):
         make_model(**bad)
@@ -258,6 +259,23 @@ def test_a_repeated_query_is_gate_evidence_once():
     np.testing.assert_array_equal(model.refresh().seen, [100, 100])  # but every experience counts
 
 
+def test_a_repeated_query_is_judged_again_by_the_current_model_and_still_counts_once():
+    model = make_model(n_actions=2, n_features=1, margin=0.005)  # nothing learned: the pooled row
+    x = fresh_contexts(60)
+    for context, rewards in zip(x, feature_decides(x)):
+        model.observe(context, 0, rewards.tolist(), float(rewards[0]), 1.0)
+    assert model.gates()[1]["deviations"] == 0  # an untrained model never deviates
+    pool = np.linspace(-1, 1, 401)[:, None]
+    for action in (0, 1):
+        learn(model, pool, np.full(len(pool), action), feature_decides(pool)[:, action])
+    for context, rewards in zip(x, feature_decides(x)):  # the same queries come back
+        model.observe(context, 0, rewards.tolist(), float(rewards[0]), 1.0)
+    gate = model.gates()[1]
+    assert gate["n"] == 60  # each query once ...
+    assert gate["deviations"] == np.count_nonzero(x[:, 0] > 0.07)  # ... judged by the model as it is now
+    assert gate["mean"] > 0
+
+
 def test_click_feedback_scores_the_model_by_inverse_propensity_and_counts_the_served_action():
     model = trained_on(flipped=False)  # at x > 0.07 the model picks 1, the pooled row 0
     model.observe([0.9], 1, None, 0.8, 0.25)
@@ -407,3 +425,70 @@ def test_a_disallowed_action_is_never_chosen_but_the_default_always_may_be():
     np.testing.assert_array_equal(probs[:, 2], 0.0)
     assert (probs[:, 0] > 0).all()  # the default stays allowed
     assert s.pooled_action(np.array([False, False, False])) == 0
+
+
+# --- context bins -------------------------------------------------------------------------------
+
+
+def middle_pays(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One feature; action 1 beats action 0 by 0.2 only for contexts in the middle third."""
+    x = rng.uniform(0, 3, (n, 1))
+    a = rng.integers(0, 2, n)
+    middle = (x[:, 0] > 1) & (x[:, 0] < 2)
+    return x, a, np.where(a == 1, np.where(middle, 0.7, 0.3), 0.5)
+
+
+def observe_distinct(model: ValueModel, count: int, rng: np.random.Generator) -> None:
+    for x in rng.uniform(0, 3, (count, 1)):
+        model.observe(x, 0, [0.5, 0.5], 0.5, 1.0)
+
+
+def test_bins_learn_a_middle_band_that_a_line_cannot():
+    rng = np.random.default_rng(0)
+    probes = np.array([[0.5], [1.5], [2.5]])
+    chosen = {}
+    for bins in (0, 3):
+        model = make_model(n_actions=2, n_features=1, prior_count=1e-3, bins=bins)
+        if bins:
+            observe_distinct(model, BIN_SAMPLE, rng)
+        learn(model, *middle_pays(rng, 3000))
+        chosen[bins] = model.snapshot().model_actions(probes).tolist()
+    assert chosen[3] == [0, 1, 0]
+    assert chosen[0] != [0, 1, 0]  # a line through the band picks one side
+
+
+def test_edges_are_learned_from_the_first_distinct_contexts_and_earlier_deltas_are_refused():
+    rng = np.random.default_rng(1)
+    model = make_model(n_actions=2, n_features=1, bins=3)
+    assert not model.snapshot().bins.learned
+    early, _ = compute_deltas(model.snapshot(), transitions(*middle_pays(rng, 50)), np.ones(50), 0.0)
+    model.apply_deltas(early)  # before the edges: statistics of the intercept, accepted
+    for _ in range(3):  # a repeated context counts once
+        model.observe([1.0], 0, [0.5, 0.5], 0.5, 1.0)
+    observe_distinct(model, BIN_SAMPLE - 2, rng)
+    assert not model.snapshot().bins.learned
+    stale, _ = compute_deltas(model.snapshot(), transitions(*middle_pays(rng, 50)), np.ones(50), 0.0)
+    observe_distinct(model, 1, rng)
+    snapshot = model.snapshot()
+    assert snapshot.bins.learned and snapshot.bins.edges.shape == (1, 2)
+    np.testing.assert_array_equal(snapshot.pooled, [0.0, 0.0])  # what the unset edges taught is gone
+    assert not model.accepts(stale)
+    with pytest.raises(ValueError, match="edges"):
+        model.apply_deltas(stale)
+    learn(model, *middle_pays(rng, 50))
+    assert model.snapshot().seen.sum() > 0 and model.snapshot().pooled.any()
+
+
+def test_bins_survive_a_state_dict_round_trip_and_a_raw_state_is_refused():
+    rng = np.random.default_rng(2)
+    model = make_model(n_actions=2, n_features=1, bins=3)
+    observe_distinct(model, BIN_SAMPLE + 5, rng)
+    learn(model, *middle_pays(rng, 500))
+    state = pickle.loads(pickle.dumps(model.state_dict()))
+    restored = make_model(n_actions=2, n_features=1, bins=3)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.snapshot().bins.edges, model.snapshot().bins.edges)
+    x = rng.uniform(0, 3, (20, 1))
+    np.testing.assert_allclose(restored.snapshot().values(x), model.snapshot().values(x))
+    with pytest.raises(ValueError, match="bins"):
+        make_model(n_actions=2, n_features=2, bins=0).load_state_dict(state)  # same statistics shape, no bins
