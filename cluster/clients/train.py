@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cluster.core.actions import LEXICAL_ONLY
-from cluster.data.beir import QuerySplit, load_split
+from cluster.data.beir import load_split
 from learners.learning_core import policy_from_report
 from learners.policy_scores import TestMatrix
 from learners.ranking_metrics import ndcg_at_k
@@ -148,11 +148,12 @@ async def _wait_for_learners(client: httpx.AsyncClient) -> dict[str, Any]:
     return last
 
 
-async def _rank_test(client: httpx.AsyncClient, split: QuerySplit, actions: list[str],
-                     concurrency: int) -> TestMatrix:
-    """Every test query under every action: nDCG@10, CPU ms and the query's context."""
+async def rank_every_action(client: httpx.AsyncClient, queries: dict[str, str],
+                            qrels: dict[str, dict[str, float]], actions: list[str], concurrency: int,
+                            desc: str) -> TestMatrix:
+    """Every query under every action: nDCG@10, CPU ms and the query's context (not logged as experience)."""
     semaphore = asyncio.Semaphore(concurrency)
-    ids = list(split.test)
+    ids = list(queries)
     contexts: list[list[float]] = [[] for _ in ids]
     quality = np.zeros((len(ids), len(actions)))
     cost = np.zeros_like(quality)
@@ -161,17 +162,17 @@ async def _rank_test(client: httpx.AsyncClient, split: QuerySplit, actions: list
         qid = ids[row]
         async with semaphore:
             ranked = await _call(client, "POST", "/api/v1/rank",
-                                 {"q": split.test[qid], "depth": EVAL_DEPTH, "every_action": True})
+                                 {"q": queries[qid], "depth": EVAL_DEPTH, "every_action": True})
         if [a["name"] for a in ranked["actions"]] != actions:
             raise TrainingError(f"the service ranks actions {[a['name'] for a in ranked['actions']]}, "
                                 f"its model has {actions}")
         contexts[row] = ranked["context"]
         for a, action in enumerate(ranked["actions"]):
-            quality[row, a] = ndcg_at_k(action["doc_ids"], split.test_qrels[qid], 10)
+            quality[row, a] = ndcg_at_k(action["doc_ids"], qrels[qid], 10)
             cost[row, a] = action["cpu_ms"]
         progress.update(1)
 
-    with tqdm(total=len(ids), desc="rank test queries under every action", unit="q") as progress:
+    with tqdm(total=len(ids), desc=desc, unit="q") as progress:
         await asyncio.gather(*(rank(r, progress) for r in range(len(ids))))
     dense = np.array([name != LEXICAL_ONLY for name in actions])
     return TestMatrix(ids, np.array(contexts), quality, cost, dense)
@@ -183,7 +184,8 @@ async def _train_seed(client: httpx.AsyncClient, dataset: Path, seed: int, judge
     learning = await _learning(client)
     actions = learning["model"]["actions"]
     split = load_split(dataset, seed)
-    test = await _rank_test(client, split, actions, concurrency)
+    test = await rank_every_action(client, split.test, split.test_qrels, actions, concurrency,
+                                   "rank test queries under every action")
     run = SeedRun(seed, split.description, test, [Snapshot(0, policy_from_report(learning["model"]),
                                                             learning["model"])],
                   [], [], collections.Counter(), collections.Counter(), 0)
