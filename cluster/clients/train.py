@@ -104,13 +104,21 @@ class TrainingReport:
         return min(run.snapshots[-1].judged for run in self.runs)
 
 
-async def _call(client: httpx.AsyncClient, method: str, path: str, body: object = None) -> dict[str, Any]:
-    try:
-        response = await client.request(method, path, json=body)
-    except httpx.TransportError as error:
-        raise TrainingError(
-            f"cannot reach the service at {client.base_url}: {error!r}; is `dtrag up` running?"
-        ) from error
+async def _call(client: httpx.AsyncClient, method: str, path: str, body: object = None,
+                unavailable_s: float = CATCH_UP_TIMEOUT_S) -> dict[str, Any]:
+    """One API call; a 503 (e.g. the learning state still loading after `dtrag up`) is retried for
+    up to `unavailable_s`, every other failure ends the run or, for one item, is ItemRejected."""
+    deadline = time.monotonic() + unavailable_s
+    while True:
+        try:
+            response = await client.request(method, path, json=body)
+        except httpx.TransportError as error:
+            raise TrainingError(
+                f"cannot reach the service at {client.base_url}: {error!r}; is `dtrag up` running?"
+            ) from error
+        if response.status_code != 503 or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(POLL_S)
     if response.status_code == 404 and path == "/api/v1/feedback":
         raise TrainingError(FLAGS_OFF)
     if 400 <= response.status_code < 500 and path in ("/api/v1/search/", "/api/v1/feedback"):

@@ -1,9 +1,10 @@
 import collections
 
+import httpx
 import numpy as np
 import pytest
 
-from cluster.clients.train import MAX_JUDGEMENTS, SeedRun, Snapshot, _judgements
+from cluster.clients.train import MAX_JUDGEMENTS, SeedRun, Snapshot, TrainingError, _call, _judgements
 from cluster.data.beir import split_half
 from learners import policy_scores  # TestMatrix by module: pytest would try to collect a Test* name
 from learners.policy_scores import fixed, greedy, outcome, paired_bootstrap, queries_needed, served
@@ -142,3 +143,30 @@ def test_best_fixed_is_the_best_mean_over_the_first_judged_queries():
     assert run.best_fixed(1, by_reward=False) == 0  # only the first query counts
     assert run.best_fixed(4, by_reward=False) == 1
     assert run.best_fixed(4, by_reward=True) == 2  # action 1's quality costs too much
+
+
+def flaky_service(unavailable: int) -> tuple[httpx.AsyncClient, list[int]]:
+    """A service answering 503 (the learning state loading) `unavailable` times, then 200."""
+    codes: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        code = 503 if len(codes) < unavailable else 200
+        codes.append(code)
+        return httpx.Response(code, json={"error": "service_unavailable"} if code == 503 else {"ok": True})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://service"), codes
+
+
+async def test_a_503_is_retried_until_the_service_is_up():
+    client, codes = flaky_service(unavailable=2)
+    async with client:
+        assert await _call(client, "POST", "/api/v1/admin/learning/reset") == {"ok": True}
+    assert codes == [503, 503, 200]
+
+
+async def test_a_503_past_the_wait_ends_the_run_with_the_services_answer():
+    client, codes = flaky_service(unavailable=10**6)
+    async with client:
+        with pytest.raises(TrainingError, match="HTTP 503.*service_unavailable"):
+            await _call(client, "POST", "/api/v1/admin/learning/reset", unavailable_s=0.0)
+    assert codes == [503]
