@@ -37,6 +37,7 @@ from learners.replay import PrioritizedReplayBuffer, experience_columns  # noqa:
 
 ALPHA, BETA, EPS = 0.6, 0.4, 1e-6
 CONTEXT_DIM = 14  # len(learners.context.FEATURES)
+N_ACTIONS = 7  # the retrieval head's actions at the default fusion grid
 BETA_STEPS = 100_000  # samples over which beta0 anneals to 1: the buffer's former default
 ADD_BATCH = 256
 SAMPLE_BATCHES = (32, 256)
@@ -132,7 +133,7 @@ class Ours:
 
     def __init__(self, capacity: int) -> None:
         self.buffer = PrioritizedReplayBuffer(
-            capacity, experience_columns(CONTEXT_DIM), alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS, eps=EPS,
+            capacity, experience_columns(CONTEXT_DIM, N_ACTIONS), alpha=ALPHA, beta0=BETA, beta_steps=BETA_STEPS, eps=EPS,
             seed=0,
         )
 
@@ -350,7 +351,7 @@ def main() -> int:
     for capacity in args.capacities:
         all_results[capacity], fills[capacity] = bench_capacity(capacity)
         gc.collect()
-    memory = PrioritizedReplayBuffer(10_000, experience_columns(CONTEXT_DIM), alpha=ALPHA, beta0=BETA,
+    memory = PrioritizedReplayBuffer(10_000, experience_columns(CONTEXT_DIM, N_ACTIONS), alpha=ALPHA, beta0=BETA,
                                      beta_steps=BETA_STEPS)
     memory.add(columns(10_000))
     failures = check_targets(all_results)

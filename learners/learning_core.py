@@ -72,6 +72,7 @@ class Experience:
     propensity: float
     policy_version: int
     next_context: Sequence[float] | None = None
+    search_rewards: Sequence[float] | None = None  # every action's, when the search's feedback gave them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +109,14 @@ class RewardedSearch:
 
         `rewards`: per action, as the learner defines them (only the served one's is read for clicks).
         """
-        served = Experience(self.context, self.action, rewards[self.action], self.propensity,
-                            self.policy_version, self.next_context)
         if not self.graded or self.action_probabilities is None:
-            return [served]
+            return [Experience(self.context, self.action, rewards[self.action], self.propensity,
+                               self.policy_version, self.next_context)]
+        served = Experience(self.context, self.action, rewards[self.action], self.propensity,
+                            self.policy_version, self.next_context, rewards)
         others = [
-            Experience(self.context, a, r, self.action_probabilities[a], self.policy_version, self.next_context)
+            Experience(self.context, a, r, self.action_probabilities[a], self.policy_version, self.next_context,
+                       rewards)
             for a, r in enumerate(rewards) if a != self.action
         ]
         return [served, *others]
@@ -173,8 +176,8 @@ class LearningCore:
 
     def _new_buffer(self) -> PrioritizedReplayBuffer:
         return PrioritizedReplayBuffer(
-            self.config.capacity, experience_columns(len(self.features)), self.config.alpha, self.config.beta0,
-            self.config.beta_steps, seed=self.config.seed,
+            self.config.capacity, experience_columns(len(self.features), len(self.actions)), self.config.alpha,
+            self.config.beta0, self.config.beta_steps, seed=self.config.seed,
         )
 
     def _empty_replay(self) -> None:
@@ -257,6 +260,8 @@ class LearningCore:
             "next_context": [e.next_context if e.next_context is not None else np.zeros(len(self.features))
                              for e in experiences],
             "has_next": [e.next_context is not None for e in experiences],
+            "search_rewards": [e.search_rewards if e.search_rewards is not None else np.full(len(self.actions), np.nan)
+                               for e in experiences],
         }, shards)
         self.inserted += len(experiences)
         return len(self.replay)
@@ -278,7 +283,8 @@ class LearningCore:
         self.sampled += batch_size
         c = drawn.columns
         transitions = Transitions(c["context"].astype(np.float64), c["fold"], c["action"],
-                                  c["reward"].astype(np.float64), c["next_context"].astype(np.float64), c["has_next"])
+                                  c["reward"].astype(np.float64), c["next_context"].astype(np.float64), c["has_next"],
+                                  c["search_rewards"].astype(np.float64))
         return LearnerBatch(drawn.indices * self.replay.num_shards + drawn.shards, drawn.insertion_ids,
                             drawn.weights, transitions, self.model.snapshot(), self.config.gamma)
 

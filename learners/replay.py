@@ -32,8 +32,9 @@ The price is paid on writes: `add` and `update_priorities` are about fifteen num
 us. Adding one experience costs about what RLlib's does (a Python tree: 3 us), updating 32
 priorities is 0.8-1x the speed of the Python tree, and batches of 256 are 4-7x faster than it.
 
-Memory: the columns' bytes per slot (128 for the service's experiences with 14 context features)
-plus 8 for the insertion id and ~16 for the tree, so `nbytes` of a 10_000-slot buffer is 1.5 MB.
+Memory: the columns' bytes per slot (156 for the service's experiences with 14 context features
+and 7 actions) plus 8 for the insertion id and ~16 for the tree, so `nbytes` of a 10_000-slot
+buffer is 1.8 MB.
 
 Columns are declared by the owner (`experience_columns` for the service's experiences), each with
 a per-experience shape, so a context vector is one row of a (capacity, d) array.
@@ -57,13 +58,15 @@ class Column:
     default: float | None = None  # None: required
 
 
-def experience_columns(context_dim: int) -> dict[str, Column]:
+def experience_columns(context_dim: int, n_actions: int) -> dict[str, Column]:
     """The columns of a contextual-bandit experience (x, a, r, x') with what the behaviour policy knew."""
     return {
         "context": Column(np.dtype(np.float32), (context_dim,)),  # the policy's input x
         "fold": Column(np.dtype(np.int8)),  # its cross-fitting fold
         "action": Column(np.dtype(np.int16)),
         "reward": Column(np.dtype(np.float32)),
+        # every action's reward in the same search when the feedback gave them all; NaN: not rewarded
+        "search_rewards": Column(np.dtype(np.float32), (n_actions,), np.nan),
         "propensity": Column(np.dtype(np.float32)),  # probability the behaviour policy gave `action`
         "policy_version": Column(np.dtype(np.int32)),  # version of the policy that acted
         "next_context": Column(np.dtype(np.float32), (context_dim,), 0.0),  # x' of the session's next search

@@ -11,7 +11,11 @@ of the first BIN_SAMPLE distinct contexts seen, then fixed), shape (D,) = (1 + d
 
 The sums run over what learners sampled from prioritized replay (w: the importance weights), kept
 as per-action sufficient statistics S_a = sum w phi phi^T and t_a = sum w phi y, so a learner's
-delta is a batch's statistics and applying it is an addition. Once a's sampled weight exceeds the
+delta is a batch's statistics and applying it is an addition. A sampled experience whose search
+had every action rewarded (graded feedback) teaches each of them, with weight w / A: the actions'
+fits then share their samples, and Q(x, a) - Q(x, b) fits the per-search difference. Fitted on
+samples of their own, a query's difficulty, which varies far more than any action's uplift,
+would enter each action's fit by how often that action happened to draw it. Once a's sampled weight exceeds the
 horizon 1/lr, its statistics are scaled back to it: an exponentially weighted window that lets Q
 follow a changing corpus. Features are standardised with the mean and spread of every sample
 seen (read from the statistics themselves), so k means the same on any collection: with k = 0
@@ -123,6 +127,7 @@ class Transitions(NamedTuple):
     rewards: np.ndarray  # (B,)
     next_contexts: np.ndarray  # (B, d); rows where has_next is False are ignored
     has_next: np.ndarray  # (B,) bool: False when the episode ended, V(x') counts as 0
+    search_rewards: np.ndarray | None = None  # (B, A) every action's reward in the same search; NaN: unknown
 
 
 @dataclass(frozen=True)
@@ -215,23 +220,34 @@ class ValueDelta:
 def compute_deltas(
     snapshot: ValueSnapshot, batch: Transitions, weights: ArrayLike, gamma: float
 ) -> tuple[ValueDelta, np.ndarray]:
-    """The batch's statistics and TD errors y - Q(x, a), shape (B,). Pure: computed on the snapshot."""
+    """The batch's statistics and TD errors y - Q(x, a) of each row's own action, shape (B,).
+
+    A row with `search_rewards` adds every rewarded action's target with weight w / (actions
+    rewarded); a row without, its own action's with weight w. Pure: computed on the snapshot.
+    """
     actions = np.asarray(batch.actions, np.int64)
-    if len(actions) and (actions.min() < 0 or actions.max() >= snapshot.n_actions):
-        raise ValueError(f"actions must be in [0, {snapshot.n_actions}), got {sorted(set(actions.tolist()))}")
+    n_actions, dim = snapshot.theta.shape
+    if len(actions) and (actions.min() < 0 or actions.max() >= n_actions):
+        raise ValueError(f"actions must be in [0, {n_actions}), got {sorted(set(actions.tolist()))}")
+    rows = np.arange(len(actions))
     w = np.asarray(weights, np.float64)
     phi = snapshot.design(batch.contexts)  # (B, D)
-    y = np.asarray(batch.rewards, np.float64).copy()
+    y = np.full((len(actions), n_actions), np.nan)  # (B, A) targets; NaN: that action was not rewarded
+    if batch.search_rewards is not None:
+        y[:] = batch.search_rewards
+    y[rows, actions] = batch.rewards
     has_next = np.asarray(batch.has_next, bool)
     if gamma > 0 and has_next.any():
-        y[has_next] += gamma * soft_value_from_q(snapshot.values(batch.next_contexts[has_next]), snapshot.tau)
-    td = y - (phi * snapshot.theta[actions]).sum(axis=1)
-    n_actions, dim = snapshot.theta.shape
-    cells = (np.asarray(batch.folds, np.int64), actions)
+        y[has_next] += gamma * soft_value_from_q(snapshot.values(batch.next_contexts[has_next]), snapshot.tau)[:, None]
+    td = y[rows, actions] - (phi * snapshot.theta[actions]).sum(axis=1)
+    taught = ~np.isnan(y)
+    share = w / taught.sum(axis=1)  # (B,)
+    row, action = np.nonzero(taught)
+    cells = (np.asarray(batch.folds, np.int64)[row], action)
     gram = np.zeros((FOLDS, n_actions, dim, dim))
     target = np.zeros((FOLDS, n_actions, dim))
-    np.add.at(gram, cells, w[:, None, None] * phi[:, :, None] * phi[:, None, :])
-    np.add.at(target, cells, (w * y)[:, None] * phi)
+    np.add.at(gram, cells, share[row, None, None] * phi[row, :, None] * phi[row, None, :])
+    np.add.at(target, cells, (share[row] * y[row, action])[:, None] * phi[row])
     return ValueDelta(gram, target, snapshot.version), td
 
 

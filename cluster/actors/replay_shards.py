@@ -70,9 +70,10 @@ class ReplayShard:
     """Shard `shard` of N: per head, a prioritized replay buffer of capacity / N slots."""
 
     def __init__(self, database_url: str, shard: int, num_shards: int, config: LearningConfig,
-                 context_dim: int, heads: Sequence[str]):
+                 context_dim: int, heads: Mapping[str, int]):
+        """`heads`: each learning head's number of actions."""
         self._url, self._shard, self._num_shards = database_url, shard, num_shards
-        self._config, self._context_dim, self._heads = config, context_dim, tuple(heads)
+        self._config, self._context_dim, self._heads = config, context_dim, dict(heads)
         self._buffers = self._new_buffers()
         self._lock = threading.Lock()  # the load thread swaps the buffers
         self._loaded = False
@@ -86,8 +87,9 @@ class ReplayShard:
         c = self._config
         seed = None if c.seed is None else c.seed + self._shard
         return {head: PrioritizedReplayBuffer(shard_capacity(c.capacity, self._num_shards),
-                                              experience_columns(self._context_dim), c.alpha, c.beta0,
-                                              c.beta_steps, seed=seed) for head in self._heads}
+                                              experience_columns(self._context_dim, n_actions), c.alpha,
+                                              c.beta0, c.beta_steps, seed=seed)
+                for head, n_actions in self._heads.items()}
 
     def _load(self, rollback: bool) -> dict[str, int]:
         """Swap in the buffers of the latest checkpoint (empty ones when there is none).

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import NAMESPACE
 from cluster.actors.learners import DRIVER_NAME, LearnerDriver
-from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, HEADS, Head, LearningState
+from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, Head, LearningState
 from cluster.actors.replay_shards import SHARD_PREFIX, ReplayShard, shard_name
 from cluster.actors.rollout_control import ACTOR_NAME as ROLLOUT_CONTROL_NAME, RolloutControl
 from cluster.platform.settings import Settings
@@ -56,12 +56,14 @@ def start_actors(settings: Settings) -> ClusterActors:
     url = settings.database.url
     assert url, "the database URL is resolved before the actors start"
     learning = settings.learning
+    heads = learning_heads(settings)
     shards = () if learning.replay_shards == 1 else tuple(
         ReplayShard.options(**_named(shard_name(k)), scheduling_strategy=placement).remote(
-            url, k, learning.replay_shards, learning.core, len(FEATURES), HEADS)
+            url, k, learning.replay_shards, learning.core, len(FEATURES),
+            {name: len(head.actions) for name, head in heads.items()})
         for k, placement in enumerate(_round_robin_over_nodes(learning.replay_shards)))
     learning_state = LearningState.options(**_named(LEARNING_STATE_NAME)).remote(
-        url, learning, learning_heads(settings), settings.retention, settings.promotion, shards)
+        url, learning, heads, settings.retention, settings.promotion, shards)
     return ClusterActors(
         rollout_control=RolloutControl.options(**_named(ROLLOUT_CONTROL_NAME)).remote(
             url, settings.rollout.plan, settings.features, settings.environment == "test"),

@@ -279,7 +279,7 @@ def test_reward_is_ndcg_of_the_served_list():
 
 def sharded_core(num_shards: int, **changes) -> LearningCore:
     c = config(**changes)
-    shards = ShardedReplay.create(num_shards, c.capacity, experience_columns(len(FEATURES)), c.alpha, c.beta0,
+    shards = ShardedReplay.create(num_shards, c.capacity, experience_columns(len(FEATURES), len(ACTIONS)), c.alpha, c.beta0,
                                   c.beta_steps, seed=1)
     return LearningCore(ACTIONS, FEATURES, DEFAULT, c, shards=shards)
 
@@ -337,3 +337,18 @@ def test_a_binned_policy_survives_the_report_before_and_after_its_edges_are_lear
     policy = policy_from_report(report)
     np.testing.assert_allclose(policy.values(x), snapshot.values(x), rtol=1e-12)
     np.testing.assert_array_equal(policy.greedy_actions(x), snapshot.greedy_actions(x))
+
+
+def test_a_graded_searchs_experiences_carry_every_actions_reward_and_a_clicks_do_not():
+    core = make_core(min_replay_size=1, samples_per_insert=100.0)
+    graded = RewardedSearch((0.1, 0.2), 0, 0.5, 0.0, 1.0, 0, action_quality=[0.5, 0.6, 0.4],
+                            action_costs=[0.0, 10.0, 20.0], action_probabilities=[1.0, 0.0, 0.0])
+    click = RewardedSearch((0.3, 0.4), 1, 0.9, 30.0, 0.5, 0)
+    core.add_searches([graded, click])
+    expected = [0.5, 0.6 - 0.0005 * 10.0, 0.4 - 0.0005 * 20.0]  # its first measured costs
+    batch = core.sample(64).transitions
+    for context, rewards in zip(batch.contexts, batch.search_rewards, strict=True):
+        if context[0] == pytest.approx(0.1):
+            np.testing.assert_allclose(rewards, expected, rtol=1e-6)
+        else:
+            assert np.isnan(rewards).all()

@@ -35,7 +35,7 @@ def experiences(n: int, start: int = 0) -> dict[str, np.ndarray]:
 
 
 def service_experiences(n: int, d: int = 14) -> dict[str, np.ndarray]:
-    """n experiences with every column of `experience_columns(d)` but `has_next` (it has a default)."""
+    """n experiences with every column of `experience_columns(d, 7)` but those with a default."""
     k = np.arange(n)
     return {"context": np.outer(k, np.ones(d)), "action": k % 7, "reward": k / n,
             "fold": k % 5, "propensity": np.full(n, 0.5), "policy_version": k // 4,
@@ -157,12 +157,12 @@ def test_one_value_is_broadcast_to_every_experience():
     np.testing.assert_array_equal(state["action"][:3], [2, 2, 2])
 
 
-@pytest.mark.parametrize("omitted", ["has_next", "next_context"])
+@pytest.mark.parametrize("omitted", ["has_next", "next_context", "search_rewards"])
 def test_a_column_with_a_default_may_be_omitted(omitted):
-    d, columns = 14, experience_columns(14)
+    d, columns = 14, experience_columns(14, 7)
     buffer = make_buffer(capacity=8, columns=columns, seed=5)
     batch = {**service_experiences(3, d), "has_next": True}
-    del batch[omitted]
+    batch.pop(omitted, None)
     buffer.add(batch)
     stored = buffer.state_dict()[omitted][:3]
     np.testing.assert_array_equal(stored, np.full((3, *columns[omitted].shape), columns[omitted].default))
@@ -245,9 +245,9 @@ def test_state_dict_round_trip_is_exact():
 
 
 def test_ten_thousand_service_experiences_take_the_documented_bytes():
-    d, columns = 14, experience_columns(14)
+    d, columns = 14, experience_columns(14, 7)
     buffer = make_buffer(capacity=10_000, columns=columns)
     buffer.add(service_experiences(10_000, d))
     column_bytes = sum(c.dtype.itemsize * int(np.prod(c.shape)) for c in columns.values())
-    assert column_bytes == 128  # as the module docstring says for 14 features
-    assert 10_000 * (column_bytes + 8 + 2 * 8) <= buffer.nbytes < 1_600_000  # + insertion id, tree
+    assert column_bytes == 156  # as the module docstring says for 14 features and 7 actions
+    assert 10_000 * (column_bytes + 8 + 2 * 8) <= buffer.nbytes < 1_900_000  # + insertion id, tree

@@ -492,3 +492,42 @@ def test_bins_survive_a_state_dict_round_trip_and_a_raw_state_is_refused():
     np.testing.assert_allclose(restored.snapshot().values(x), model.snapshot().values(x))
     with pytest.raises(ValueError, match="bins"):
         make_model(n_actions=2, n_features=2, bins=0).load_state_dict(state)  # same statistics shape, no bins
+
+
+# --- paired statistics --------------------------------------------------------------------------
+
+
+def test_a_row_with_its_searchs_rewards_teaches_every_rewarded_action_with_a_share_of_its_weight():
+    model = make_model(n_actions=3, n_features=1)
+    batch = transitions([[1.0], [2.0]], [0, 2], [0.5, 0.9])._replace(
+        search_rewards=np.array([[0.5, 0.7, np.nan], [np.nan, np.nan, np.nan]]))
+    delta, td = compute_deltas(model.snapshot(), batch, np.array([1.0, 0.5]), 0.0)
+    np.testing.assert_allclose(td, [0.5, 0.9])  # each row's own action
+    gram, target = delta.gram.sum(axis=0), delta.target.sum(axis=0)  # over folds
+    phi = np.array([[1.0, 1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(gram[0], 0.5 * np.outer(phi[0], phi[0]))  # row 0: weight 1 over 2 actions
+    np.testing.assert_allclose(target[1], 0.5 * 0.7 * phi[0])
+    np.testing.assert_allclose(gram[2], 0.5 * np.outer(phi[1], phi[1]))  # row 1 (a click): its own action
+    np.testing.assert_allclose(target[2], 0.5 * 0.9 * phi[1])
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_paired_rows_fit_the_difference_whatever_queries_each_action_drew(paired):
+    # 40 searches of rising difficulty; action 1 always earns 0.1 more. The replay happened to draw
+    # action 0's rows from the easy half and action 1's from the hard half.
+    difficulty = np.linspace(0, 1, 40)
+    x = np.where(np.arange(40) % 2, 1.0, -1.0)[:, None]
+    rewards = np.column_stack([difficulty, difficulty + 0.1])
+    drawn = (np.arange(40) >= 20).astype(int)
+    batch = transitions(x, drawn, rewards[np.arange(40), drawn])
+    if paired:
+        batch = batch._replace(search_rewards=rewards)
+    model = make_model(n_actions=2, n_features=1)
+    delta, _ = compute_deltas(model.snapshot(), batch, np.ones(40), 0.0)
+    model.apply_deltas(delta)
+    q = model.snapshot().values([[1.0], [-1.0]])
+    difference = q[:, 1] - q[:, 0]
+    if paired:
+        np.testing.assert_allclose(difference, [0.1, 0.1], atol=1e-9)
+    else:  # each action's fit keeps the difficulty of the queries it drew
+        assert (difference > 0.4).all()
