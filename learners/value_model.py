@@ -15,9 +15,9 @@ delta is a batch's statistics and applying it is an addition. A sampled experien
 had every action rewarded (graded feedback) teaches each of them, with weight w / A: the actions'
 fits then share their samples, and Q(x, a) - Q(x, b) fits the per-search difference. Fitted on
 samples of their own, a query's difficulty, which varies far more than any action's uplift,
-would enter each action's fit by how often that action happened to draw it. Once a's sampled weight exceeds the
-horizon 1/lr, its statistics are scaled back to it: an exponentially weighted window that lets Q
-follow a changing corpus. Features are standardised with the mean and spread of every sample
+would enter each action's fit by how often that action happened to draw it. Once a's sampled
+weight exceeds the horizon 1/lr, its statistics are scaled back to it: an exponentially weighted
+window that lets Q follow a changing corpus. Features are standardised with the mean and spread of every sample
 seen (read from the statistics themselves), so k means the same on any collection: with k = 0
 this is least squares; as k grows every slope goes to 0 and Q(x, a) to b(a).
 
@@ -48,9 +48,9 @@ it), and the new judgement replaces the old: the evidence is the current rule's,
 over the last GATE_HORIZON distinct queries. Repeats cannot make an overfit model look good, and
 judgements of the early, barely fitted models do not linger while traffic repeats. A gate is open
 while the one-sided 95% lower bound (Bonferroni over the A - 1 gates) of its uplift's mean over
-those queries is above 0: a collection with too little traffic for the
-model to generalise gets the best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from the
-share of feedback that rewards only the served action (clicks), since graded feedback rewards
+those queries is above 0: a collection with too little traffic for the model to generalise gets
+the best fixed action, not a noisy per-query one. eps bounds exploration; the owner sets it from
+the share of feedback that rewards only the served action (clicks), since graded feedback rewards
 every action anyway.
 
 Learning is split so it can be distributed: a learner runs `compute_deltas` on an immutable
