@@ -329,7 +329,7 @@ class LearningCore:
             "policy_version": s.version,
             "actions": list(self.actions),
             "features": list(self.features),
-            "theta": {a: dict(zip(_phi_names(s, self.features), row.tolist(), strict=True))
+            "theta": {a: dict(zip(_phi_names(s.bins, self.features), row.tolist(), strict=True))
                       for a, row in zip(self.actions, s.theta, strict=True)},
             "context_bins": None if s.bins is None else {
                 "bins": self.config.context_bins,
@@ -402,9 +402,9 @@ class LearningCore:
         self.last_context = state.get("last_context")
 
 
-def _phi_names(snapshot: ValueSnapshot, features: Sequence[str]) -> list[str]:
+def _phi_names(bins: ContextBins | None, features: Sequence[str]) -> list[str]:
     """A name per entry of phi(x), as the report labels theta."""
-    return ["intercept", *features] if snapshot.bins is None else snapshot.bins.names(features)
+    return ["intercept", *features] if bins is None else bins.names(features)
 
 
 def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
@@ -415,8 +415,7 @@ def policy_from_report(report: Mapping[str, Any]) -> ValueSnapshot:
     if binned is not None:
         bins = (ContextBins.unset(len(features), binned["bins"]) if binned["edges"] is None
                 else ContextBins(np.array([binned["edges"][name] for name in features], np.float64)))
-    names = ["intercept", *features] if bins is None else bins.names(features)
-    theta = np.array([[report["theta"][a][name] for name in names] for a in actions])
+    theta = np.array([[report["theta"][a][name] for name in _phi_names(bins, features)] for a in actions])
     return ValueSnapshot(
         version=report["policy_version"], theta=theta,
         pooled=np.array([report["pooled"][a] for a in actions]),
