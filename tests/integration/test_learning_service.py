@@ -130,7 +130,10 @@ async def test_learners_fit_the_model_and_the_admin_view_shows_it(service, live_
     model = learning["model"]
     assert model["actions"] == ACTIONS and model["default_action"] == "hybrid@0.5"
     assert any(v != 0 for row in model["theta"].values() for v in row.values()), "the model has parameters"
-    assert set(model["theta"]["lexical"]) == {"intercept", *model["features"]}
+    steps = model["context_bins"]["bins"]  # an intercept, then a step per feature and tercile edge
+    assert list(model["theta"]["lexical"]) == ["intercept", *(f"{name}>q{b}" for name in model["features"]
+                                                              for b in range(1, steps))]
+    assert model["context_bins"]["edges"] is None  # four queries: too few to place the edges
     assert min(model["experiences_per_action"].values()) >= 4
     # mostly graded feedback, which rewards every action: far less exploration than with clicks alone
     assert 0 <= model["exploration_rate"] < live_settings.learning.core.explore_max / 2
