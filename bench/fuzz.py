@@ -56,8 +56,9 @@ def schemathesis(url: str, key: str, args: argparse.Namespace) -> tuple[dict[str
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
                "--header", f"X-API-Key: {key}", "--checks", CHECKS, "--max-examples", str(args.max_examples),
                "--seed", str(args.seed), "--workers", "2", "--request-timeout", "60", "--continue-on-failure",
-               "--report", "json", "--report-json-path", str(report), "--no-color"]
-    run = subprocess.run(command, check=False, capture_output=True, text=True)  # its exit code is in the report
+               "--report", "json", "--report-json-path", report.name, "--no-color"]
+    # run in the report's folder: the report records its command, and a relative path says no more than needed
+    run = subprocess.run(command, check=False, capture_output=True, text=True, cwd=args.report_dir)  # exit code: in the report
     print(run.stdout, run.stderr, sep="\n")
     return json.loads(report.read_text()), run.stdout
 
