@@ -49,13 +49,13 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from _harness import BENCH, replace_section
-from cluster.cli.demo_key import stored_demo_key
+from cluster.cli.service import add_target_options, service_target
 from cluster.clients.train import REQUEST_TIMEOUT_S, rank_every_action
 from cluster.core.actions import LEXICAL_ONLY
 from cluster.data.beir import QuerySplit, load_split
 from cluster.platform.settings import load_settings
 from learners.policy_scores import TestMatrix, paired_bootstrap, queries_needed
-from learners.value_model import FOLDS, Transitions, ValueModel, compute_deltas, fold_of
+from learners.value_model import FOLDS, Transitions, ValueModel, compute_deltas, fold_of, policy_from_q
 
 SECTION = "## Context transfer: does the lexical stage predict when the dense side pays?"
 RIDGE_L2 = 1.0  # logistic regression's penalty on standardised slopes, per training query
@@ -70,9 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", type=Path, required=True, help="a BEIR folder the service has ingested")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--url", help="service URL (default: the configured host and port)")
-    parser.add_argument("--api-key", help="default: DTRAG_API_KEY or the demo key `dtrag up` stored")
     parser.add_argument("--concurrency", type=int, default=4)
+    add_target_options(parser)  # --url and --api-key, as `dtrag train` takes them
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     return parser.parse_args(argv)
 
@@ -106,9 +105,7 @@ def multinomial_logistic(x: np.ndarray, classes: np.ndarray, n_classes: int, l2:
     onehot = np.eye(n_classes)[classes]
     penalty = np.kron(np.eye(free), np.diag([0.0, *[l2 * n] * (dim - 1)]))
     for _ in range(NEWTON_STEPS):
-        logits = x @ w.T
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
+        p = policy_from_q(x @ w.T, 1.0)  # (N, K) class probabilities
         grad = ((onehot - p)[:, 1:].T @ x).reshape(-1) - penalty @ w[1:].reshape(-1)
         pk = p[:, 1:]
         weights = pk[:, :, None] * (np.eye(free)[None] - pk[:, None, :])  # (N, K-1, K-1)
@@ -124,10 +121,7 @@ def sign_logistic(train_x: np.ndarray, uplift: np.ndarray, x: np.ndarray, seed: 
     a, b = _standardise(train_x, x)
     phi_a, phi_b = np.hstack([np.ones((len(a), 1)), a]), np.hstack([np.ones((len(b), 1)), b])
     w = multinomial_logistic(phi_a, uplift_classes(uplift), 3, RIDGE_L2 / len(a))
-    logits = phi_b @ w.T
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    return p @ class_means(uplift)
+    return policy_from_q(phi_b @ w.T, 1.0) @ class_means(uplift)
 
 
 def sign_trees(train_x: np.ndarray, uplift: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
@@ -208,10 +202,8 @@ def summarise(name: str, where: str, outcome: Outcome) -> str:
     gain = np.array(outcome.gain)
     interval = paired_bootstrap(gain, outcome.queries)
     saving = 1 - sum(outcome.dense_cost) / max(sum(outcome.default_cost), 1e-9)
-    needed = queries_needed(gain)
-    needed_text = "~inf" if not np.isfinite(needed) else f"~{needed:.0f}"
     return (f"| {name} | {where} | {interval} | {np.mean(outcome.skipped):.2f} | {saving:.1%} | "
-            f"{needed_text} |")
+            f"~{queries_needed(gain):.0f} |")
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -230,8 +222,7 @@ async def rank_all(url: str, key: str, splits: list[QuerySplit],
         response.raise_for_status()
         model = response.json()["model"]
         actions, default = model["actions"], model["default_action"]
-        judged = {qid: text for qid, text in queries.items() if qid in qrels}
-        matrix = await rank_every_action(client, judged, qrels, actions, concurrency,
+        matrix = await rank_every_action(client, queries, qrels, actions, concurrency,
                                          "rank every judged query under every action")
     return matrix, actions, default
 
@@ -239,10 +230,7 @@ async def rank_all(url: str, key: str, splits: list[QuerySplit],
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
-    url = args.url or f"http://{settings.http.host}:{settings.http.port}"
-    key = args.api_key or settings.client.api_key or stored_demo_key(settings)
-    if not key:
-        raise SystemExit("no API key: pass --api-key or set DTRAG_API_KEY")
+    url, key = service_target(args, settings)
     core = settings.learning.core
     splits = [load_split(args.dataset, seed) for seed in range(args.seeds)]
     matrix, actions, default_name = asyncio.run(rank_all(url, key, splits, args.concurrency))
@@ -257,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     outcomes = {(name, where): Outcome() for name in models for where in ("cross-fitted on train", "test")}
     for seed, split in enumerate(splits):
-        train = np.array([row_of[q] for q in split.train if q in row_of])
-        test = np.array([row_of[q] for q in split.test if q in row_of])
+        train = np.array([row_of[q] for q in split.train])
+        test = np.array([row_of[q] for q in split.test])
         for name, model in models.items():
             args_ = (lexical, default, core.cost_weight, core.margin, seed)
             _score(outcomes[name, "cross-fitted on train"], matrix, train,

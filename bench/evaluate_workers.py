@@ -28,7 +28,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from _harness import BENCH, replace_section  # noqa: E402
-from cluster.cli.service import _target  # noqa: E402
+from cluster.cli.service import add_target_options, service_target  # noqa: E402
 from cluster.clients.evaluate import judged_queries  # noqa: E402
 from cluster.core.vocabulary import STRATEGIES  # noqa: E402
 from cluster.jobs.common import connect_ray  # noqa: E402
@@ -44,11 +44,10 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=25)
     parser.add_argument("--no-actions", action="store_true", help="fixed strategies only")
     parser.add_argument("--address", help="Ray cluster for the tasks (default: a private local Ray)")
-    parser.add_argument("--url")
-    parser.add_argument("--api-key")
+    add_target_options(parser)
     args = parser.parse_args()
     settings = load_settings()
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     queries, qrels = judged_queries(args.dataset)
     work = shards(queries, qrels, args.shard_size)
     connect_ray(args)

@@ -109,11 +109,11 @@ class RewardedSearch:
 
         `rewards`: per action, as the learner defines them (only the served one's is read for clicks).
         """
-        if not self.graded or self.action_probabilities is None:
-            return [Experience(self.context, self.action, rewards[self.action], self.propensity,
-                               self.policy_version, self.next_context)]
+        every = rewards if self.graded and self.action_probabilities is not None else None
         served = Experience(self.context, self.action, rewards[self.action], self.propensity,
-                            self.policy_version, self.next_context, rewards)
+                            self.policy_version, self.next_context, every)
+        if every is None:
+            return [served]
         others = [
             Experience(self.context, a, r, self.action_probabilities[a], self.policy_version, self.next_context,
                        rewards)

@@ -273,7 +273,7 @@ class ValueModel:
         self.default_action = default_action
         self.bins = bins
         self._n_features = n_features
-        self._shape = (n_actions, 1 + n_features * (bins - 1) if bins else n_features + 1)
+        self._shape = (n_actions, ContextBins.unset(n_features, bins).dim if bins else n_features + 1)
         self._version = 0
         self.forget()
 

@@ -17,7 +17,7 @@ from cluster.core.vocabulary import ARMS, STRATEGIES, Arm
 from cluster.platform.settings import Settings
 
 
-def _target(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
+def service_target(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
     """The running service's URL and an API key: flags, else DTRAG_API_KEY, else the demo key."""
     url = args.url or f"http://{settings.http.host}:{settings.http.port}"
     key = args.api_key or settings.client.api_key or stored_demo_key(settings)
@@ -26,7 +26,7 @@ def _target(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
     return url, key
 
 
-def _add_target_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_target_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--url", help="service URL (default: the configured host and port)")
     parser.add_argument("--api-key", default=None, help="default: DTRAG_API_KEY or the demo key")
     return parser
@@ -35,7 +35,7 @@ def _add_target_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.clients.evaluate import evaluate_dataset, format_table
 
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     results = evaluate_dataset(Path(args.dataset), url, key, args.strategy or list(STRATEGIES),
                                concurrency=args.concurrency, json_path=args.json)
     print(format_table(results))
@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.clients.train_plot import plot_cost_quality
     from cluster.clients.train_report import format_report, report_json
 
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     dataset = Path(args.dataset)
     plot = args.plot or Path("bench/results") / f"cost_quality_{dataset.resolve().name}.png"
     try:
@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     if args.flags_command == "show":
         print(operate.show_flags(url, key))
     else:
@@ -74,7 +74,7 @@ def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     action = args.rollout_command
     if action == "status":
         print(operate.rollout_status(url, key))
@@ -88,7 +88,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_policy(args: argparse.Namespace, settings: Settings) -> int:
-    url, key = _target(args, settings)
+    url, key = service_target(args, settings)
     if args.policy_command == "promote":
         print(operate.promote_policy(url, key, args.candidate, args.force))
     elif args.policy_command == "rollback":
@@ -99,7 +99,7 @@ def cmd_policy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    evaluate = _add_target_options(
+    evaluate = add_target_options(
         commands.add_parser("eval", help="nDCG@10, P@5, R@100 of a BEIR dataset's test queries"))
     evaluate.add_argument("dataset", help="BEIR folder with queries.jsonl and qrels/test.tsv")
     evaluate.add_argument("--strategy", action="append", choices=STRATEGIES, help="default: all")
@@ -107,7 +107,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", type=Path, help="also write per-query results here")
     evaluate.set_defaults(handler=cmd_eval)
 
-    train = _add_target_options(commands.add_parser(  # the key needs the search and admin scopes
+    train = add_target_options(commands.add_parser(  # the key needs the search and admin scopes
         "train", help="reset and teach the policy with a simulated user on training queries, per seed; "
         "score it on test queries"))
     train.add_argument("dataset", help="BEIR folder; extra/queries_all.jsonl + extra/qrels_train.tsv "
@@ -123,8 +123,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     flags = commands.add_parser("flags", help="show or set feature flags per arm (live, no restart)")
     flag_commands = flags.add_subparsers(dest="flags_command", required=True)
-    _add_target_options(flag_commands.add_parser("show", help="flags of each arm and what they do"))
-    set_flags = _add_target_options(
+    add_target_options(flag_commands.add_parser("show", help="flags of each arm and what they do"))
+    set_flags = add_target_options(
         flag_commands.add_parser("set", help="e.g. dtrag flags set soft_q_bandit=on --arm treatment"))
     set_flags.add_argument("assignments", nargs="+", metavar="NAME=on|off")
     set_flags.add_argument("--arm", choices=ARMS, default=Arm.TREATMENT)
@@ -132,23 +132,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     rollout = commands.add_parser("rollout", help="progressive rollout of the treatment arm")
     rollout_commands = rollout.add_subparsers(dest="rollout_command", required=True)
-    _add_target_options(rollout_commands.add_parser("status", help="stage, weights, per-arm gates"))
-    _add_target_options(rollout_commands.add_parser("advance", help="move to the next stage"))
-    rollback = _add_target_options(rollout_commands.add_parser("rollback", help="treatment to 0% now"))
+    add_target_options(rollout_commands.add_parser("status", help="stage, weights, per-arm gates"))
+    add_target_options(rollout_commands.add_parser("advance", help="move to the next stage"))
+    rollback = add_target_options(rollout_commands.add_parser("rollback", help="treatment to 0% now"))
     rollback.add_argument("--reason", default="rolled back by operator")
-    weight = _add_target_options(
+    weight = add_target_options(
         rollout_commands.add_parser("set-weight", help="set the treatment's share (0..1)"))
     weight.add_argument("weight", type=float)
     rollout.set_defaults(handler=cmd_rollout)
 
     policy = commands.add_parser("policy", help="promote a candidate policy, list promotions, roll one back")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    promote = _add_target_options(policy_commands.add_parser(
+    promote = add_target_options(policy_commands.add_parser(
         "promote", help="judge a candidate file against the live policy on logged searches, then serve it"))
     promote.add_argument("candidate", type=Path, help="a candidate policy file (python -m cluster.jobs.train)")
     promote.add_argument("--force", action="store_true",
                          help="serve it even when judged worse than the live policy, or when it cannot be judged")
-    _add_target_options(policy_commands.add_parser("rollback", help="serve the policy the latest promotion replaced"))
-    history = _add_target_options(policy_commands.add_parser("history", help="promotions and rollbacks, newest first"))
+    add_target_options(policy_commands.add_parser("rollback", help="serve the policy the latest promotion replaced"))
+    history = add_target_options(policy_commands.add_parser("history", help="promotions and rollbacks, newest first"))
     history.add_argument("--limit", type=int, default=20)
     policy.set_defaults(handler=cmd_policy)

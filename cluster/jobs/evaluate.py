@@ -214,6 +214,8 @@ def write_outputs(rows: list[dict[str, Any]], metrics: list[dict[str, Any]], out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cluster.cli.service import add_target_options
+
     parser.add_argument("dataset", type=Path, help="BEIR folder with queries.jsonl and qrels/test.tsv")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, help="a fixed strategy (default: all)")
     parser.add_argument("--no-actions", action="store_true", help="skip the policy's retrieval actions")
@@ -222,16 +224,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight per task (default 2)")
     parser.add_argument("--shard-size", type=int, default=25, help="queries per task (default 25)")
     parser.add_argument("--out", type=Path, help="output folder (default STATE_DIR/jobs/evaluate-DATASET-TIME)")
-    parser.add_argument("--url", help="service URL (default: the configured host and port)")
-    parser.add_argument("--api-key", help="default: DTRAG_API_KEY or the demo key")
+    add_target_options(parser)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from cluster.cli.service import _target
+    from cluster.cli.service import service_target
 
     if min(args.workers, args.concurrency, args.shard_size) < 1:
         raise ValueError("--workers, --concurrency and --shard-size must be at least 1")
-    url, api_key = _target(args, settings)
+    url, api_key = service_target(args, settings)
     queries, qrels = judged_queries(args.dataset)
     strategies = [*(args.strategy or STRATEGIES), *([args.policy] if args.policy else [])]
     dataset = args.dataset.resolve().name
