@@ -61,7 +61,9 @@ ACTIONS = ["lexical", "hybrid@0.3", "hybrid@0.3+prf", "hybrid@0.5", "hybrid@0.5+
 
 async def test_feedback_becomes_a_reward_once(service, live_settings):
     served = await search(service)
-    assert served["strategy"] == "hybrid@0.5"  # a fresh model serves the default action
+    # A fresh model serves the default action except when it explores (explore_max of searches):
+    # the unit tests pin that choice; what follows holds for whichever action was served.
+    strategy = served["strategy"]
     top = served["hits"][0]["doc_id"]
     inserted = (await service.get("/api/v1/admin/learning")).json()["state"]["inserted"]
     first = await service.post("/api/v1/feedback", json={"search_id": served["search_id"],
@@ -74,9 +76,9 @@ async def test_feedback_becomes_a_reward_once(service, live_settings):
     # graded judgements also score every other action, those the search skipped (PRF) run now
     quality, rewards = body["action_quality"], body["action_rewards"]
     assert list(quality) == list(rewards) == ACTIONS
-    assert quality[served["strategy"]] == body["reward"] and body["cost_cpu_ms"] > 0
+    assert quality[strategy] == body["reward"] and body["cost_cpu_ms"] >= 0
     weight = live_settings.learning.core.cost_weight
-    assert rewards[served["strategy"]] == pytest.approx(body["reward"] - weight * body["cost_cpu_ms"])
+    assert rewards[strategy] == pytest.approx(body["reward"] - weight * body["cost_cpu_ms"])
     assert rewards["lexical"] == quality["lexical"]  # nothing after the lexical stage: no cost
     assert all(rewards[a] < quality[a] for a in ACTIONS if a != "lexical")
     assert all(0.0 <= q <= 1.0 for q in quality.values())
