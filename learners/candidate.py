@@ -57,11 +57,12 @@ class Candidate:
     trained_on: Mapping[str, Any]  # rows used and refused, the logs' time span, the source
     created_at: str  # ISO 8601, UTC
 
-    def value_model(self, config: LearningConfig, default_action: int) -> ValueModel:
-        """The candidate as a model under the live hyperparameters (margin, tau, exploration)."""
+    def value_model(self, config: LearningConfig, default_action: int,
+                    gate_groups: Sequence[int] | None = None) -> ValueModel:
+        """The candidate as a model under the live hyperparameters (margin, tau, exploration, gate groups)."""
         model = ValueModel(len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
                            tau=config.tau, margin=config.margin, explore_max=config.explore_max,
-                           default_action=default_action, bins=config.context_bins)
+                           default_action=default_action, bins=config.context_bins, gate_groups=gate_groups)
         try:
             model.load_state_dict(self.model)
         except (KeyError, TypeError, ValueError) as error:
@@ -104,9 +105,9 @@ def decode(blob: bytes) -> Candidate:
 
 def fit(name: str, head: str, searches: Sequence[RewardedSearch], actions: Sequence[str], features: Sequence[str],
         default_action: int, config: LearningConfig, batch_size: int,
-        trained_on: Mapping[str, Any] | None = None) -> Candidate:
+        trained_on: Mapping[str, Any] | None = None, gate_groups: Sequence[int] | None = None) -> Candidate:
     """Learn from `searches` (oldest first) as the service would, in arrival batches of `batch_size`."""
-    core = LearningCore(actions, features, default_action, config)
+    core = LearningCore(actions, features, default_action, config, gate_groups=gate_groups)
     for start in range(0, len(searches), batch_size):
         core.add_searches(searches[start:start + batch_size])
         while (batch := core.sample(batch_size)) is not None:

@@ -162,14 +162,15 @@ class LearningCore:
     """
 
     def __init__(self, actions: Sequence[str], features: Sequence[str], default_action: int,
-                 config: LearningConfig, shards: ShardedSampler | None = None):
+                 config: LearningConfig, shards: ShardedSampler | None = None,
+                 gate_groups: Sequence[int] | None = None):
         self.actions = tuple(actions)
         self.features = tuple(features)
         self.config = config
         self.model = ValueModel(
             len(self.actions), len(self.features), prior_count=config.prior_count, lr=config.lr,
             tau=config.tau, margin=config.margin, explore_max=config.explore_max, default_action=default_action,
-            bins=config.context_bins,
+            bins=config.context_bins, gate_groups=gate_groups,
         )
         self._shards = shards
         self._empty_replay()

@@ -158,6 +158,7 @@ class Head:
 
     actions: tuple[str, ...]
     default_action: int
+    gate_groups: tuple[int, ...] | None = None  # per action (`learners.value_model`); None: one group
 
 
 @ray.remote(max_restarts=-1, max_task_retries=3, num_cpus=0)
@@ -189,7 +190,8 @@ class LearningState:
     def _new_cores(self) -> dict[str, LearningCore]:
         return {name: LearningCore(self._heads[name].actions, FEATURES, self._heads[name].default_action,
                                    self._settings.core,
-                                   RemoteShards(self._shards, name, self._settings.core) if self._shards else None)
+                                   RemoteShards(self._shards, name, self._settings.core) if self._shards else None,
+                                   gate_groups=self._heads[name].gate_groups)
                 for name in HEADS}
 
     def _ask_shards(self, method: str, *arguments: Any) -> list[Any]:
@@ -333,7 +335,7 @@ class LearningState:
         candidate = candidates.decode(blob)
         core = self._cores[PROMOTED_HEAD]
         candidate.check_fits(PROMOTED_HEAD, core.actions, core.features)
-        model = candidate.value_model(core.config, core.model.default_action)
+        model = candidate.value_model(core.config, core.model.default_action, core.model.gate_groups)
         logs = self._judging_logs(core)
         judgement = None
         if len(logs) >= self._promotion.min_rows:

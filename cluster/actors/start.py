@@ -19,6 +19,7 @@ from cluster.actors.learners import DRIVER_NAME, LearnerDriver
 from cluster.actors.learning_state import ACTOR_NAME as LEARNING_STATE_NAME, Head, LearningState
 from cluster.actors.replay_shards import SHARD_PREFIX, ReplayShard, shard_name
 from cluster.actors.rollout_control import ACTOR_NAME as ROLLOUT_CONTROL_NAME, RolloutControl
+from cluster.core.actions import gate_groups
 from cluster.platform.settings import Settings
 from learners.context import FEATURES
 
@@ -38,7 +39,8 @@ def _named(name: str) -> dict:
 def learning_heads(settings: Settings) -> dict[str, Head]:
     """What each head of the learning actor chooses among, from the settings."""
     retrieval, answers = settings.retrieval, settings.answers
-    return {"retrieval": Head(tuple(action.name for action in retrieval.actions), retrieval.default_action),
+    return {"retrieval": Head(tuple(action.name for action in retrieval.actions), retrieval.default_action,
+                              gate_groups(retrieval.actions)),
             "answer": Head(answers.modes, answers.modes.index(answers.default_learned_mode))}
 
 

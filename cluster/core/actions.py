@@ -32,6 +32,12 @@ class RetrievalAction:
         return f"hybrid@{self.fusion_weight:g}" + ("+prf" if self.prf else "")
 
 
+def gate_groups(actions: Sequence[RetrievalAction]) -> tuple[int, ...]:
+    """Per action, its gate group in the value model (`learners.value_model`): by the first factor,
+    so skipping the dense side gets half the gates' error budget and the fusion variants share the rest."""
+    return tuple(int(action.dense) for action in actions)
+
+
 def retrieval_actions(fusion_grid: Sequence[float]) -> tuple[RetrievalAction, ...]:
     """`lexical`, then for each weight of the grid: without PRF, with PRF."""
     weights = list(fusion_grid)

@@ -62,7 +62,7 @@ def targets(args: argparse.Namespace, settings: Settings, contexts: np.ndarray) 
     for path in args.candidate:
         candidate = decode(path.read_bytes())
         candidate.check_fits(HEAD, head.actions, FEATURES)
-        model = candidate.value_model(settings.learning.core, head.default_action).snapshot()
+        model = candidate.value_model(settings.learning.core, head.default_action, head.gate_groups).snapshot()
         policies[candidate.name] = model.probabilities(contexts)
     for action in args.fixed:
         if action not in head.actions:

@@ -53,11 +53,11 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                   "since": args.since and args.since.isoformat(), "until": args.until and args.until.isoformat(),
                   "first": logs.first_served, "last": logs.last_served}
     candidate = fit(name, HEAD, logs.searches, head.actions, FEATURES, head.default_action, settings.learning.core,
-                    settings.learning.batch_size, trained_on)
+                    settings.learning.batch_size, trained_on, head.gate_groups)
     out = args.out or settings.state_dir / "policies" / f"{name}.policy"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode(candidate))
-    snapshot = candidate.value_model(settings.learning.core, head.default_action).snapshot()
+    snapshot = candidate.value_model(settings.learning.core, head.default_action, head.gate_groups).snapshot()
     return {"candidate": name, "path": str(out), "searches": len(logs.searches), "skipped": dict(logs.skipped),
             "gates_open": [head.actions[a] for a in snapshot.open_actions],
             "pooled_choice": head.actions[snapshot.pooled_action()]}

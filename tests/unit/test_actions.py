@@ -1,6 +1,6 @@
 import pytest
 
-from cluster.core.actions import LEXICAL_ONLY, RetrievalAction, retrieval_actions
+from cluster.core.actions import LEXICAL_ONLY, RetrievalAction, gate_groups, retrieval_actions
 
 
 def test_grid_gives_lexical_then_each_weight_without_and_with_prf():
@@ -10,6 +10,7 @@ def test_grid_gives_lexical_then_each_weight_without_and_with_prf():
     assert [(a.fusion_weight, a.prf) for a in actions] == [
         (None, False), (0.3, False), (0.3, True), (0.5, False), (0.5, True), (0.7, False), (0.7, True)]
     assert [a.dense for a in actions] == [False] + [True] * 6
+    assert gate_groups(actions) == (0, 1, 1, 1, 1, 1, 1)  # grouped by the first factor: dense or not
 
 
 def test_names_are_stable_and_distinct():

@@ -64,7 +64,8 @@ def test_without_data_q_is_zero_and_the_default_action_is_served():
 
 @pytest.mark.parametrize("bad", [dict(n_actions=0), dict(prior_count=-1.0), dict(lr=0.0), dict(lr=1.5),
                                  dict(tau=0.0), dict(margin=-0.1), dict(explore_max=1.5),
-                                 dict(default_action=3), dict(bins=1), dict(bins=-2)])
+                                 dict(default_action=3), dict(bins=1), dict(bins=-2),
+                                 dict(gate_groups=[0, 1]), dict(gate_groups=[0.5, 1, 1])])
 def test_invalid_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError):
         make_model(**bad)
@@ -158,6 +159,18 @@ def test_the_pooled_choice_leaves_the_default_only_for_a_significantly_better_ac
     # a true advantage of 0 is called significant in well under 5% of runs (Bonferroni over 2)
     moved = sum(observed(0.0, 300, seed).snapshot().pooled_action() != 1 for seed in range(100))
     assert moved <= 6
+
+
+@pytest.mark.parametrize("groups, preferred", [(None, ()), ((0, 1, 1, 1, 1, 1, 1), (0,))])
+def test_the_error_budget_is_split_between_the_gate_groups_first(groups, preferred):
+    """Action 0's advantage sits 2.2 standard errors above 0: short of Bonferroni over the six
+    candidates (z 2.39), past the half of the budget a group of its own gets (z 1.96)."""
+    model = make_model(n_actions=7, n_features=1, default_action=3, gate_groups=groups)
+    for k in range(100):
+        rewards = np.full(7, 0.5)
+        rewards[0] += 0.022 + 0.1 * (-1) ** k
+        model.observe([k / 100], 3, rewards.tolist(), 0.5, 1.0)
+    assert model.refresh().preferred == preferred
 
 
 def feature_decides(x: np.ndarray, flipped: bool = False) -> np.ndarray:
