@@ -99,6 +99,13 @@ def _lower_bound(stats: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.where(n >= MIN_SAMPLES, mean - margin, -np.inf)
 
 
+def _evidence(uplift: np.ndarray) -> np.ndarray:
+    """A judgement's terms of the gate's sums, (1, u, u^2, u != 0) per action, zeros where u is NaN; (A,) -> (A, 4)."""
+    known = ~np.isnan(uplift)
+    u = np.where(known, uplift, 0.0)
+    return np.stack([known, u, u * u, u != 0], axis=1).astype(np.float64)
+
+
 def policy_from_q(q: np.ndarray, tau: float) -> np.ndarray:
     """softmax(q / tau) over the last axis, stable for any q; shape (..., A) -> (..., A)."""
     z = q / tau
@@ -303,9 +310,10 @@ class ValueModel:
         self._seen = np.zeros(n_actions)
         self._advantage = np.zeros((n_actions, 3))  # per action: n, sum, sum of squares of r(a) - r(a_0)
         self._uplift = np.zeros((n_actions, 4))  # per gate: weight, sum, sum of squares of the uplift, non-zero ones
-        # the last GATE_HORIZON distinct contexts' keys, each with its latest judgement: per action
-        # (1, uplift, uplift^2, uplift != 0), shape (A, 4); _uplift is their sum
-        self._judged: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        # the last GATE_HORIZON distinct contexts' keys, oldest first, each with its row of _judgements:
+        # the latest judgement's uplift per action (NaN: seen, but no evidence); _uplift sums their _evidence
+        self._judged: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._judgements = np.full((GATE_HORIZON, n_actions), np.nan)
         self._feedback = np.zeros(2)  # weight of experiences rewarding every action, of the others
         return self.refresh()
 
@@ -339,11 +347,12 @@ class ValueModel:
         uplift = np.where(judge.beats_pooled(context)[0],
                           self._gain(np.arange(len(self._seen)), judge.pooled_action(), rewards, action, reward,
                                      propensity), 0.0)
-        judgement = np.stack([np.ones_like(uplift), uplift, uplift * uplift, uplift != 0], axis=1)
-        self._uplift += judgement - self._judged.pop(key, 0.0)  # a repeat's is replaced by the current model's
-        self._judged[key] = judgement
-        if len(self._judged) > GATE_HORIZON:
-            self._uplift -= self._judged.popitem(last=False)[1]
+        row = self._judged.pop(key, None)  # a repeat's judgement is replaced by the current model's
+        if row is None:
+            row = len(self._judged) if len(self._judged) < GATE_HORIZON else self._judged.popitem(last=False)[1]
+        self._uplift += _evidence(uplift) - _evidence(self._judgements[row])
+        self._judgements[row] = uplift
+        self._judged[key] = row
 
     @staticmethod
     def _gain(a: np.ndarray | int, b: int, rewards: Sequence[float] | None, action: int, reward: float,
@@ -374,8 +383,7 @@ class ValueModel:
         self._bin_sample = []
         self._gram[:] = 0.0
         self._target[:] = 0.0
-        for key in self._judged:  # judged by models that knew no edges: kept as seen, not as evidence
-            self._judged[key] = np.zeros_like(self._uplift)
+        self._judgements[:] = np.nan  # judged by models that knew no edges: kept as seen, not as evidence
         self._uplift = np.zeros_like(self._uplift)
         snapshot = self.refresh()
         self._bins_version = snapshot.version
@@ -497,7 +505,8 @@ class ValueModel:
             "version": self._version, "gram": self._gram.copy(), "target": self._target.copy(),
             "seen": self._seen.copy(), "advantage": self._advantage.copy(),
             "judged_keys": list(self._judged),
-            "judged": np.array(list(self._judged.values())).reshape(len(self._judged), *self._uplift.shape),
+            "judged": np.array([_evidence(self._judgements[row]) for row in self._judged.values()]).reshape(
+                len(self._judged), *self._uplift.shape),
             "feedback": self._feedback.copy(),
             "bins": None if self._bins is None else self._bins.edges.copy(),
             "bin_sample": [c.copy() for c in self._bin_sample],
@@ -523,9 +532,11 @@ class ValueModel:
         self._target = np.array(state["target"], np.float64)
         self._seen = np.array(state["seen"], np.float64)
         self._advantage = np.array(state["advantage"], np.float64)
-        judged = np.array(state["judged"], np.float64).reshape(-1, *self._uplift.shape)
-        self._judged = collections.OrderedDict(
-            (int(key), row) for key, row in zip(state["judged_keys"], judged, strict=True))
+        judged = np.array(state["judged"], np.float64).reshape(-1, *self._uplift.shape)[-GATE_HORIZON:]
+        keys = [int(key) for key in state["judged_keys"]][-GATE_HORIZON:]
+        self._judged = collections.OrderedDict((key, row) for row, key in enumerate(keys))
+        self._judgements[:] = np.nan
+        self._judgements[:len(judged)] = np.where(judged[..., 0] > 0, judged[..., 1], np.nan)
         self._uplift = judged.sum(axis=0)
         self._feedback = np.array(state["feedback"], np.float64)
         self._bins = None if edges is None else ContextBins(edges)

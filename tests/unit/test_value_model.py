@@ -6,6 +6,7 @@ import pytest
 from learners.value_model import (
     BIN_SAMPLE,
     FOLDS,
+    GATE_HORIZON,
     MIN_SAMPLES,
     Transitions,
     ValueModel,
@@ -246,6 +247,23 @@ def test_each_action_has_its_own_gate_so_a_noisy_twin_cannot_hide_the_action_tha
     assert s.open_actions == (1,)
     served = s.greedy_actions(fresh_contexts(200, seed=7))
     assert 2 not in served and 1 in served
+
+
+def test_the_gate_keeps_the_last_horizon_of_distinct_queries_and_its_sums_survive_a_round_trip():
+    model = trained_on(flipped=False)
+    x = fresh_contexts(GATE_HORIZON + 50)
+    for context, rewards in zip(x, feature_decides(x)):
+        model.observe(context, 0, rewards.tolist(), float(rewards[0]), 1.0)
+    for context, rewards in zip(x[-20:], feature_decides(x[-20:])):  # repeats replace their own judgement
+        model.observe(context, 0, rewards.tolist(), float(rewards[0]), 1.0)
+    gate = model.gates()[1]
+    assert gate["n"] == GATE_HORIZON and gate["deviations"] >= MIN_SAMPLES
+    again = make_model(n_actions=2, n_features=1, margin=0.005)
+    again.load_state_dict(model.state_dict())  # its sums are recomputed from the stored judgements
+    for ours, theirs in zip(model.gates(), again.gates(), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key] == (None if theirs[key] is None else pytest.approx(theirs[key], rel=1e-9, abs=1e-12))
 
 
 def test_each_query_is_judged_by_the_model_fitted_without_its_fold():
