@@ -46,17 +46,23 @@ async def service(live_settings, deployed):
         yield client
 
 
-async def arms_of(client: httpx.AsyncClient, users: list[str]) -> dict[str, str]:
+async def searches_by(client: httpx.AsyncClient, users: list[str]) -> dict[str, httpx.Response]:
+    """One search per user, eight at a time."""
     semaphore = asyncio.Semaphore(8)
 
-    async def one(user: str) -> tuple[str, str]:
+    async def one(user: str) -> tuple[str, httpx.Response]:
         async with semaphore:
-            response = await client.post("/api/v1/search/", json={"q": "ocean tides", "final_topk": 1},
-                                         headers={"X-User-Id": user})
-        assert response.status_code == 200, response.text
-        return user, response.json()["arm"]
+            return user, await client.post("/api/v1/search/", json={"q": "ocean tides", "final_topk": 1},
+                                           headers={"X-User-Id": user})
 
     return dict(await asyncio.gather(*(one(u) for u in users)))
+
+
+async def arms_of(client: httpx.AsyncClient, users: list[str]) -> dict[str, str]:
+    responses = await searches_by(client, users)
+    for response in responses.values():
+        assert response.status_code == 200, response.text
+    return {user: response.json()["arm"] for user, response in responses.items()}
 
 
 async def live_everywhere(client: httpx.AsyncClient, eventually, version: int, weight: float) -> None:
@@ -178,16 +184,20 @@ async def test_failing_treatment_is_rolled_back_by_the_guard(service, eventually
         status = (await service.get("/api/v1/admin/rollout")).json()
         return status if status["treatment_weight"] == 0.0 else None
 
-    status = await eventually(rolled_back, timeout_s=60)
-    assert 500 in statuses, "the fault switch made treatment requests fail"
-    assert "guard" in status["rolled_back"] and "error rate" in status["rolled_back"]
-    assert status["arms"]["treatment"]["errors"] > 0 and status["arms"]["treatment"]["error_rate"] > 0.01
-
     async def all_on_control() -> bool:
-        return set((await arms_of(service, users)).values()) == {"control"}
+        """Every user served by control; until each ingress replica has the rollback, some still reach
+        the failing treatment (500)."""
+        responses = (await searches_by(service, users)).values()
+        return all(r.status_code == 200 and r.json()["arm"] == "control" for r in responses)
 
-    await eventually(all_on_control)
-    repaired = await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
+    try:
+        status = await eventually(rolled_back, timeout_s=60)
+        assert 500 in statuses, "the fault switch made treatment requests fail"
+        assert "guard" in status["rolled_back"] and "error rate" in status["rolled_back"]
+        assert status["arms"]["treatment"]["errors"] > 0 and status["arms"]["treatment"]["error_rate"] > 0.01
+        await eventually(all_on_control)
+    finally:  # a failure here must not leave the next tests a failing treatment arm
+        repaired = await service.put("/api/v1/admin/faults", json={"arm": "treatment", "failing": False})
     await every_replica_on(service, eventually, repaired.json()["version"])
 
 
