@@ -27,6 +27,9 @@ measured cost of each action on the training queries):
   are mostly exact ties with a heavy tail, which a least-squares fit of the raw difference chases;
 - sign, boosted trees: the same with depth-3 gradient-boosted trees.
 
+and, as the ceiling, an oracle that knows each test query's own uplift and cost (the most any
+context could win; the profile printed with it says why lexical statistics fall short of it).
+
 Test rewards charge each query's measured CPU, as `dtrag train` does. Intervals are paired
 bootstraps over queries, a query's rows across seeds resampled together.
 
@@ -58,6 +61,7 @@ from learners.policy_scores import TestMatrix, paired_bootstrap, queries_needed
 from learners.value_model import FOLDS, Transitions, ValueModel, compute_deltas, fold_of, policy_from_q
 
 SECTION = "## Context transfer: does the lexical stage predict when the dense side pays?"
+ORACLE = "oracle: each query's own uplift known"
 RIDGE_L2 = 1.0  # logistic regression's penalty on standardised slopes, per training query
 NEWTON_STEPS = 50
 
@@ -198,6 +202,27 @@ def cross_fitted(model: UpliftModel, matrix: TestMatrix, train: np.ndarray, lexi
     return skip
 
 
+def oracle_skip(matrix: TestMatrix, rows: np.ndarray, lexical: int, default: int, cost_weight: float) -> np.ndarray:
+    """The ceiling no context model can pass: skip exactly where each query's own reward (its
+    measured quality and CPU) is at least as high under lexical as under the default; (M,) bool."""
+    reward = matrix.quality[rows] - cost_weight * matrix.cost[rows]
+    return reward[:, lexical] >= reward[:, default]
+
+
+def uplift_profile(matrix: TestMatrix, rows: np.ndarray, lexical: int, default: int, cost_weight: float,
+                   margin: float) -> str:
+    """What a skip model must predict: how often lexical ties, loses or wins on nDCG@10, and the
+    chance of a loss below which a skip still pays in expectation."""
+    uplift = matrix.quality[rows, lexical] - matrix.quality[rows, default]
+    losses = uplift[uplift < 0]
+    worth = cost_weight * matrix.cost[rows, default].mean() - margin
+    threshold = worth / -losses.mean() if len(losses) else float("inf")
+    return (f"On these queries lexical ties the default's nDCG@10 on {np.mean(uplift == 0):.0%}, loses on "
+            f"{np.mean(uplift < 0):.0%} (by {-losses.mean():.3f} on average) and wins on {np.mean(uplift > 0):.0%}; "
+            f"a skip is worth {worth:.4f} beyond the margin, so it pays in expectation only where the "
+            f"chance of a loss is below about {threshold:.0%}.")
+
+
 def summarise(name: str, where: str, outcome: Outcome) -> str:
     gain = np.array(outcome.gain)
     interval = paired_bootstrap(gain, outcome.queries)
@@ -244,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sign, boosted trees": sign_trees,
     }
     outcomes = {(name, where): Outcome() for name in models for where in ("cross-fitted on train", "test")}
+    oracle = outcomes[ORACLE, "test"] = Outcome()
     for seed, split in enumerate(splits):
         train = np.array([row_of[q] for q in split.train])
         test = np.array([row_of[q] for q in split.test])
@@ -253,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    cross_fitted(model, matrix, train, *args_), lexical, default, core.cost_weight)
             _score(outcomes[name, "test"], matrix, test,
                    decide(model, matrix, train, test, *args_), lexical, default, core.cost_weight)
+        _score(oracle, matrix, test, oracle_skip(matrix, test, lexical, default, core.cost_weight), lexical,
+               default, core.cost_weight)
         print(f"seed {seed}: {split.description}", flush=True)
     rows = [summarise(name, where, outcome) for (name, where), outcome in outcomes.items()]
     body = "\n".join([
@@ -266,7 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f".venv/bin/python bench/context_transfer.py --dataset $DATA/{args.dataset.name} --seeds {args.seeds}",
         "```",
         "",
-        f"Split: {splits[0].description}.",
+        f"Split: {splits[0].description}. "
+        + uplift_profile(matrix, np.array([row_of[q] for q in splits[0].test]), lexical, default,
+                         core.cost_weight, core.margin),
         "",
         f"| model | judged on | reward - {actions[default]} (95% CI) | dense skipped | CPU saved | queries a difference this size needs |",
         "|---|---|---:|---:|---:|---:|",
