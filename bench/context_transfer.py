@@ -30,12 +30,19 @@ measured cost of each action on the training queries):
 and, as the ceiling, an oracle that knows each test query's own uplift and cost (the most any
 context could win; the profile printed with it says why lexical statistics fall short of it).
 
+Would more information at the moment of the choice reach that ceiling? The probe variant embeds
+the query first (its CPU measured here, one torch thread as in the embedder replica) and adds
+what the embedding says about the lexical candidates (`probe_context`: the cosines of BM25's top
+100, read from the database) to the context; a skip then saves only kNN, complete scores and
+fusion. It is judged against the same decision with the lexical context alone after the same
+embedding, so the rows say what the cosines add, not what the embedding costs.
+
 Test rewards charge each query's measured CPU, as `dtrag train` does. Intervals are paired
 bootstraps over queries, a query's rows across seeds resampled together.
 
     .venv/bin/pip install -e '.[bench]'                                  # scikit-learn
     DTRAG_STATE_DIR=/tmp/bench-state .venv/bin/dtrag up --no-sample &   # the dataset ingested
-    .venv/bin/python bench/context_transfer.py --dataset PATH/TO/scifact --seeds 5
+    DTRAG_STATE_DIR=/tmp/bench-state .venv/bin/python bench/context_transfer.py --dataset PATH/TO/scifact --seeds 5
 """
 
 from __future__ import annotations
@@ -50,15 +57,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
+from tqdm import tqdm
 
 from _harness import BENCH, replace_section
 from cluster.cli.service import add_target_options, service_target
 from cluster.clients.train import REQUEST_TIMEOUT_S, rank_every_action
 from cluster.core.actions import LEXICAL_ONLY
 from cluster.data.beir import QuerySplit, load_split
-from cluster.platform.settings import load_settings
+from cluster.platform.database import create_pool, resolve_database_url
+from cluster.platform.settings import Settings, load_settings
 from learners.policy_scores import TestMatrix, paired_bootstrap, queries_needed
 from learners.value_model import FOLDS, Transitions, ValueModel, compute_deltas, fold_of, policy_from_q
+from serve_app.embedding import TextEmbedder
+from serve_app.retrieval import DocumentIndex
 
 SECTION = "## Context transfer: does the lexical stage predict when the dense side pays?"
 ORACLE = "oracle: each query's own uplift known"
@@ -156,6 +167,73 @@ def ridge_on_reward(prior_count: float, bins: int) -> UpliftModel:
     return model
 
 
+# --- the probe after the query embedding --------------------------------------------------------
+
+PROBE_DEPTH = 100  # lexical candidates whose cosines the probe reads (the depth complete scores use)
+PROBE_FEATURES = ("first_cosine", "best_cosine_10", "best_cosine_100", "best_rank", "first_lead", "agreement")
+
+
+def probe_context(query_vector: np.ndarray, candidate_vectors: np.ndarray) -> np.ndarray:
+    """What the query embedding says about BM25's candidates (best first, (n, dim)); (6,): the first
+    one's cosine, the best cosine in the top 10 and the top 100, how far down the best one lies
+    (log1p rank), the first one's lead over the rest of the top 10, and how well the top 10's
+    cosine order agrees with BM25's (Spearman). No candidates: zeros."""
+    if len(candidate_vectors) == 0:
+        return np.zeros(len(PROBE_FEATURES))
+    cos = candidate_vectors @ query_vector
+    head = cos[:10]
+    lead = cos[0] - head[1:].max() if len(head) > 1 else 0.0
+    agreement = 0.0
+    if len(head) > 2 and head.std() > 0:
+        agreement = float(np.corrcoef(np.arange(len(head)), np.argsort(np.argsort(-head)))[0, 1])
+    return np.array([cos[0], head.max(), cos.max(), np.log1p(cos.argmax()), lead, agreement])
+
+
+async def lexical_candidates(client: httpx.AsyncClient, queries: dict[str, str],
+                             concurrency: int) -> dict[str, list[str]]:
+    """BM25's top `PROBE_DEPTH` ids per query, as the service ranks them; the dense fill of a short
+    list (score 0) is left out, since the probe runs before any dense search."""
+    semaphore = asyncio.Semaphore(concurrency)
+    candidates: dict[str, list[str]] = {}
+
+    async def rank(qid: str, progress: tqdm) -> None:
+        async with semaphore:
+            response = await client.post("/api/v1/rank", json={"q": queries[qid], "depth": PROBE_DEPTH,
+                                                                "strategy": LEXICAL_ONLY})
+        response.raise_for_status()
+        candidates[qid] = [hit["doc_id"] for hit in response.json()["ranking"] if hit["score"] > 0]
+        progress.update(1)
+
+    with tqdm(total=len(queries), desc="lexical candidates", unit="q") as progress:
+        await asyncio.gather(*(rank(qid, progress) for qid in queries))
+    return candidates
+
+
+async def document_vectors(settings: Settings, ids: set[str]) -> dict[str, np.ndarray]:
+    """The stored embeddings of `ids`, from the service's database."""
+    pool = await create_pool(resolve_database_url(settings.database.url, settings.state_dir), settings.database)
+    try:
+        return await DocumentIndex.configured(pool, settings.retrieval).vectors(sorted(ids))
+    finally:
+        await pool.close()
+
+
+def probe_matrix(matrix: TestMatrix, queries: dict[str, str], candidates: dict[str, list[str]],
+                 vectors: dict[str, np.ndarray], lexical: int) -> TestMatrix:
+    """The matrix of the probe design: context + `probe_context`, and `lexical` now costs the
+    query's embedding (spent before the choice)."""
+    embedder = TextEmbedder(threads=1)
+    probes, embedding_ms = [], []
+    for qid in tqdm(matrix.query_ids, desc="embed queries for the probe", unit="q"):
+        vector, cpu_ms = embedder.encode_with_cpu([queries[qid]])
+        found = [vectors[doc] for doc in candidates[qid] if doc in vectors]
+        probes.append(probe_context(vector[0], np.array(found).reshape(-1, vector.shape[1])))
+        embedding_ms.append(cpu_ms)
+    cost = matrix.cost.copy()
+    cost[:, lexical] = embedding_ms
+    return dataclasses.replace(matrix, contexts=np.hstack([matrix.contexts, np.array(probes)]), cost=cost)
+
+
 # --- scoring ------------------------------------------------------------------------------------
 
 
@@ -234,9 +312,10 @@ def summarise(name: str, where: str, outcome: Outcome) -> str:
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def rank_all(url: str, key: str, splits: list[QuerySplit],
-                   concurrency: int) -> tuple[TestMatrix, list[str], str]:
-    """Every query of every split, once, under every action; the service's actions and default action."""
+async def rank_all(url: str, key: str, settings: Settings, splits: list[QuerySplit],
+                   concurrency: int) -> tuple[TestMatrix, list[str], str, TestMatrix]:
+    """Every query of every split, once, under every action; the service's actions and default
+    action; and the matrix of the probe design (`probe_matrix`)."""
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, float]] = {}
     for split in splits:
@@ -249,7 +328,9 @@ async def rank_all(url: str, key: str, splits: list[QuerySplit],
         actions, default = model["actions"], model["default_action"]
         matrix = await rank_every_action(client, queries, qrels, actions, concurrency,
                                          "rank every judged query under every action")
-    return matrix, actions, default
+        candidates = await lexical_candidates(client, queries, concurrency)
+    vectors = await document_vectors(settings, {doc for ids in candidates.values() for doc in ids})
+    return matrix, actions, default, probe_matrix(matrix, queries, candidates, vectors, actions.index(LEXICAL_ONLY))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     url, key = service_target(args, settings)
     core = settings.learning.core
     splits = [load_split(args.dataset, seed) for seed in range(args.seeds)]
-    matrix, actions, default_name = asyncio.run(rank_all(url, key, splits, args.concurrency))
+    matrix, actions, default_name, probed = asyncio.run(rank_all(url, key, settings, splits,
+                                                                 args.concurrency))
     lexical, default = actions.index(LEXICAL_ONLY), actions.index(default_name)
     row_of = {qid: row for row, qid in enumerate(matrix.query_ids)}
     models: dict[str, UpliftModel] = {
@@ -268,19 +350,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sign, logistic": sign_logistic,
         "sign, boosted trees": sign_trees,
     }
-    outcomes = {(name, where): Outcome() for name in models for where in ("cross-fitted on train", "test")}
+    served = (f"ridge on reward, {core.context_bins} bins (served)" if core.context_bins
+              else "ridge on reward, raw features")
+    embedded_first = dataclasses.replace(probed, contexts=matrix.contexts)  # the same costs, no probe
+    after_embedding = {  # name: (model, matrix)
+        f"after the embedding: {served}, lexical context": (models[served], embedded_first),
+        f"after the embedding: {served}, + probe": (models[served], probed),
+        "after the embedding: sign, boosted trees, lexical context": (sign_trees, embedded_first),
+        "after the embedding: sign, boosted trees, + probe": (sign_trees, probed),
+    }
+    designs = {name: (model, matrix) for name, model in models.items()} | after_embedding
+    wheres = ("cross-fitted on train", "test")
+    outcomes = {(name, where): Outcome() for name in models for where in wheres}
     oracle = outcomes[ORACLE, "test"] = Outcome()
+    outcomes |= {(name, where): Outcome() for name in after_embedding for where in wheres}
+    probe_oracle = outcomes[f"after the embedding: {ORACLE}", "test"] = Outcome()
     for seed, split in enumerate(splits):
         train = np.array([row_of[q] for q in split.train])
         test = np.array([row_of[q] for q in split.test])
-        for name, model in models.items():
-            args_ = (lexical, default, core.cost_weight, core.margin, seed)
-            _score(outcomes[name, "cross-fitted on train"], matrix, train,
-                   cross_fitted(model, matrix, train, *args_), lexical, default, core.cost_weight)
-            _score(outcomes[name, "test"], matrix, test,
-                   decide(model, matrix, train, test, *args_), lexical, default, core.cost_weight)
-        _score(oracle, matrix, test, oracle_skip(matrix, test, lexical, default, core.cost_weight), lexical,
-               default, core.cost_weight)
+        args_ = (lexical, default, core.cost_weight, core.margin, seed)
+        for name, (model, design) in designs.items():
+            _score(outcomes[name, "cross-fitted on train"], design, train,
+                   cross_fitted(model, design, train, *args_), lexical, default, core.cost_weight)
+            _score(outcomes[name, "test"], design, test,
+                   decide(model, design, train, test, *args_), lexical, default, core.cost_weight)
+        for outcome, design in ((oracle, matrix), (probe_oracle, probed)):
+            _score(outcome, design, test, oracle_skip(design, test, lexical, default, core.cost_weight), lexical,
+                   default, core.cost_weight)
         print(f"seed {seed}: {split.description}", flush=True)
     rows = [summarise(name, where, outcome) for (name, where), outcome in outcomes.items()]
     body = "\n".join([
