@@ -100,10 +100,11 @@ def _lower_bound(stats: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def _evidence(uplift: np.ndarray) -> np.ndarray:
-    """A judgement's terms of the gate's sums, (1, u, u^2, u != 0) per action, zeros where u is NaN; (A,) -> (A, 4)."""
+    """Judgements' terms of the gate's sums, (1, u, u^2, u != 0) per action, zeros where u is NaN;
+    (..., A) -> (..., A, 4)."""
     known = ~np.isnan(uplift)
     u = np.where(known, uplift, 0.0)
-    return np.stack([known, u, u * u, u != 0], axis=1).astype(np.float64)
+    return np.stack([known, u, u * u, u != 0], axis=-1).astype(np.float64)
 
 
 def policy_from_q(q: np.ndarray, tau: float) -> np.ndarray:
@@ -505,8 +506,7 @@ class ValueModel:
             "version": self._version, "gram": self._gram.copy(), "target": self._target.copy(),
             "seen": self._seen.copy(), "advantage": self._advantage.copy(),
             "judged_keys": list(self._judged),
-            "judged": np.array([_evidence(self._judgements[row]) for row in self._judged.values()]).reshape(
-                len(self._judged), *self._uplift.shape),
+            "judged": _evidence(self._judgements[list(self._judged.values())]),
             "feedback": self._feedback.copy(),
             "bins": None if self._bins is None else self._bins.edges.copy(),
             "bin_sample": [c.copy() for c in self._bin_sample],
