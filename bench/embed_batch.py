@@ -1,4 +1,5 @@
-"""Query embedding: CPU per query by batch size, the figure behind the embedder's batching.
+"""Query embedding: CPU per query by batch size, the figure behind the embedder's batching, and
+whether batching moves a query's vector.
 
 Embeds the dataset's queries with the bundled model on one torch thread, as the embedder
 replica runs it, in batches of each size in turn; the sizes take turns over several passes and
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from _harness import BENCH, replace_section
@@ -40,12 +42,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cpu_ms_per_query(model: TextEmbedder, queries: Sequence[str], size: int) -> float:
-    """Process CPU per query, embedding `queries` in batches of `size`."""
+def embed_in_batches(model: TextEmbedder, queries: Sequence[str], size: int) -> tuple[float, np.ndarray]:
+    """Process CPU per query, and the vectors (N, dim), embedding `queries` in batches of `size`."""
     started = time.process_time()
-    for first in range(0, len(queries), size):
-        model.encode(queries[first:first + size])
-    return (time.process_time() - started) * 1000 / len(queries)
+    batches = [model.encode(queries[first:first + size]) for first in range(0, len(queries), size)]
+    cpu_ms = (time.process_time() - started) * 1000 / len(queries)
+    return cpu_ms, np.concatenate(batches)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,13 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = TextEmbedder(threads=1)  # as the embedder replica: one thread for its one CPU
     model.encode(queries[:8])  # the first call pays for lazy initialisation
     best = {size: float("inf") for size in args.sizes}
+    vectors: dict[int, np.ndarray] = {}
     for _ in tqdm(range(args.passes), desc="passes", unit="pass"):
         for size in args.sizes:
-            best[size] = min(best[size], cpu_ms_per_query(model, queries, size))
-    baseline = best[args.sizes[0]]
-    rows = [f"| {size} | {ms:.1f} | {ms / baseline:.2f} |" for size, ms in best.items()]
-    table = "\n".join([f"| queries per batch | CPU ms per query | vs batches of {args.sizes[0]} |",
-                       "|---:|---:|---:|", *rows])
+            cpu_ms, vectors[size] = embed_in_batches(model, queries, size)
+            best[size] = min(best[size], cpu_ms)
+    first = args.sizes[0]
+    # Whether a query's vector depends on the queries batched with it (padding): what the live
+    # embedder, batching whatever is waiting, would make of the same query at different times.
+    rows = [f"| {size} | {ms:.1f} | {ms / best[first]:.2f} | {np.abs(vectors[size] - vectors[first]).max():.1e} |"
+            for size, ms in best.items()]
+    table = "\n".join([f"| queries per batch | CPU ms per query | vs batches of {first} | "
+                       f"largest coordinate difference from batches of {first} |",
+                       "|---:|---:|---:|---:|", *rows])
     print(table)
     command = shlex.join([".venv/bin/python", "bench/embed_batch.py", *sys.argv[1:]])
     replace_section(args.results, SECTION, f"""
@@ -73,7 +81,8 @@ Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu
 
 {args.queries} queries of `{args.dataset.name}` embedded by the bundled all-MiniLM-L6-v2 on one torch
 thread (as the embedder replica runs it), in batches of each size; the fastest of {args.passes}
-interleaved passes per size. Process CPU per query:
+interleaved passes per size. Process CPU per query, and how far any coordinate of a query's unit
+vector moved from its vector in batches of {first}:
 
 {table}
 """)
